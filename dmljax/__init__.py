@@ -1,0 +1,3 @@
+"""dmljax: deep metric learning in JAX."""
+
+__version__ = "0.1.0"
