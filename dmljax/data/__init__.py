@@ -1,0 +1,60 @@
+"""Data sets that ship with the package (no download) and host-side batch samplers.
+
+``load_dataset(name, seed=..., cache_dir=..., **options)`` returns a :class:`Dataset` whose splits
+("train", "val", "test") hold float32 images in [0, 1] shaped [N, H, W, C] and int32 labels that are
+contiguous (0 .. C-1) within each split; ``Split.class_ids`` maps them back to the data set's class
+ids. Registered names:
+  * ``digits``: scikit-learn's 8x8 digits, class-disjoint (train 0-4, val 5-6, test 7-9).
+  * ``digits_closed``: the same images, all classes in every split, split by image.
+  * ``glyphs``: letters of three alphabets rendered from matplotlib's fonts, class-disjoint.
+"""
+from dmljax.data import digits, glyphs, samplers, splits
+from dmljax.data.samplers import (ClassRepresentativeSampler, MPerClassSampler, OnePerClassSampler,
+                                  profs_hold_steps)
+from dmljax.data.splits import Dataset, Split
+
+__all__ = [
+    "DATASETS", "Dataset", "Split", "load_dataset", "MPerClassSampler", "OnePerClassSampler",
+    "ClassRepresentativeSampler", "profs_hold_steps",
+]
+
+
+def _digits(seed, cache_dir, **options):
+  del cache_dir  # bundled with scikit-learn: nothing to cache
+  return digits.load_digits(seed=seed, **options)
+
+
+def _digits_closed(seed, cache_dir, **options):
+  del cache_dir
+  return digits.load_digits_closed(seed=seed, **options)
+
+
+def _glyphs(seed, cache_dir, **options):
+  return glyphs.load_glyphs(seed=seed, cache_dir=cache_dir, **options)
+
+
+#: name -> loader(seed, cache_dir, **options).
+DATASETS = {"digits": _digits, "digits_closed": _digits_closed, "glyphs": _glyphs}
+
+
+def load_dataset(name: str, *, seed: int = 0, cache_dir=None, **options) -> Dataset:
+  """Loads a registered data set.
+
+  Args:
+    name: one of ``DATASETS``.
+    seed: split seed (class partition for glyphs, image partition for digits_closed; the digits
+      class split is fixed).
+    cache_dir: where generated data are cached (glyphs only).
+    **options: data-set specific keyword options (see each loader); unknown ones raise ValueError.
+
+  Returns:
+    A :class:`Dataset`.
+  """
+  if name not in DATASETS:
+    raise ValueError(f"Unknown data set {name!r}; valid data sets: {sorted(DATASETS)}.")
+  try:
+    return DATASETS[name](seed, cache_dir, **options)
+  except TypeError as e:  # unexpected keyword: report it as a configuration error
+    if "unexpected keyword" not in str(e):
+      raise
+    raise ValueError(f"Bad option for data set {name!r}: {e}.") from e

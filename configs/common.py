@@ -1,0 +1,102 @@
+"""Shared defaults of every dmljax config (imported by the other config files).
+
+Not a runnable config by itself: ``get_config`` of the other files call :func:`base_config` and
+change what differs. ``small=True`` (``--config=configs/NAME.py:small``) shrinks a config for
+tests and smoke runs (tiny model, few steps).
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: CCP with contrastive C1 on digits, paper hyperparameters where they apply."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "digits"
+  c.dataset.seed = 0                # fixed across training seeds: same split for every run
+  c.dataset.cache_dir = ""          # "" = the data module's default cache
+  c.dataset.options = ml_collections.ConfigDict()  # extra keyword arguments of load_dataset
+  c.dataset.train_split = "train"
+  c.dataset.val_split = "val"
+  c.dataset.test_split = "test"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "small_cnn"
+  c.model.widths = (32, 64, 64)
+  c.model.convs_per_block = 1
+  c.model.embedding_dim = 64
+  c.model.normalization = "bounded"  # CCP's x / max(1, ||x||)
+
+  c.framework = "ccp"
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "contrastive"
+  # C1 with a unit negative margin on bounded embeddings (CCP's C1 uses 0.5 with L2-normalised
+  # 512/128-D features; the tiny configs use what worked on them, see each config).
+  c.loss.kwargs = ml_collections.ConfigDict({"pos_margin": 0.0, "neg_margin": 1.0})
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.name = "m_per_class"
+  c.sampler.m = 4                    # samples per class in a batch (CCP: 8 classes x 4)
+  c.batch_size = 32
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"
+  c.optim.learning_rate = 1e-3
+  c.optim.weight_decay = 1e-4
+  c.optim.grad_clip_norm = 10.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.momentum = 0.9             # sgd only
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
+  c.optim.lr_multipliers = ml_collections.ConfigDict({"proxies": 1.0})
+
+  c.ccp = ml_collections.ConfigDict()
+  c.ccp.proxies_per_class = 4
+  c.ccp.pool_size = 8
+  c.ccp.lam = 2e-4
+  c.ccp.patience = 3
+  c.ccp.max_projection_steps = 10_000
+  c.ccp.proxy_weight = 1.0
+  c.ccp.in_batch_weight = 0.1
+  c.ccp.alternate = True            # False: a single proxy problem ("Loss-Proxy" ablation)
+  c.ccp.restore_best = True
+  c.ccp.reset_proxy_opt_state = True
+
+  c.standard = ml_collections.ConfigDict()
+  c.standard.use_proxies = False    # pair losses: against learnable proxies instead of in-batch
+  c.standard.proxies_per_class = 1
+
+  c.total_steps = 2000
+  c.eval_every_steps = 50
+  c.patience_evals = 12             # overall early stopping (paper: 60 evaluations)
+  c.log_every_steps = 25
+  c.eval_batch_size = 256           # must be divisible by the device count
+  c.recall_ks = (1,)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.enabled = True
+  c.checkpoint.every_steps = 500
+  c.checkpoint.max_to_keep = 2
+  c.checkpoint.save_best = False
+
+  c.plot_projections = False         # PNG per projection (2-D embeddings only)
+  c.progress = True
+  return c
+
+
+def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ``small`` variant: a tiny, fast configuration for tests and smoke runs."""
+  c.model.widths = (8, 16)
+  c.model.embedding_dim = 16
+  c.total_steps = 40
+  c.eval_every_steps = 10
+  c.log_every_steps = 10
+  c.patience_evals = 100
+  c.ccp.pool_size = 4
+  c.ccp.proxies_per_class = 2
+  c.checkpoint.every_steps = 20
+  c.eval_batch_size = 128
+  return c

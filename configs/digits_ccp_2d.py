@@ -1,0 +1,29 @@
+r"""CCP with 2-D embeddings on digits (closed set, as the paper's MNIST Fig. 2): a PNG per projection.
+
+  python -m dmljax.main --config=configs/digits_ccp_2d.py --workdir=/tmp/dmljax/digits_ccp_2d
+
+Writes ``plots/projection_NNN.png`` (training embeddings, converged proxies as squares, the next
+proxies picked by k-center as circles). 4 proxies per class, pool 16 (the paper's MNIST setting).
+"""
+from configs.common import base_config, shrink
+
+
+def get_config(arg: str = ""):
+  c = base_config()
+  c.dataset.name = "digits_closed"
+  c.model.widths = (32, 64)
+  c.model.embedding_dim = 2
+  c.batch_size = 40
+  c.sampler.m = 4
+  c.total_steps = 800
+  c.eval_every_steps = 25
+  c.patience_evals = 10
+  c.ccp.proxies_per_class = 4
+  c.ccp.pool_size = 16
+  c.ccp.max_projection_steps = 200
+  c.plot_projections = True
+  c.checkpoint.every_steps = 200
+  if arg == "small":
+    shrink(c)
+    c.model.embedding_dim = 2
+  return c

@@ -1,0 +1,14 @@
+r"""The CCP baseline: the same contrastive C1 loss on in-batch pairs only (no proxies), on glyphs.
+
+  python -m dmljax.main --config=configs/glyphs_contrastive.py --workdir=/tmp/dmljax/glyphs_contrastive
+"""
+from configs.common import shrink
+from configs.glyphs_ccp import glyphs_base
+
+
+def get_config(arg: str = ""):
+  c = glyphs_base()
+  c.framework = "standard"
+  if arg == "small":
+    shrink(c)
+  return c

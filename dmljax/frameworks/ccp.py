@@ -1,0 +1,200 @@
+"""``ccp``: chance-constrained proxies (Gürbüz, Can, Alatan; Algorithms 1 and 2).
+
+Training is a sequence of *projections*. Projection ``k`` minimises (inside the jitted step)::
+
+    proxy_weight * pair_loss(batch -> proxies) + in_batch_weight * pair_loss(batch, batch)
+      + lam_k / 2 * ||theta_model - theta_anchor||^2
+
+with ``P`` learnable proxies per class, ``lam_0 = 0`` (no proximal term in the first projection,
+the authors' code) and ``lam_k = config.ccp.lam`` afterwards. The proximal term covers the model
+(backbone + head) only, never the proxies. The loss is
+:func:`dmljax.losses.objectives.ccp_objective`; any pair loss of the library can be used
+(``config.loss.name``, its hyperparameters in ``config.loss.kwargs``; default contrastive).
+
+Host side, after every validation evaluation (MAP@R): a projection ends when the projection has
+gone ``config.ccp.patience`` evaluations without beating its own best MAP@R (an early-stopping
+counter restarted each projection, as a Keras ``EarlyStopping`` callback per fit would be) or after
+``config.ccp.max_projection_steps`` steps. Then:
+
+1. the model (params + BatchNorm statistics) and the proxies are reset to the best snapshot so far
+   (``config.ccp.restore_best``; Algorithm 1 continues from the converged ``theta*``, and the
+   authors restore the best weights); the anchor becomes the best model params;
+2. a pool of ``b = pool_size`` embeddings per class is drawn (``b`` passes of the one-per-class
+   sampler, embedded in inference mode with the anchor weights);
+3. greedy k-center (:func:`dmljax.kernels.kcenter.greedy_kcenter`, one jitted kernel over all
+   classes) picks ``P`` new proxies per class, seeded with the previous (converged) proxies;
+4. the Adam moments of the proxies are reset (``config.ccp.reset_proxy_opt_state``): they were
+   accumulated for the old proxies. The model's moments and the step count are kept, so the
+   learning rate schedule and bias correction continue.
+
+The very first proxies (before step 0) come from the same pool with no seeds (the authors' code:
+the first seed set is empty). With ``config.ccp.alternate = False`` the proxies are never
+re-initialised and there is a single projection: the paper's "Loss-Proxy" ablation.
+
+Training as a whole stops by the trainer's overall patience (``config.patience_evals``) and
+restores the best parameters.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmljax import losses
+from dmljax.frameworks.base import Framework, HostContext, class_major_labels
+from dmljax.frameworks.standard import loss_kwargs
+from dmljax.parallel import to_host
+from dmljax.state import copy_tree
+
+
+def _greedy_kcenter(*args, **kwargs):
+  from dmljax.kernels.kcenter import greedy_kcenter  # pylint: disable=g-import-not-at-top
+  return greedy_kcenter(*args, **kwargs)
+
+
+class CCPFramework(Framework):
+  """CCP with any pair loss as the sample-to-proxy loss."""
+
+  name = "ccp"
+
+  def __init__(self, config, *, num_classes, embedding_dim):
+    super().__init__(config, num_classes=num_classes, embedding_dim=embedding_dim)
+    cc = config.ccp
+    self.pair_loss = losses.get_loss(config.loss.name)
+    self.kwargs = loss_kwargs(config)
+    self.per_class = int(cc.proxies_per_class)
+    self.pool_size = int(cc.pool_size)
+    self.lam = float(cc.lam)
+
+  def validate(self):
+    cc = self.config.ccp
+    name = self.config.loss.name
+    if name not in losses.PAIR_LOSSES:
+      raise ValueError(f"ccp needs a pair loss as its sample-to-proxy loss, got {name!r}; "
+                       f"valid: {sorted(losses.PAIR_LOSSES)} (set --config.loss.name).")
+    if self.per_class < 1:
+      raise ValueError(f"ccp.proxies_per_class must be >= 1, got {self.per_class}.")
+    if self.pool_size < self.per_class:
+      raise ValueError(f"ccp.pool_size ({self.pool_size}) must be >= ccp.proxies_per_class "
+                       f"({self.per_class}): k-center picks the proxies from the pool.")
+    if cc.patience < 1 or cc.max_projection_steps < 1:
+      raise ValueError("ccp.patience and ccp.max_projection_steps must be >= 1.")
+    if self.lam < 0:
+      raise ValueError(f"ccp.lam must be >= 0, got {self.lam}.")
+
+  # --------------------------------------------------------------------------- state
+
+  def init(self, rng):
+    del rng  # the proxies are set from the k-center pool in on_start
+    r = self.num_classes * self.per_class
+    extra = {"proxies": jnp.zeros((r, self.embedding_dim), jnp.float32)}
+    fstate = {
+        "proxy_labels": class_major_labels(self.num_classes, self.per_class),
+        "projection": jnp.asarray(0, jnp.int32),
+        "proj_best_metric": jnp.asarray(-jnp.inf, jnp.float32),
+        "proj_evals_since_best": jnp.asarray(0, jnp.int32),
+        "proj_start_step": jnp.asarray(0, jnp.int32),
+    }
+    return extra, fstate
+
+  # --------------------------------------------------------------------------- in-step loss
+
+  def loss(self, params, embeddings, labels, state, rng):
+    del rng
+    cc = self.config.ccp
+    fs = state.framework
+    data_loss, parts = losses.objectives.ccp_objective(
+        embeddings, labels, params["proxies"], fs["proxy_labels"], loss_fn=self.pair_loss,
+        proxy_weight=float(cc.proxy_weight), in_batch_weight=float(cc.in_batch_weight),
+        **self.kwargs)
+    # No proximal term in the first projection (there is no previous solution yet).
+    lam = jnp.where(fs["projection"] > 0, self.lam, 0.0)
+    prox = losses.objectives.proximal(params["model"], state.anchor, lam)
+    total = data_loss + prox
+    metrics = {"loss/proxy": parts["proxy"], "loss/in_batch": parts["in_batch"],
+               "loss/proximal": prox}
+    return total, (metrics, fs)
+
+  # --------------------------------------------------------------------------- host hooks
+
+  def _new_proxies(self, ctx: HostContext, model_params, batch_stats, pool_index, seeds):
+    """Embeds pool ``pool_index`` and picks P proxies per class by seeded greedy k-center."""
+    points, mask = ctx.embed_pool(model_params, batch_stats, pool_index)
+    c, p, d = self.num_classes, self.per_class, self.embedding_dim
+    if seeds is None:
+      seeds = jnp.zeros((c, p, d), jnp.float32)
+      seed_mask = jnp.zeros((c, p), bool)
+    else:
+      seeds = jnp.reshape(seeds, (c, p, d))
+      seed_mask = jnp.ones((c, p), bool)
+    res = _greedy_kcenter(points, mask, seeds, seed_mask, p)
+    return jnp.reshape(res.centers, (c * p, d)), points, mask
+
+  def on_start(self, state, ctx: HostContext):
+    proxies, _, _ = self._new_proxies(ctx, state.params["model"], state.batch_stats, 0, None)
+    params = dict(state.params, proxies=ctx.replicate(proxies))
+    best = dict(state.best, params=copy_tree(params))
+    # Re-init the optimizer state of the proxies (they were zeros when it was created).
+    opt_state = ctx.tx.init(params)
+    state = state.replace(params=params, best=best, opt_state=opt_state)
+    if ctx.plot is not None:
+      ctx.plot(state, "projection_000_start", None)
+    return state
+
+  def after_eval(self, state, ctx: HostContext, metric: float):
+    cc = self.config.ccp
+    fs = dict(state.framework)
+    host = to_host({"step": state.step, **fs})
+    step = int(host["step"])
+    proj_best = float(host["proj_best_metric"])
+    since = int(host["proj_evals_since_best"])
+    if metric > proj_best:
+      proj_best, since = metric, 0
+    else:
+      since += 1
+    steps_in_proj = step - int(host["proj_start_step"])
+    end = bool(cc.alternate) and (since >= cc.patience or steps_in_proj >= cc.max_projection_steps)
+    fs["proj_best_metric"] = jnp.asarray(proj_best, jnp.float32)
+    fs["proj_evals_since_best"] = jnp.asarray(since, jnp.int32)
+    events = {}
+    if not end:
+      return state.replace(framework=ctx.replicate(fs)), events
+
+    projection = int(host["projection"])
+    if cc.restore_best:
+      params = copy_tree(state.best["params"])
+      batch_stats = copy_tree(state.best["batch_stats"])
+    else:
+      params, batch_stats = state.params, state.batch_stats
+    converged = to_host(params["proxies"])
+    new_proxies, points, mask = self._new_proxies(
+        ctx, params["model"], batch_stats, projection + 1, converged)
+    events.update(self._radius_events(points, mask, converged, new_proxies))
+    params = dict(params, proxies=ctx.replicate(new_proxies))
+    opt_state = state.opt_state
+    if cc.reset_proxy_opt_state:
+      from dmljax.optim import reset_group_state  # pylint: disable=g-import-not-at-top
+      opt_state = reset_group_state(opt_state, ctx.tx.init(params), "proxies")
+    fs.update(projection=jnp.asarray(projection + 1, jnp.int32),
+              proj_best_metric=jnp.asarray(-jnp.inf, jnp.float32),
+              proj_evals_since_best=jnp.asarray(0, jnp.int32),
+              proj_start_step=jnp.asarray(step, jnp.int32))
+    old_state = state
+    state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                          anchor=copy_tree(params["model"]), framework=ctx.replicate(fs))
+    events.update({"ccp/projection": projection + 1, "ccp/projection_steps": steps_in_proj})
+    if ctx.plot is not None:
+      ctx.plot(old_state.replace(params=dict(old_state.best["params"]),
+                                 batch_stats=old_state.best["batch_stats"]),
+               f"projection_{projection:03d}", new_proxies)
+    return state, events
+
+  def _radius_events(self, points, mask, old, new):
+    """Covering radius of the pool by the converged and by the new proxies (CCP's quantity)."""
+    from dmljax.kernels.kcenter import covering_radius  # pylint: disable=g-import-not-at-top
+    c, p, d = self.num_classes, self.per_class, self.embedding_dim
+    cmask = jnp.ones((c, p), bool)
+    r_old = covering_radius(points, mask, jnp.reshape(old, (c, p, d)), cmask)
+    r_new = covering_radius(points, mask, jnp.reshape(new, (c, p, d)), cmask)
+    return {"ccp/pool_radius_converged_proxies": float(np.mean(np.asarray(r_old))),
+            "ccp/pool_radius_new_proxies": float(np.mean(np.asarray(r_new)))}

@@ -1,0 +1,454 @@
+"""DRO pair weighting (Qi et al.): naive per-pair oracles, the LS / MS recovery identities,
+jit / vmap, degenerate batches and input checks."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dmljax.losses as L
+from dmljax.losses import core, dro
+
+B, D = 6, 4
+LABELS = np.array([0, 0, 1, 1, 2, 2], np.int32)
+
+
+def _unit(x):
+  return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _emb(seed=0, b=B, d=D):
+  return _unit(np.random.default_rng(seed).normal(size=(b, d)))
+
+
+def _pairs(labels, ref_labels=None):
+  """(i, j, is_positive) over valid pairs, written out."""
+  if ref_labels is None:
+    return [(i, j, labels[i] == labels[j]) for i in range(len(labels))
+            for j in range(len(labels)) if i != j]
+  return [(i, j, labels[i] == ref_labels[j]) for i in range(len(labels))
+          for j in range(len(ref_labels))]
+
+
+def _naive_base(x, i, j, pos, base, refs=None, m=0.2, lam=0.5, alpha=2.0, beta=50.0):
+  """One pair's base loss, from the paper's formula (jnp so it can be differentiated)."""
+  r = x if refs is None else refs
+  s = jnp.dot(x[i], r[j])
+  if base == "margin":
+    y = 1.0 if pos else -1.0
+    return jnp.maximum(m + y * (lam - s), 0.0)
+  if pos:
+    return jnp.log1p(jnp.exp(-alpha * (s - lam)))
+  return jnp.log1p(jnp.exp(beta * (s - lam)))
+
+
+def _naive_losses(x, labels, base, **kw):
+  return [(i, j, pos, _naive_base(x, i, j, pos, base, **kw)) for i, j, pos in _pairs(labels)]
+
+
+# ----------------------------------------------------------------------------- base losses
+
+
+@pytest.mark.parametrize("base", ["margin", "binomial"])
+def test_base_losses_match_formula(base):
+  x = _emb(1)
+  pairs = core.check_inputs(x, LABELS)
+  got, active = dro.base_pair_losses(pairs, base)
+  want = np.zeros((B, B), np.float32)
+  for i, j, _, l in _naive_losses(x, LABELS, base):
+    want[i, j] = float(l)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(active, (want > 0) & ~np.eye(B, dtype=bool))
+
+
+# ----------------------------------------------------------------------------- top-K
+
+
+def _naive_topk(e, k, base="margin", pn=False, at=None):
+  """Mean of the top-k nonzero losses; the pairs are chosen at the concrete point ``at``."""
+  ranked = [(float(l), i, j, pos) for i, j, pos, l in _naive_losses(at, LABELS, base)]
+  terms = [(_naive_base(e, i, j, pos, base), pos, v) for v, i, j, pos in ranked if v > 0]
+  if pn:
+    ps = sorted([t for t in terms if t[1]], key=lambda t: -t[2])[:k // 2]
+    ns = sorted([t for t in terms if not t[1]], key=lambda t: -t[2])[:k - k // 2]
+    chosen = ps + ns
+  else:
+    chosen = sorted(terms, key=lambda t: -t[2])[:k]
+  return sum(t[0] for t in chosen) / max(len(chosen), 1)
+
+
+@pytest.mark.parametrize("base,k", [("margin", 5), ("binomial", 7), ("margin", 1000)])
+def test_topk_matches_naive(base, k):
+  x = _emb(2)
+  f = lambda e: dro.dro_topk(e, LABELS, k=k, base=base)
+  g = lambda e: _naive_topk(e, k, base, at=x)
+  np.testing.assert_allclose(f(x), g(x), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-4, atol=1e-6)
+
+
+def test_topk_default_k_is_twice_batch():
+  x = _emb(3)
+  np.testing.assert_allclose(dro.dro_topk(x, LABELS), dro.dro_topk(x, LABELS, k=2 * B))
+
+
+@pytest.mark.parametrize("base,k", [("margin", 6), ("binomial", 5)])
+def test_topk_pn_matches_naive(base, k):
+  x = _emb(4)
+  f = lambda e: dro.dro_topk_pn(e, LABELS, k=k, base=base)
+  g = lambda e: _naive_topk(e, k, base, pn=True, at=x)
+  np.testing.assert_allclose(f(x), g(x), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-4, atol=1e-6)
+
+
+def test_topk_pn_balances_sides():
+  # 6 positive pairs and 24 negative pairs; with K = 4 two of each are chosen even when every
+  # negative loss exceeds every positive one.
+  x = _emb(5)
+  pairs = core.check_inputs(x, LABELS)
+  losses, active = dro.base_pair_losses(pairs, "binomial")
+  pos_sorted = np.sort(np.asarray(losses)[np.asarray(pairs.pos)])[::-1]
+  neg_sorted = np.sort(np.asarray(losses)[np.asarray(pairs.neg)])[::-1]
+  want = (pos_sorted[:2].sum() + neg_sorted[:2].sum()) / 4
+  np.testing.assert_allclose(dro.dro_topk_pn(x, LABELS, k=4, base="binomial"), want, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- KL
+
+
+def _naive_kl_weights(ls, gamma):
+  z = sum(math.exp(float(l) / gamma) for l in ls)
+  return [math.exp(float(l) / gamma) / z for l in ls]
+
+
+@pytest.mark.parametrize("base,gamma", [("margin", 0.1), ("binomial", 0.7)])
+def test_kl_matches_closed_form_and_is_the_max(base, gamma):
+  x = _emb(6)
+  f = lambda e: dro.dro_kl(e, LABELS, gamma=gamma, base=base)
+  terms = [l for _, _, _, l in _naive_losses(x, LABELS, base) if float(l) > 0]
+  n = len(terms)
+  p = np.array(_naive_kl_weights(terms, gamma))
+  lv = np.array([float(l) for l in terms])
+
+  def objective(q):  # sum q l - gamma KL(q || 1/n)
+    q = np.clip(q, 1e-30, None)
+    return float(q @ lv - gamma * np.sum(q * np.log(q * n)))
+
+  value = float(f(x))
+  np.testing.assert_allclose(value, objective(p), rtol=1e-5)
+  # p* is the maximiser: random points of the simplex do no better.
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    q = rng.dirichlet(np.ones(n))
+    assert objective(q) <= value + 1e-6
+    q = 0.9 * p + 0.1 * q
+    assert objective(q) <= value + 1e-6
+
+  # Lemma 1: grad F = sum_ij p*_ij grad l_ij (weights held fixed).
+  terms_idx = [(i, j, pos) for i, j, pos, l in _naive_losses(x, LABELS, base) if float(l) > 0]
+  weighted = lambda e: sum(w * _naive_base(e, i, j, pos, base)
+                           for w, (i, j, pos) in zip(p, terms_idx))
+  np.testing.assert_allclose(jax.grad(f)(x), jax.grad(weighted)(x), rtol=1e-4, atol=1e-6)
+
+
+def test_kl_limits():
+  x = _emb(7)
+  pairs = core.check_inputs(x, LABELS)
+  losses, active = dro.base_pair_losses(pairs, "margin")
+  l = np.asarray(losses)[np.asarray(active)]
+  # Small gamma -> max loss, large gamma -> mean loss.
+  np.testing.assert_allclose(dro.dro_kl(x, LABELS, gamma=1e-4), l.max(), rtol=1e-3)
+  np.testing.assert_allclose(dro.dro_kl(x, LABELS, gamma=1e4), l.mean(), rtol=1e-3)
+
+
+def test_kl_sampled_draws_from_p_star_and_estimates_its_gradient():
+  x = _emb(8)
+  gamma = 0.3
+  pairs = core.check_inputs(x, LABELS)
+  losses, active = dro.base_pair_losses(pairs, "margin")
+  l = np.where(active, losses, -np.inf) / gamma
+  p = np.exp(l - l.max())
+  p /= p.sum()
+  n = 20000
+  key = jax.random.PRNGKey(0)
+  value = dro.dro_kl_sampled(x, LABELS, rng=key, num_samples=n, gamma=gamma)
+  expected_weighted = float(np.sum(p * np.asarray(losses)))
+  np.testing.assert_allclose(value, expected_weighted, rtol=0.03)
+  g_sampled = jax.grad(lambda e: dro.dro_kl_sampled(e, LABELS, rng=key, num_samples=n,
+                                                    gamma=gamma))(x)
+  g_exact = jax.grad(lambda e: dro.dro_kl(e, LABELS, gamma=gamma))(x)
+  np.testing.assert_allclose(g_sampled, g_exact, atol=0.03 * np.abs(g_exact).max())
+  # Deterministic in the key, different across keys, never draws a zero-loss pair.
+  f = jax.jit(lambda e, k: dro.dro_kl_sampled(e, LABELS, rng=k, num_samples=3, gamma=gamma))
+  a, b = f(x, key), f(x, key)
+  assert a == b
+  vals = {float(f(x, jax.random.PRNGKey(s))) for s in range(8)}
+  assert len(vals) > 1
+  assert all(v > 0 for v in vals)
+
+
+def test_kl_sampled_counts_match_probabilities():
+  # The sampled loss sum_ij (c_ij / n) l_ij with c ~ Multinomial(n, p*) lies within a few
+  # standard deviations of sum p* l (a 5-sd bound: flaky with probability < 1e-6).
+  x = _emb(9)
+  gamma = 0.5
+  pairs = core.check_inputs(x, LABELS)
+  losses, active = dro.base_pair_losses(pairs, "margin")
+  l = np.where(active, losses, -np.inf) / gamma
+  p = np.exp(l - l.max())
+  p /= p.sum()
+  n = 40000
+  value = float(dro.dro_kl_sampled(x, LABELS, rng=jax.random.PRNGKey(3), num_samples=n,
+                                   gamma=gamma, base="margin"))
+  mean = float(np.sum(p * np.asarray(losses)))
+  sd = math.sqrt(float(np.sum(p * np.asarray(losses) ** 2)) - mean ** 2) / math.sqrt(n)
+  assert abs(value - mean) < 5 * sd
+
+
+# ----------------------------------------------------------------------------- grouped KL
+
+
+def _naive_grouped(e, gp, gn, add_one, base="margin", at=None):
+  """Eq. 7 per anchor; zero-loss pairs (at the concrete point ``at``) left out."""
+  total = 0.0
+  for i in range(B):
+    for is_pos, g in ((True, gp), (False, gn)):
+      ls = [_naive_base(e, a, j, pos, base) for a, j, pos, l in _naive_losses(at, LABELS, base)
+            if a == i and pos == is_pos and float(l) > 0]
+      if add_one:
+        total += g * jnp.log((1 + sum(jnp.exp(l / g) for l in ls)) / (len(ls) + 1))
+      elif ls:
+        total += g * jnp.log(sum(jnp.exp(l / g) for l in ls) / len(ls))
+  return total
+
+
+@pytest.mark.parametrize("add_one", [False, True])
+def test_grouped_kl_matches_naive(add_one):
+  x = _emb(10)
+  f = lambda e: dro.dro_grouped_kl(e, LABELS, gamma_pos=0.3, gamma_neg=0.05, add_one=add_one,
+                                   reduction="sum")
+  g = lambda e: _naive_grouped(e, 0.3, 0.05, add_one, at=x)
+  np.testing.assert_allclose(f(x), g(x), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(dro.dro_grouped_kl(x, LABELS, gamma_pos=0.3, gamma_neg=0.05,
+                                                add_one=add_one), g(x) / B, rtol=1e-5)
+  per = dro.dro_grouped_kl(x, LABELS, gamma_pos=0.3, gamma_neg=0.05, add_one=add_one,
+                           reduction="none")
+  assert per.shape == (B,)
+  np.testing.assert_allclose(per.sum(), g(x), rtol=1e-5)
+
+
+def _naive_lifted_structure(x, lam=0.5):
+  """Eq. 3 of the paper: sum_i [log sum_P e^(lam - S) + log sum_N e^(S - lam)]_+."""
+  s = x @ x.T
+  total = 0.0
+  for i in range(B):
+    p = [j for j in range(B) if j != i and LABELS[j] == LABELS[i]]
+    n = [j for j in range(B) if LABELS[j] != LABELS[i]]
+    t = (jnp.log(sum(jnp.exp(lam - s[i, j]) for j in p))
+         + jnp.log(sum(jnp.exp(s[i, j] - lam) for j in n)))
+    total += jnp.maximum(t, 0.0)
+  return total
+
+
+@pytest.mark.parametrize("seed,threshold", [(11, 0.5), (12, -0.3)])
+def test_grouped_kl_gamma_one_has_the_lifted_structure_gradient(seed, threshold):
+  """Paper's claim (sec. 3.3): grouped KL with gamma = 1 has exactly the gradient of LS (eq. 3).
+
+  Precisely: with the margin base loss and m large enough that no pair loss is hinged,
+  F = L_LS + sum_i (2m - log|P_i| - log|N_i|), so the gradients are equal, not just parallel.
+  """
+  x = _emb(seed)
+  m = 3.0  # |S| <= 1, so m + y (lambda - S) > 0 for every pair
+  f = lambda e: dro.dro_grouped_kl(e, LABELS, gamma=1.0, margin=m, threshold=threshold,
+                                   reduction="sum")
+  s = x @ x.T
+  for i in range(B):  # the outer hinge of LS is active at this point
+    p = [j for j in range(B) if j != i and LABELS[j] == LABELS[i]]
+    n = [j for j in range(B) if LABELS[j] != LABELS[i]]
+    assert np.log(np.exp(0.5 - s[i, p]).sum()) + np.log(np.exp(s[i, n] - 0.5).sum()) > 0
+  const = B * (2 * m - math.log(1) - math.log(4))
+  np.testing.assert_allclose(f(x), _naive_lifted_structure(x) + const, rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(f)(x), jax.grad(_naive_lifted_structure)(x),
+                             rtol=1e-4, atol=1e-6)
+
+
+def _naive_ms(x, alpha, beta, lam_pos, lam_neg, labels=LABELS):
+  """Eq. 2 (MS), with separate thresholds for the positive and negative terms."""
+  s = x @ x.T
+  b = len(labels)
+  total = 0.0
+  for i in range(b):
+    p = [j for j in range(b) if j != i and labels[j] == labels[i]]
+    n = [j for j in range(b) if labels[j] != labels[i]]
+    total += 1 / alpha * jnp.log(1 + sum(jnp.exp(-alpha * (s[i, j] - lam_pos)) for j in p))
+    total += 1 / beta * jnp.log(1 + sum(jnp.exp(beta * (s[i, j] - lam_neg)) for j in n))
+  return total / b
+
+
+def _ms_const(alpha, beta, labels=LABELS):
+  b = len(labels)
+  npos = [(labels == labels[i]).sum() - 1 for i in range(b)]
+  nneg = [(labels != labels[i]).sum() for i in range(b)]
+  return -sum(math.log(p + 1) / alpha + math.log(n + 1) / beta for p, n in zip(npos, nneg)) / b
+
+
+def test_grouped_kl_recovers_multi_similarity_with_split_thresholds():
+  """Paper's claim (supp. 6.1.2): with the zero-loss pair added (add_one), gamma+ = 1/alpha,
+  gamma- = 1/beta, the gradient is MS's with c+ = lambda + m, c- = lambda - m (exact when no
+  pair loss is hinged; the value differs by a constant)."""
+  x = _emb(13)
+  # m > 1 + |lambda| keeps every pair loss positive; beta = 10 keeps the naive exp finite.
+  alpha, beta, lam, m = 2.0, 10.0, 0.5, 1.6
+  f = lambda e: dro.dro_grouped_kl(e, LABELS, gamma_pos=1 / alpha, gamma_neg=1 / beta,
+                                   add_one=True, margin=m, threshold=lam)
+  g = lambda e: _naive_ms(e, alpha, beta, lam + m, lam - m)
+  np.testing.assert_allclose(f(x), g(x) + _ms_const(alpha, beta), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-4, atol=1e-6)
+
+
+def _all_violating_batch(seed=14):
+  """Every positive similarity ~1/3 and every negative ~2/3, so with lambda = 0.5 and m = 0 no
+  margin loss is hinged: x = (sqrt2 c +- e_class) / sqrt3."""
+  c = np.zeros(4)
+  c[3] = math.sqrt(2)
+  x = np.stack([c + sgn * np.eye(4)[k] for k in range(3) for sgn in (1, -1)])
+  x = x + 0.03 * np.random.default_rng(seed).normal(size=x.shape)
+  return _unit(x)
+
+
+def test_grouped_kl_recovers_standard_multi_similarity():
+  """Standard MS (one threshold lambda) is the case m = 0 of the recovery."""
+  x = _all_violating_batch()
+  s = x @ x.T
+  pos = (LABELS[:, None] == LABELS[None, :]) & ~np.eye(B, dtype=bool)
+  assert s[pos].max() < 0.5 < s[LABELS[:, None] != LABELS[None, :]].min()
+  alpha, beta, lam = 2.0, 50.0, 0.5
+  f = lambda e: dro.dro_grouped_kl(e, LABELS, gamma_pos=1 / alpha, gamma_neg=1 / beta,
+                                   add_one=True, margin=0.0, threshold=lam)
+  g = lambda e: _naive_ms(e, alpha, beta, lam, lam)
+  np.testing.assert_allclose(f(x), g(x) + _ms_const(alpha, beta), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-4, atol=1e-6)
+  ms = getattr(L, "multi_similarity", None)
+  if ms is not None:  # the library's MS loss (PML defaults alpha=2, beta=50, base=0.5)
+    gl = lambda e: ms(e, LABELS, alpha=alpha, beta=beta, base=lam)
+    np.testing.assert_allclose(gl(x), g(x), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(f)(x), jax.grad(gl)(x), rtol=1e-4, atol=1e-6)
+
+
+def test_grouped_kl_zero_loss_pairs_drop_out():
+  # With the default margin (m = 0.2) some pairs are hinged; they must not enter the means.
+  x = _emb(15)
+  pairs = core.check_inputs(x, LABELS)
+  losses, active = dro.base_pair_losses(pairs, "margin")
+  assert 0 < np.asarray(active).sum() < B * (B - 1)
+  np.testing.assert_allclose(dro.dro_grouped_kl(x, LABELS, gamma=0.1, reduction="sum"),
+                             _naive_grouped(x, 0.1, 0.1, False, at=x), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- shared behaviour
+
+
+ALL = {
+    "dro_topk": dict(k=5),
+    "dro_topk_pn": dict(k=6),
+    "dro_kl": dict(gamma=0.2),
+    "dro_kl_sampled": dict(gamma=0.2, num_samples=16, rng=jax.random.PRNGKey(1)),
+    "dro_grouped_kl": dict(gamma=0.2),
+}
+
+
+def test_registry_has_every_dro_loss():
+  assert set(L.DRO_LOSSES) == set(ALL) == set(dro.__all__)
+  for name in ALL:
+    assert L.get_loss(name) is getattr(dro, name)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_references_and_ref_mask(name):
+  fn = getattr(dro, name)
+  kw = ALL[name]
+  x = _emb(16)
+  refs = _emb(17, b=5)
+  rl = np.array([0, 1, 2, 0, 1], np.int32)
+  mask = np.array([True, True, False, True, False])
+  # Masked slots are ignored: same as passing only the filled slots (padded slots get garbage).
+  garbage = refs.copy()
+  garbage[~mask] = _emb(18, b=2)
+  a = fn(x, LABELS, ref_embeddings=garbage, ref_labels=rl, ref_mask=mask, **kw)
+  if name == "dro_kl_sampled":  # draws index the flat [B, R] grid: compare with the full grid
+    b = fn(x, LABELS, ref_embeddings=refs, ref_labels=rl, ref_mask=mask, **kw)
+  else:
+    b = fn(x, LABELS, ref_embeddings=refs[mask], ref_labels=rl[mask], **kw)
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  # With references no self-exclusion: the naive all-pairs top-K over B x R.
+  if name == "dro_topk":
+    ls = [float(_naive_base(x, i, j, LABELS[i] == rl[j], "margin", refs=refs))
+          for i in range(B) for j in range(5) if mask[j]]
+    ls = sorted([v for v in ls if v > 0], reverse=True)[:5]
+    np.testing.assert_allclose(a, sum(ls) / len(ls), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_jit_vmap_and_bfloat16(name):
+  fn = getattr(dro, name)
+  kw = ALL[name]
+  xs = np.stack([_emb(20 + s) for s in range(3)])
+  loss = lambda e: fn(e, LABELS, **kw)
+  want = np.array([loss(x) for x in xs])
+  np.testing.assert_allclose(jax.vmap(loss)(xs), want, rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(loss)(xs[0]), want[0], rtol=1e-5)
+  got = fn(jnp.asarray(xs[0], jnp.bfloat16), LABELS, **kw)
+  assert got.dtype == jnp.float32 and np.isfinite(got)
+
+
+DEGENERATE = {
+    "single_class": (_emb(30), np.zeros(B, np.int32), {}),
+    "singletons": (_emb(31), np.arange(B, dtype=np.int32), {}),
+    "empty_ref_mask": (_emb(32), LABELS, dict(ref_embeddings=_emb(33, b=3),
+                                              ref_labels=np.array([0, 1, 2], np.int32),
+                                              ref_mask=np.zeros(3, bool))),
+    # Perfectly separated unit vectors: every margin loss is zero.
+    "all_zero_loss": (np.repeat(np.eye(3, D, dtype=np.float32), 2, axis=0), LABELS, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+def test_degenerate_batches_are_finite(case):
+  x, y, extra = DEGENERATE[case]
+  for name, kw in ALL.items():
+    fn = getattr(dro, name)
+    f = lambda e: fn(e, y, **extra, **kw)
+    v, g = jax.value_and_grad(f)(x)
+    assert np.isfinite(v) and np.all(np.isfinite(g)), (name, case)
+    if case in ("empty_ref_mask", "all_zero_loss"):
+      assert v == 0 and np.all(g == 0), (name, case)
+
+
+def test_bad_inputs_raise():
+  x = _emb(40)
+  with pytest.raises(ValueError, match="k must be >= 1"):
+    dro.dro_topk(x, LABELS, k=0)
+  with pytest.raises(ValueError, match="k must be >= 2"):
+    dro.dro_topk_pn(x, LABELS, k=1)
+  with pytest.raises(ValueError, match="Python int"):
+    dro.dro_topk(x, LABELS, k=2.5)
+  for g in (0.0, -1.0):
+    with pytest.raises(ValueError, match="gamma"):
+      dro.dro_kl(x, LABELS, gamma=g)
+    with pytest.raises(ValueError, match="gamma"):
+      dro.dro_kl_sampled(x, LABELS, rng=jax.random.PRNGKey(0), gamma=g)
+    with pytest.raises(ValueError, match="gamma_neg"):
+      dro.dro_grouped_kl(x, LABELS, gamma_neg=g)
+  with pytest.raises(ValueError, match="num_samples"):
+    dro.dro_kl_sampled(x, LABELS, rng=jax.random.PRNGKey(0), num_samples=0)
+  with pytest.raises(ValueError, match="base"):
+    dro.dro_topk(x, LABELS, base="contrastive")
+  with pytest.raises(ValueError, match="margin"):
+    dro.dro_kl(x, LABELS, margin=-0.1)
+  with pytest.raises(ValueError, match="reduction"):
+    dro.dro_grouped_kl(x, LABELS, reduction="mean_nonzero")
+  with pytest.raises(ValueError, match="labels"):
+    dro.dro_topk(x, LABELS[:3])
+  with pytest.raises(ValueError, match="integer"):
+    dro.dro_kl(x, LABELS.astype(np.float32))
