@@ -81,7 +81,7 @@ def make_train_step(model, framework, tx) -> tuple[Callable, list]:
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
                               opt_state=opt_state, framework=fstate)
     return new_state, metrics
@@ -370,6 +370,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         state, stop = _eval_and_hooks(state, step, evaluate, val, framework, ctx, config,
                                       logger, checkpointer)
         host["done"] = bool(stop or step >= config.total_steps)
+        t0, t_steps = time.time(), 0  # steps/s counts training only
 
       if preempt.is_set:
         host["step"] = step

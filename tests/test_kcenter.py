@@ -8,7 +8,7 @@ from dmljax.kernels.kcenter import covering_radius, greedy_kcenter
 
 
 def _brute_kcenter(points, point_mask, seeds, seed_mask, k):
-  """Per-class loop written from Algorithm 2: argmax over unpicked points of min distance to seeds+picks."""
+  """Per-class loop from Algorithm 2: argmax over unpicked points of min dist to seeds + picks."""
   num_classes, pool, _ = points.shape
   indices = np.zeros((num_classes, k), np.int64)
   min_dist = np.zeros((num_classes, k))
@@ -85,14 +85,16 @@ def test_matches_brute_force_with_masks_and_seeds(problem):
 
 
 def test_seeds_change_the_picks():
-  # 1-D pool on a line: without seeds the first point is picked, then the farthest from it; a seed at
-  # the far end pushes the first pick to the near end instead.
+  # 1-D pool on a line: without seeds the first point is picked, then the farthest from it; a seed
+  # at the far end pushes the first pick to the near end instead.
   points = np.array([[[0.0], [1.0], [2.0], [10.0]]], np.float32)
   mask = np.ones((1, 4), bool)
-  no_seed = greedy_kcenter(points, mask, np.zeros((1, 0, 1), np.float32), np.zeros((1, 0), bool), k=2)
+  no_seed = greedy_kcenter(points, mask, np.zeros((1, 0, 1), np.float32), np.zeros((1, 0), bool),
+                           k=2)
   assert list(np.asarray(no_seed.indices[0])) == [0, 3]
   np.testing.assert_allclose(np.asarray(no_seed.min_dist[0, 1]), 100.0)
-  seeded = greedy_kcenter(points, mask, np.array([[[10.0]]], np.float32), np.ones((1, 1), bool), k=2)
+  seeded = greedy_kcenter(points, mask, np.array([[[10.0]]], np.float32), np.ones((1, 1), bool),
+                          k=2)
   assert list(np.asarray(seeded.indices[0])) == [0, 2]
   np.testing.assert_allclose(np.asarray(seeded.min_dist[0]), [100.0, 4.0])
 

@@ -206,20 +206,25 @@ def numeric_grad(f, x, p, eps=1e-6):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(name, hp_items):
+def _value_and_grad(name, hp_items):
   fn = functools.partial(L.LOSSES[name], **dict(hp_items))
 
   def f(x, y, p, py, mask):
     return fn(x, y, ref_embeddings=p, ref_labels=py, ref_mask=mask)
 
-  return jax.jit(jax.value_and_grad(f, argnums=(0, 2)))
+  vg = jax.value_and_grad(f, argnums=(0, 2))
+  return vg, jax.jit(vg)
+
+
+def _args(x, y, p, py, mask=None, dtype=jnp.float32):
+  mask = np.ones(len(p), bool) if mask is None else mask
+  return (jnp.asarray(x, dtype), jnp.asarray(y), jnp.asarray(p, dtype), jnp.asarray(py),
+          jnp.asarray(mask))
 
 
 def run(name, x, y, p, py, mask=None, **hp):
-  mask = np.ones(len(p), bool) if mask is None else mask
-  v, (gx, gp) = _jitted(name, tuple(sorted(hp.items())))(
-      jnp.asarray(x, jnp.float32), jnp.asarray(y), jnp.asarray(p, jnp.float32), jnp.asarray(py),
-      jnp.asarray(mask))
+  """Jitted value and gradients (w.r.t. embeddings and proxies); one compile per config+shape."""
+  v, (gx, gp) = _value_and_grad(name, tuple(sorted(hp.items())))[1](*_args(x, y, p, py, mask))
   return float(v), np.asarray(gx), np.asarray(gp)
 
 
@@ -400,17 +405,13 @@ def _call(name, x, y, p, py, **kw):
 
 @pytest.mark.parametrize("name", sorted(NAIVE))
 def test_jit_grad_vmap(name):
+  hp = {"centers_per_class": 2} if name in CLASS_MAJOR else {}
   cases = [random_case(s, class_major=True) for s in (10, 11)]
-  xs = jnp.asarray(np.stack([c[0] for c in cases]), jnp.float32)
-  ys = jnp.asarray(np.stack([c[1] for c in cases]))
-  ps = jnp.asarray(np.stack([c[2] for c in cases]), jnp.float32)
-  py = jnp.asarray(cases[0][3])
-  f = lambda x, y, p: _call(name, x, y, p, py)  # noqa: E731
-  vg = jax.value_and_grad(f, argnums=(0, 2))
-  batched = jax.jit(jax.vmap(vg))(xs, ys, ps)
-  single = jax.jit(vg)
-  for i in range(2):
-    v, (gx, gp) = single(xs[i], ys[i], ps[i])
+  stacked = [jnp.stack(a) for a in zip(*(_args(*c) for c in cases))]
+  vg = _value_and_grad(name, tuple(sorted(hp.items())))[0]
+  batched = jax.jit(jax.vmap(vg))(*stacked)
+  for i, case in enumerate(cases):
+    v, gx, gp = run(name, *case, **hp)  # jit without vmap
     np.testing.assert_allclose(batched[0][i], v, rtol=1e-5)
     np.testing.assert_allclose(batched[1][0][i], gx, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(batched[1][1][i], gp, rtol=1e-4, atol=1e-6)
@@ -467,15 +468,16 @@ def test_coincident_centres_finite():
 
 @pytest.mark.parametrize("name", sorted(NAIVE))
 def test_bfloat16(name):
-  x, y, p, py = random_case(15)
-  want = float(_call(name, jnp.asarray(x, jnp.float32), y, jnp.asarray(p, jnp.float32), py))
-  xb, pb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(p, jnp.bfloat16)
-  got = _call(name, xb, y, pb, py)
-  assert got.dtype == jnp.float32
+  hp = {"centers_per_class": 2} if name in CLASS_MAJOR else {}
+  case = random_case(15)
+  want, _, _ = run(name, *case, **hp)
+  vg = _value_and_grad(name, tuple(sorted(hp.items())))[1]
+  got, (gx, gp) = vg(*_args(*case, dtype=jnp.bfloat16))
+  assert got.dtype == jnp.float32 and gx.dtype == gp.dtype == jnp.bfloat16
   # bfloat16 keeps ~3 significant digits of the inputs; the scales (alpha = 32) amplify them.
   assert float(got) == pytest.approx(want, rel=0.05, abs=0.05)
-  g = jax.grad(lambda a, b: _call(name, a, y, b, py), argnums=(0, 1))(xb, pb)
-  assert g[0].dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g[0], np.float32)))
+  assert np.all(np.isfinite(np.asarray(gx, np.float32)))
+  assert np.all(np.isfinite(np.asarray(gp, np.float32)))
 
 
 # ----------------------------------------------------------------------------- bad input

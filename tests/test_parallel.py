@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-BATCH, STEPS = 16, 3
+BATCH, STEPS = 16, 2
 
 
 def _setup():
@@ -26,6 +26,8 @@ def _setup():
   c.standard.use_proxies = True
   c.standard.proxies_per_class = 2
   c.optim.lr_multipliers.proxies = 10.0
+  c.model.widths = (4, 8)
+  c.model.embedding_dim = 8
   num_classes = 4
   model = models.get_model(c.model)
   fw = frameworks.get_framework(c, num_classes=num_classes, embedding_dim=c.model.embedding_dim)

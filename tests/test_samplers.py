@@ -163,4 +163,5 @@ def test_profs_hold_steps_formula():
   # M = ceil(rho / p), p = B / (I L): L = 100, B = 32, I = 4 -> ceil(6 * 400 / 32) = 75.
   assert profs_hold_steps(100, 32, 4) == 75
   assert profs_hold_steps(100, 32, 4, rho=1.0) == 13
-  assert ClassRepresentativeSampler(UNEVEN, batch_size=8, m=2).hold_steps == profs_hold_steps(8, 8, 2)
+  derived = ClassRepresentativeSampler(UNEVEN, batch_size=8, m=2).hold_steps
+  assert derived == profs_hold_steps(8, 8, 2) == 12  # ceil(6 * 2 * 8 / 8)

@@ -1,13 +1,14 @@
 """scikit-learn's bundled digits (1,797 8x8 images of 10 classes): no download needed.
 
 Two variants:
-  * ``digits`` — class-disjoint, in the spirit of the zero-shot protocol of Musgrave et al. used by CCP:
-    the first seven digits form the training half and 7, 8, 9 are the test classes; the validation
-    fold is carved from the training half as whole classes (5 and 6), so validation MAP@R measures
-    generalisation to unseen classes exactly as the test does. Training therefore sees digits 0-4.
-    ``val_classes`` / ``test_classes`` override the choice (the training classes are the rest).
-  * ``digits_closed`` — all ten classes in every split, split by image per class (CCP's MNIST proof of
-    concept), fractions ``train/val/test`` = 0.7/0.15/0.15 by default, permuted by ``seed``.
+  * ``digits`` — class-disjoint, in the spirit of the zero-shot protocol of Musgrave et al. used by
+    CCP: the first seven digits form the training half and 7, 8, 9 are the test classes; the
+    validation fold is carved from the training half as whole classes (5 and 6), so validation MAP@R
+    measures generalisation to unseen classes exactly as the test does. Training therefore sees
+    digits 0-4. ``val_classes`` / ``test_classes`` override the choice (the training classes are the
+    rest).
+  * ``digits_closed`` — all ten classes in every split, split by image per class (CCP's MNIST proof
+    of concept), fractions ``train/val/test`` = 0.7/0.15/0.15 by default, permuted by ``seed``.
 Pixels are scaled from 0..16 to [0, 1]; images are [N, 8, 8, 1] float32.
 """
 import numpy as np

@@ -6,25 +6,26 @@ alphabets, upper and lower case as separate classes: 166 candidates. Each is dra
 oblique or bold italic), so a class has several local modes (weight, slant, serifs): the structure
 multi-proxy methods such as CCP are meant to exploit.
 
-Cross-script look-alikes are merged, detected from pixels rather than a hand-made list: two letters of
-different scripts are *near-identical in a font* when their clean (un-jittered) renders differ by a
-mean absolute pixel difference below ``merge_threshold`` (0.05) times the larger of their mean inks,
-and they are merged when that holds in at least ``merge_min_fraction`` (half) of the 16 default fonts;
-merging is transitive (connected components). A merged class is rendered from its first member in
-script order Latin, Greek, Cyrillic and named by all members ("A/Α/А"). The rule always uses all 16
-faces, whatever subset of fonts is rendered, so the class list does not depend on the font choice.
-With the defaults it merges 24 groups (e.g. A/Α/А, o/ο/о, y/у, Γ/Г, Π/П) and keeps pairs that
-differ in most faces (K/К, κ/к, Y/У): 132 classes remain. Within-script ambiguities (Latin I and l in
-sans faces) are real letters and kept.
+Cross-script look-alikes are merged, detected from pixels rather than a hand-made list: two letters
+of different scripts are *near-identical in a font* when their clean (un-jittered) renders differ by
+a mean absolute pixel difference below ``merge_threshold`` (0.05) times the larger of their mean
+inks, and they are merged when that holds in at least ``merge_min_fraction`` (half) of the 16
+default fonts; merging is transitive (connected components). A merged class is rendered from its
+first member in script order Latin, Greek, Cyrillic and named by all members ("A/Α/А"). The rule
+always uses all 16 faces, whatever subset of fonts is rendered, so the class list does not depend on
+the font choice. With the defaults it merges 24 groups (e.g. A/Α/А, o/ο/о, y/у, Γ/Г, Π/П) and keeps
+pairs that differ in most faces (K/К, κ/к, Y/У): 132 classes remain. Within-script ambiguities
+(Latin I and l in sans faces) are real letters and kept.
 
 Every sample is a render at twice the target resolution with a random stroke widening, a random
 affine map (rotation, isotropic scale, shear, translation) about the centre, box down-sampling to
 ``image_size``, a random ink contrast and Gaussian pixel noise. All randomness comes from
-``np.random.default_rng([render_seed, candidate index, font index])``, so the data are a pure function
-of the generation parameters; they are cached as a compressed ``.npz`` keyed by a hash of those
-parameters (and of the font files' sizes) under ``cache_dir`` (default ``$DMLJAX_CACHE/glyphs`` or
-``~/.cache/dmljax/glyphs``). The train/val/test split is a random partition of the classes by
-``seed`` (60/20/20 % by default), so different seeds give different class folds from one cache file.
+``np.random.default_rng([render_seed, candidate index, font index])``, so the data are a pure
+function of the generation parameters; they are cached as a compressed ``.npz`` keyed by a hash of
+those parameters (and of the font files' sizes) under ``cache_dir`` (default
+``$DMLJAX_CACHE/glyphs`` or ``~/.cache/dmljax/glyphs``). The train/val/test split is a random
+partition of the classes by ``seed`` (60/20/20 % by default), so different seeds give different
+class folds from one cache file.
 """
 import dataclasses
 import hashlib
@@ -64,8 +65,8 @@ _ALPHABETS = {
 }
 SCRIPTS = tuple(_ALPHABETS)
 
-# Layout on the square canvas, as fractions of its side: one em, horizontally centred on the advance,
-# with a common baseline so letter case and descenders (o vs O, p vs P) stay distinguishable.
+# Layout on the square canvas, as fractions of its side: one em, horizontally centred on the
+# advance, with a common baseline so letter case and descenders (o vs O, p vs P) stay distinct.
 _FONT_SIZE = 0.55
 _BASELINE = 0.72
 _SUPERSAMPLE = 2
@@ -86,7 +87,8 @@ class GlyphConfig:
     max_scale: relative, scale uniform in [1 - max, 1 + max].
     max_shear: horizontal shear factor, uniform in [-max, max].
     max_translation: fraction of the image side, uniform in [-max, max] per axis.
-    max_stroke: extra stroke width in super-sampled pixels, integer uniform in [0, max].
+    max_stroke: extra stroke width in super-sampled pixels, integer uniform in [0, max] (bold
+      faces: [0, max // 2]).
     min_contrast: ink intensity uniform in [min, 1].
     max_noise: Gaussian noise standard deviation uniform in [0, max].
     merge_threshold: relative pixel distance under which two renders count as identical.
@@ -102,7 +104,7 @@ class GlyphConfig:
   max_scale: float = 0.12
   max_shear: float = 0.2
   max_translation: float = 0.08
-  max_stroke: int = 2
+  max_stroke: int = 1
   min_contrast: float = 0.7
   max_noise: float = 0.08
   merge_threshold: float = 0.05
@@ -147,7 +149,7 @@ def _load_fonts(paths, canvas):
 
 
 def _draw(font, char, canvas, stroke):
-  """The letter on a black ``canvas`` square (PIL 'L' image), white ink, optional stroke widening."""
+  """The letter on a black ``canvas`` square (PIL 'L' image), white ink, optional widening."""
   from PIL import Image, ImageDraw
   image = Image.new("L", (canvas, canvas), 0)
   ImageDraw.Draw(image).text((canvas / 2, _BASELINE * canvas), char, fill=255, font=font,
@@ -235,9 +237,9 @@ def class_list(config: GlyphConfig = GlyphConfig()):
   return classes, merged
 
 
-def _render_sample(font, char, canvas, size, rng, config, stroke_cache):
+def _render_sample(font, char, canvas, size, rng, config, stroke_cache, max_stroke):
   from PIL import Image
-  stroke = int(rng.integers(0, config.max_stroke + 1))
+  stroke = int(rng.integers(0, max_stroke + 1))
   key = (id(font), char, stroke)
   if key not in stroke_cache:
     stroke_cache[key] = _draw(font, char, canvas, stroke)
@@ -284,8 +286,11 @@ def generate_glyphs(config: GlyphConfig = GlyphConfig()):
     for f, font in enumerate(fonts):
       font_index = DEFAULT_FONTS.index(config.fonts[f]) if config.fonts[f] in DEFAULT_FONTS else f
       rng = np.random.default_rng([config.render_seed, cand, font_index])
+      # Widening a bold face's strokes fills the counters of small letters (e, a, phi): halve it.
+      max_stroke = config.max_stroke // 2 if "Bol" in config.fonts[f] else config.max_stroke
       for _ in range(config.samples_per_font):
-        images[n] = _render_sample(font, char, canvas, size, rng, config, stroke_cache)
+        images[n] = _render_sample(font, char, canvas, size, rng, config, stroke_cache,
+                                   max_stroke)
         labels[n], font_ids[n] = k, f
         n += 1
   return {"images": images, "labels": labels, "fonts": font_ids,
@@ -370,7 +375,8 @@ def load_glyphs(*, seed=0, cache_dir=None, train_fraction=0.6, val_fraction=0.2,
   splits, fonts = {}, {}
   for split, classes in groups.items():
     selected = np.isin(labels, classes)
-    splits[split] = _make_split(images[selected].astype(np.float32) / 255.0, labels[selected], names)
+    split_images = images[selected].astype(np.float32) / 255.0
+    splits[split] = _make_split(split_images, labels[selected], names)
     fonts[split] = data["fonts"][selected]
   info = {"cache_file": path, "config": dataclasses.asdict(config), "generation_seconds": seconds,
           "merged": [str(m) for m in data["merged"]], "num_classes_total": len(names),

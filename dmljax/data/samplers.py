@@ -1,19 +1,20 @@
-"""Host-side batch samplers: m-per-class, one-per-class (CCP pools) and class-representative (PROFS).
+"""Host-side batch samplers: m-per-class, one-per-class (CCP pools), class-representative (PROFS).
 
 Every sampler is a pure function of ``(seed, step)`` over a fixed label array: ``batch(step)`` never
-depends on which batches were drawn before, so a resumed run reproduces the exact batches by restoring
-only the step (``state_dict`` holds the configuration plus a fingerprint of the labels, so resuming on a
-different split fails loudly). Some samplers memoise per-epoch/per-period tables; the memo is a cache of
-a pure function, not state.
+depends on which batches were drawn before, so a resumed run reproduces the exact batches by
+restoring only the step (``state_dict`` holds the configuration plus a fingerprint of the labels, so
+resuming on a different split fails loudly). Some samplers memoise per-epoch/per-period tables; the
+memo is a cache of a pure function, not state.
 
 Multi-process runs: every process calls ``batch(step, process_index, process_count)`` with the same
 step; each computes the same global batch and returns its own contiguous slice, so the slices are
 disjoint and their concatenation in process order is the global batch.
 
 Randomness comes from two sources, both seeded only by ``(seed, purpose, counter)``:
-``np.random.default_rng([seed, tag, counter])`` where a sequential stream is needed, and a counter-based
-hash (splitmix64 of ``seed, tag, counters, sample index``) where one random key per element is needed
-without materialising a stream (e.g. a fresh within-class permutation for every cycle of every class).
+``np.random.default_rng([seed, tag, counter])`` where a sequential stream is needed, and a
+counter-based hash (splitmix64 of ``seed, tag, counters, sample index``) where one random key per
+element is needed without materialising a stream (e.g. a fresh within-class permutation for every
+cycle of every class).
 """
 import math
 import zlib
@@ -36,7 +37,7 @@ def _splitmix64(x):
 
 
 def _hash(*parts):
-  """Counter-based random uint64 keys; ``parts`` are non-negative ints/arrays, broadcast together."""
+  """Counter-based random uint64 keys; ``parts``: non-negative ints/arrays, broadcast together."""
   arrays = [np.asarray(p).astype(np.uint64) for p in parts]
   h = np.zeros(np.broadcast_shapes(*(a.shape for a in arrays)), np.uint64)
   with np.errstate(over="ignore"):  # wrap-around multiplication is the point of the mixer
@@ -69,13 +70,13 @@ def _slice(global_batch, process_index, process_count):
 
 
 class _ClassIndex:
-  """Samples grouped by class: ``order[start[c]:start[c] + count[c]]`` are the samples of class ``c``."""
+  """Samples grouped by class: ``order[start[c]:start[c] + count[c]]`` are those of class ``c``."""
 
   def __init__(self, labels):
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError(f"labels must be a non-empty 1-D integer array, got dtype {labels.dtype} and "
-                       f"shape {labels.shape}.")
+      raise ValueError(f"labels must be a non-empty 1-D integer array, got dtype {labels.dtype} "
+                       f"and shape {labels.shape}.")
     self.labels = labels
     self.classes, self.class_of = np.unique(labels, return_inverse=True)  # class_of: [N] in 0..L-1
     self.order = np.argsort(self.class_of, kind="stable")
@@ -104,8 +105,8 @@ class _ClassIndex:
     return np.lexsort((keys, self.class_of))
 
   def cycle_pass(self, seed, tag, index):
-    """One sample per class for pass ``index``: each class walks through a fresh random permutation of
-    its samples per cycle of ``count[c]`` passes, so every sample is drawn once per cycle."""
+    """One sample per class for pass ``index``: each class walks through a fresh random permutation
+    of its samples per cycle of ``count[c]`` passes, so every sample is drawn once per cycle."""
     cycle = index // self.count[self.class_of]
     order = self.permuted_order(_hash(seed, tag, cycle, np.arange(len(self.labels))))
     return order[self.start + index % self.count]
@@ -121,20 +122,22 @@ def _check_state(cls, state, labels, names):
 
 
 class MPerClassSampler:
-  """Batches of ``batch_size // m`` distinct classes times ``m`` samples, covering every sample per epoch.
+  """Batches of ``batch_size // m`` distinct classes x ``m`` samples; an epoch covers every sample.
 
   Epoch ``e`` (a plan computed from ``(seed, e)`` alone):
-    1. every class is randomly permuted and cut into ``k_c = ceil(n_c / m)`` chunks of ``m`` samples (the
-       last chunk is completed by wrapping to the start of the permutation, so it holds ``m`` distinct
-       samples because ``n_c >= m``);
-    2. chunks are scheduled into ``T = max(ceil(sum_c k_c / K), max_c k_c)`` batches of ``K`` distinct
-       classes: each batch takes every class whose remaining chunks equal the batches left (so none is
-       left over), then fills up with a weighted random choice (weights = remaining chunks, which spreads
-       a class's chunks evenly over the epoch). This greedy is always feasible for this ``T``;
-    3. when fewer than ``K`` classes still have chunks (the epoch's tail), the batch is completed with
-       random extra classes and random ``m``-subsets of them, the only samples drawn twice in an epoch.
-  Step ``s`` is batch ``s % T`` of epoch ``s // T``. Rows of the global batch are classes: the global
-  batch is ``[K, m]`` flattened row-major.
+    1. every class is randomly permuted and cut into ``k_c = ceil(n_c / m)`` chunks of ``m`` samples
+       (the last chunk is completed by wrapping to the start of the permutation, so it holds ``m``
+       distinct samples because ``n_c >= m``);
+    2. chunks are scheduled into ``T = max(ceil(sum_c k_c / K), max_c k_c)`` batches of ``K``
+       distinct classes: each batch takes every class whose remaining chunks equal the batches left
+       (so none is left over), then fills up with a weighted random choice (weights = remaining
+       chunks, which spreads a class's chunks evenly over the epoch). This greedy is always feasible
+       for this ``T``;
+    3. when fewer than ``K`` classes still have chunks (the epoch's tail), the batch is completed
+       with random extra classes and random ``m``-subsets of them, the only samples drawn twice in
+       an epoch.
+  Step ``s`` is batch ``s % T`` of epoch ``s // T``. Rows of the global batch are classes: the
+  global batch is ``[K, m]`` flattened row-major.
 
   Args:
     labels: [N] integer labels of the split.
@@ -209,7 +212,7 @@ class MPerClassSampler:
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}.")
     epoch, i = divmod(int(step), self.batches_per_epoch)
-    return self._plan(epoch)[i]
+    return self._plan(epoch)[i].copy()  # a copy: callers must not be able to edit the memo
 
   def batch(self, step, process_index=0, process_count=1):
     """This process's slice of the global batch of ``step``."""
@@ -232,10 +235,10 @@ class MPerClassSampler:
 class OnePerClassSampler:
   """One sample of every class per pass: CCP's proxy pool.
 
-  Pass ``p`` picks, for each class ``c`` (in class order), position ``p % n_c`` of a random permutation
-  of the class drawn for cycle ``p // n_c``: any ``n_c`` consecutive passes aligned to a cycle draw
-  every sample of the class exactly once. :meth:`pool` gives the ``[L, b]`` pool of greedy k-center
-  directly (``b`` distinct samples per class when the class is large enough).
+  Pass ``p`` picks, for each class ``c`` (in class order), position ``p % n_c`` of a random
+  permutation of the class drawn for cycle ``p // n_c``: any ``n_c`` consecutive passes aligned to a
+  cycle draw every sample of the class exactly once. :meth:`pool` gives the ``[L, b]`` pool of
+  greedy k-center directly (``b`` distinct samples per class when the class is large enough).
 
   Args:
     labels: [N] integer labels.
@@ -280,7 +283,7 @@ class OnePerClassSampler:
     return order[idx.start[:, None] + j % count], j < count
 
   def batch(self, step, process_index=0, process_count=1):
-    """This process's slice of pass ``step`` (the number of classes must divide by process_count)."""
+    """This process's slice of pass ``step`` (the class count must divide by process_count)."""
     return _slice(self.pass_indices(step), process_index, process_count)
 
   def state_dict(self):
@@ -293,8 +296,8 @@ class OnePerClassSampler:
 
 
 def profs_hold_steps(num_classes, batch_size, m, rho=6.0):
-  """PROFS' ``M = ceil(rho / p(y))``, ``p(y) = B / (I L)``: steps a representative set is held so each
-  representative is used about ``rho`` times (``I = m`` samples per class, ``L`` classes)."""
+  """PROFS' ``M = ceil(rho / p(y))``, ``p(y) = B / (I L)``: steps a representative set is held so
+  each representative is used about ``rho`` times (``I = m`` samples per class, ``L`` classes)."""
   return max(1, math.ceil(rho * m * num_classes / batch_size))
 
 
@@ -304,8 +307,8 @@ class ClassRepresentativeSampler:
   PROFS (Can, Gürbüz, Alatan, Algorithm 1) draws one representative per class, ``R``, keeps it for
   ``M`` steps (one approximate projection), and at each step samples a subset ``R'`` of the
   representatives plus examples ``E`` and builds the exemplar batch from pairs ``(R', E)``. Here:
-    * the representatives of period ``q = step // M`` are pass ``q`` of the one-per-class scheme (each
-      class cycles through all its samples as representatives over ``n_c`` periods);
+    * the representatives of period ``q = step // M`` are pass ``q`` of the one-per-class scheme
+      (each class cycles through all its samples as representatives over ``n_c`` periods);
     * ``R'`` is ``K = batch_size // m`` classes drawn uniformly without replacement for every step
       (or given by the caller, e.g. from hard negative class mining over stored representative
       embeddings);
@@ -353,6 +356,9 @@ class ClassRepresentativeSampler:
 
   def representatives(self, step):
     """[L] sample index of every class's representative at ``step`` (class order)."""
+    return self._memo_reps(step).copy()
+
+  def _memo_reps(self, step):
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}.")
     q = self.period(step)
@@ -363,7 +369,7 @@ class ClassRepresentativeSampler:
     return self._memo[q]
 
   def batch_classes(self, step):
-    """[K] class rows (0..L-1, class order) of the batch of ``step``: uniform without replacement."""
+    """[K] class rows (0..L-1) of the batch of ``step``: uniform without replacement."""
     rng = np.random.default_rng([self.seed, _TAG_CLASSES, int(step)])
     return rng.choice(self._index.num_classes, self.classes_per_batch, replace=False)
 
@@ -381,9 +387,9 @@ class ClassRepresentativeSampler:
     classes = np.asarray(classes, np.int64)
     if (classes.shape != (num_k,) or len(np.unique(classes)) != num_k or classes.min() < 0
         or classes.max() >= idx.num_classes):
-      raise ValueError(f"classes must be {num_k} distinct class rows in [0, {idx.num_classes}), got "
-                       f"{classes}.")
-    reps = self.representatives(step)[classes]
+      raise ValueError(f"classes must be {num_k} distinct class rows in [0, {idx.num_classes}), "
+                       f"got {classes}.")
+    reps = self._memo_reps(step)[classes]
     if self.m == 1:
       return reps
     count = idx.count[classes]

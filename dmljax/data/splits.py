@@ -17,7 +17,8 @@ class Split:
     images: [N, H, W, C] float32 in [0, 1].
     labels: [N] int32, contiguous ``0 .. num_classes - 1`` within this split.
     class_ids: [num_classes] int32, the data set's original class id of each contiguous label
-      (``class_ids[labels]`` recovers the original ids; equal ids across splits mean the same class).
+      (``class_ids[labels]`` recovers the original ids; equal ids across splits mean the same
+      class).
     class_names: one readable name per contiguous label (e.g. "7", "A/Α/А").
   """
   images: np.ndarray
@@ -55,7 +56,8 @@ class Dataset:
 
   def __getitem__(self, split: str) -> Split:
     if split not in self.splits:
-      raise ValueError(f"Data set {self.name!r} has no split {split!r}; splits: {list(self.splits)}.")
+      raise ValueError(f"Data set {self.name!r} has no split {split!r}; splits: "
+                       f"{list(self.splits)}.")
     return self.splits[split]
 
 

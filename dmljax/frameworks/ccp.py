@@ -103,15 +103,17 @@ class CCPFramework(Framework):
     del rng
     cc = self.config.ccp
     fs = state.framework
+    batch_weight = float(cc.in_batch_weight)
     data_loss, parts = losses.objectives.ccp_objective(
-        embeddings, labels, params["proxies"], fs["proxy_labels"], loss_fn=self.pair_loss,
-        proxy_weight=float(cc.proxy_weight), in_batch_weight=float(cc.in_batch_weight),
-        **self.kwargs)
+        embeddings, labels, params["proxies"], fs["proxy_labels"],
+        proxy_loss=self.pair_loss, batch_loss=self.pair_loss if batch_weight > 0 else None,
+        proxy_weight=float(cc.proxy_weight), batch_weight=batch_weight,
+        proxy_loss_kwargs=self.kwargs, batch_loss_kwargs=self.kwargs)
     # No proximal term in the first projection (there is no previous solution yet).
     lam = jnp.where(fs["projection"] > 0, self.lam, 0.0)
     prox = losses.objectives.proximal(params["model"], state.anchor, lam)
     total = data_loss + prox
-    metrics = {"loss/proxy": parts["proxy"], "loss/in_batch": parts["in_batch"],
+    metrics = {"loss/proxy": parts["proxy"], "loss/in_batch": parts["batch"],
                "loss/proximal": prox}
     return total, (metrics, fs)
 

@@ -1,22 +1,23 @@
 """Greedy k-center selection of proxies, vectorised over classes (CCP, Algorithm 2).
 
-CCP (Gürbüz, Can, Alatan, *Deep Metric Learning with Chance Constraints*, Algorithm 2) re-initialises
-the ``k`` proxies of every class from a pool of ``b`` embedded samples of that class: starting from the
-previous proxies ``rho_c`` as the already-covered set, it repeatedly adds the pool point farthest (in
-squared Euclidean distance) from everything chosen so far, i.e. the point that shrinks the covering
-radius most. Here every class is processed at once: ``points`` is ``[C, b, D]`` and the ``k`` picks run
-in a ``lax.fori_loop`` whose body works on all classes together, so there is one compile per shape and
-no Python loop over classes.
+CCP (Gürbüz, Can, Alatan, *Deep Metric Learning with Chance Constraints*, Algorithm 2)
+re-initialises the ``k`` proxies of every class from a pool of ``b`` embedded samples of that class:
+starting from the previous proxies ``rho_c`` as the already-covered set, it repeatedly adds the pool
+point farthest (in squared Euclidean distance) from everything chosen so far, i.e. the point that
+shrinks the covering radius most. Here every class is processed at once: ``points`` is ``[C, b, D]``
+and the ``k`` picks run in a ``lax.fori_loop`` whose body works on all classes together, so there is
+one compile per shape and no Python loop over classes.
 
 Conventions (the paper leaves them open):
   * distances are squared L2, computed from explicit differences (not the ``|a|^2 + |b|^2 - 2ab``
     expansion) so that near-ties are resolved exactly like a brute-force loop would;
   * ties are broken towards the lowest pool index (``argmax`` returns the first maximum);
-  * with no valid seed in a class, every valid point is at distance ``+inf`` from the empty set, so the
-    first pick is the class's first valid pool point (its ``min_dist`` is ``+inf``);
+  * with no valid seed in a class, every valid point is at distance ``+inf`` from the empty set, so
+    the first pick is the class's first valid pool point (its ``min_dist`` is ``+inf``);
   * when a class has fewer than ``k`` valid pool points, the remaining picks repeat its first pick;
-    they are flagged ``valid = False`` and have ``min_dist = 0``. A class without any valid point picks
-    index 0 with ``valid = False`` (its center is then whatever sits at index 0: mask it downstream).
+    they are flagged ``valid = False`` and have ``min_dist = 0``. A class without any valid point
+    picks index 0 with ``valid = False`` (its center is then whatever sits at index 0: mask it
+    downstream).
 """
 import functools
 from typing import NamedTuple
@@ -129,7 +130,9 @@ def greedy_kcenter(points, point_mask, seeds, seed_mask, k: int) -> KCenterResul
 
 @jax.jit
 def covering_radius(points, point_mask, centers, center_mask):
-  """Per-class covering radius: max over valid points of the Euclidean distance to the nearest center.
+  """Per-class covering radius: max over valid points of the distance to the nearest center.
+
+  Distances are Euclidean (not squared).
 
   Args:
     points: [C, b, D] samples per class.

@@ -1,0 +1,212 @@
+"""Retrieval-metric benchmark on a synthetic SOP-sized test set (not a test).
+
+    python benchmarks/retrieval.py                 # 60,502 x 128, 11,316 classes
+    python benchmarks/retrieval.py --scale 10      # 605,020 x 128 (ours and the floor only)
+    python benchmarks/retrieval.py --repeats 2 --out /tmp/retrieval.json
+
+Every measured thing runs in a fresh subprocess, so that its peak resident memory
+(``ru_maxrss``) is its own; they run interleaved (floor, ours, PML, floor, ours, ...) because the
+machine may be shared. Measured:
+
+* ``ours``: ``dmljax.metrics.retrieval_metrics`` for P@1, R-precision, MAP@R,
+  Recall@{1,10,100,1000}, nDCG@{10,100}: wall time of the first call (with compilation) and of a
+  second call in the same process.
+* ``floor``: the bare blocked matrix product plus top-1 (jitted JAX, full reference set per block
+  of 256 queries) and, where faiss is installed, faiss ``IndexFlatL2`` with k = 1.
+* ``pml``: pytorch-metric-learning's ``AccuracyCalculator`` (faiss kNN, ``k="max_bin_count"``)
+  for P@1, R-precision and MAP@R, plus the differences of those three to ours.
+
+The data: class sizes between 2 and 12 with mean 5.35 (SOP's test split), unit-norm class
+centres in 128-d and per-sample Gaussian noise, L2-normalised, so that P@1 is about 0.7.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+NUM, CLASSES, DIM = 60502, 11316, 128
+
+
+def make_data(scale: int, seed: int = 0):
+  """Synthetic SOP-like embeddings: ``scale`` times 60,502 rows in ``scale`` times 11,316 classes."""
+  rng = np.random.default_rng(seed)
+  c, n = CLASSES * scale, NUM * scale
+  sizes = 2 + rng.binomial(10, 0.335, size=c)
+  # Adjust to the exact total without leaving [2, 12].
+  while sizes.sum() != n:
+    diff = n - sizes.sum()
+    idx = rng.integers(0, c, size=min(abs(diff), c))
+    if diff > 0:
+      idx = idx[sizes[idx] < 12]
+      np.add.at(sizes, np.unique(idx), 1)
+    else:
+      idx = idx[sizes[idx] > 2]
+      np.add.at(sizes, np.unique(idx), -1)
+  labels = np.repeat(np.arange(c), sizes)
+  labels = labels[rng.permutation(n)]
+  centres = rng.standard_normal((c, DIM)).astype(np.float32)
+  centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+  x = centres[labels] + 0.085 * rng.standard_normal((n, DIM)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  return x.astype(np.float32), labels.astype(np.int64)
+
+
+def _peak_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_ours(path: str) -> dict:
+  from dmljax.metrics import retrieval_metrics
+  data = np.load(path)
+  x, y = data["x"], data["y"]
+  base = _peak_mb()
+  out = {}
+  for name in ("cold", "warm"):
+    t0 = time.perf_counter()
+    m = retrieval_metrics(x, y, recall_ks=(1, 10, 100, 1000), ndcg_ks=(10, 100))
+    out[f"wall_s_{name}"] = time.perf_counter() - t0
+  out["metrics"] = m
+  out["peak_mb_after_load"] = base
+  return out
+
+
+def run_floor(path: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+  data = np.load(path)
+  x = data["x"]
+  qb = 256
+  n = x.shape[0]
+  pad = -(-n // qb) * qb
+  q = jnp.asarray(np.pad(x, ((0, pad - n), (0, 0)))).reshape(-1, qb, x.shape[1])
+  r = jnp.asarray(x)
+  half = -0.5 * jnp.sum(r * r, axis=1)
+
+  @jax.jit
+  def top1(q, r, half):
+    return jax.lax.map(lambda b: jnp.argmax(b @ r.T + half, axis=1), q)
+
+  out = {"peak_mb_after_load": _peak_mb()}
+  for name in ("cold", "warm"):
+    t0 = time.perf_counter()
+    jax.block_until_ready(top1(q, r, half))
+    out[f"wall_s_{name}"] = time.perf_counter() - t0
+  return out
+
+
+def run_faiss_floor(path: str) -> dict:
+  import faiss
+  x = np.load(path)["x"]
+  out = {"peak_mb_after_load": _peak_mb()}
+  t0 = time.perf_counter()
+  index = faiss.IndexFlatL2(x.shape[1])
+  index.add(x)
+  index.search(x, 2)  # self plus the nearest other
+  out["wall_s_cold"] = time.perf_counter() - t0
+  return out
+
+
+def run_pml(path: str, ours_path: str | None) -> dict:
+  import torch
+  from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+  data = np.load(path)
+  x, y = data["x"], data["y"]
+  out = {"peak_mb_after_load": _peak_mb()}
+  calc = AccuracyCalculator(include=("precision_at_1", "r_precision",
+                                     "mean_average_precision_at_r"),
+                            k="max_bin_count", device=torch.device("cpu"))
+  t0 = time.perf_counter()
+  m = calc.get_accuracy(x, y)
+  out["wall_s_cold"] = time.perf_counter() - t0
+  out["metrics"] = m
+  return out
+
+
+def _measure(what: str, path: str, python: str) -> dict:
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+    res_path = f.name
+  cmd = [python, __file__, "--child", what, "--data", path, "--result", res_path]
+  t0 = time.perf_counter()
+  subprocess.run(cmd, check=True)
+  with open(res_path) as f:
+    res = json.load(f)
+  os.unlink(res_path)
+  res["process_wall_s"] = time.perf_counter() - t0
+  return res
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--scale", type=int, default=1)
+  p.add_argument("--repeats", type=int, default=1)
+  p.add_argument("--skip", default="", help="comma list of: ours,floor,faiss_floor,pml")
+  p.add_argument("--out", default=None)
+  p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  if a.child:
+    fn = {"ours": run_ours, "floor": run_floor, "faiss_floor": run_faiss_floor,
+          "pml": lambda path: run_pml(path, None)}[a.child]
+    res = fn(a.data)
+    res["peak_mb"] = _peak_mb()
+    with open(a.result, "w") as f:
+      json.dump(res, f)
+    return
+
+  x, y = make_data(a.scale)
+  tmp = tempfile.mkdtemp()
+  path = os.path.join(tmp, "data.npz")
+  np.savez(path, x=x, y=y)
+  print(f"data: {x.shape[0]} x {x.shape[1]}, {len(np.unique(y))} classes, "
+        f"mean class size {x.shape[0] / len(np.unique(y)):.2f}, cpus {os.cpu_count()}", flush=True)
+  things = ["floor", "ours"]
+  try:
+    import faiss  # noqa: F401
+    things.insert(1, "faiss_floor")
+    if a.scale == 1:
+      import pytorch_metric_learning  # noqa: F401
+      import torch  # noqa: F401
+      things.append("pml")
+  except ImportError:
+    pass
+  things = [t for t in things if t not in a.skip.split(",")]
+  results = {t: [] for t in things}
+  for rep in range(a.repeats):
+    for t in things:
+      r = _measure(t, path, sys.executable)
+      results[t].append(r)
+      walls = {k: round(v, 2) for k, v in r.items() if k.startswith("wall_s")}
+      print(f"[{rep}] {t:12s} {walls} peak {r['peak_mb']:.0f} MB "
+            f"(after load {r['peak_mb_after_load']:.0f} MB)", flush=True)
+  summary = {}
+  for t, rs in results.items():
+    key = "wall_s_warm" if "wall_s_warm" in rs[0] else "wall_s_cold"
+    summary[t] = {"wall_s_best": min(r[key] for r in rs),
+                  "wall_s_cold_best": min(r["wall_s_cold"] for r in rs),
+                  "peak_mb_max": max(r["peak_mb"] for r in rs)}
+  if "ours" in results:
+    summary["ours_metrics"] = results["ours"][0]["metrics"]
+  if "pml" in results and "ours" in results:
+    pm, om = results["pml"][0]["metrics"], results["ours"][0]["metrics"]
+    summary["pml_metrics"] = pm
+    summary["abs_diff_vs_pml"] = {
+        "precision_at_1": abs(pm["precision_at_1"] - om["precision_at_1"]),
+        "r_precision": abs(pm["r_precision"] - om["r_precision"]),
+        "map_at_r": abs(pm["mean_average_precision_at_r"] - om["map_at_r"])}
+  print(json.dumps(summary, indent=1))
+  if a.out:
+    with open(a.out, "w") as f:
+      json.dump({"summary": summary, "runs": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,322 @@
+"""Exact k-nearest-neighbour search in blocks: no N x N matrix, one compile per shape.
+
+Distances are squared Euclidean on the embeddings as given (what faiss' ``IndexFlatL2`` and so
+pytorch-metric-learning's ``AccuracyCalculator`` rank by). The ranking never forms a distance:
+for a query ``q`` the score of a reference ``r`` is ``q.r - |r|^2 / 2``, which orders references
+exactly as ``-|q - r|^2 / 2`` does (``|q|^2`` is the same for every reference). Each reference is
+stored *augmented* as ``[r, -|r|^2/2]`` and each query as ``[q, 1]``, so that a score is one
+single dot product: every score comes out of one matrix product with no fused epilogue, hence
+identical references give bit-identical scores and ties are real ties.
+
+Order: a reference ranks before another if its squared distance is smaller, or if the distances
+are equal and its index is smaller. In same-set mode (no separate references) the query itself is
+excluded by index, never by distance.
+
+How the search stays cheap (on a 2-core CPU the matrix product is most of the time, so anything
+done per score must cost about as little as a running maximum):
+
+1. For a block of ``query_block`` queries, scan the references in blocks of ``ref_block``; of each
+   block's scores keep only the maximum over consecutive groups of ``group`` references, in a
+   ``[query_block, N / group]`` buffer.
+2. Take the best ``k`` groups (``k + 1`` in same-set mode, as the query's own group may be won
+   by the query itself). The ``k`` nearest references always lie in those groups: a reference
+   outside them has ``k`` groups ranked before its own, each holding a reference ranked before it.
+3. Re-score the ``k * group`` candidates of each query exactly (a batched dot product, candidates
+   in increasing index order) and take the top ``k`` with ``lax.top_k``, which is stable, so
+   equal scores keep the smaller index first.
+
+Steps 1 and 3 compute the same dot products with different kernels (a matrix product and a
+batched dot); they can round differently in the last bit, which only matters for two references
+whose distances to a query differ by about one float32 ulp: the filter could then, in principle,
+keep the one the exact re-scoring ranks second. Identical references are not affected (both
+kernels give both the same score).
+
+Memory is ``O(query_block * (N / group + ref_block + k * group * D))`` per device, whatever the
+number of queries. Query blocks are sharded over the devices of a mesh (``jax.shard_map``);
+references are replicated. Each block's arithmetic does not depend on how many devices there are,
+so results are identical on 1 and on 8 devices.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+__all__ = ["KNNResult", "knn", "first_relevant_rank", "prepare_embeddings", "flat_mesh"]
+
+#: Default block sizes, tuned on a 2-core CPU for 128-d embeddings (see docs/benchmarks_retrieval.md).
+QUERY_BLOCK = 256
+REF_BLOCK = 4096
+GROUP = 8
+
+
+class KNNResult(NamedTuple):
+  """Nearest neighbours of each query, nearest first.
+
+  Attributes:
+    distances: ``[Q, k]`` float32 squared Euclidean distances.
+    indices: ``[Q, k]`` int32 indices into the references.
+  """
+  distances: np.ndarray
+  indices: np.ndarray
+
+
+def prepare_embeddings(x, name: str = "embeddings") -> np.ndarray:
+  """Converts numpy/jax float32 or bfloat16 embeddings to a checked float32 ``[N, D]`` array.
+
+  Raises:
+    ValueError: if the array is not 2-D, is empty, or holds NaN or infinite values.
+  """
+  x = np.asarray(x)
+  if x.ndim != 2:
+    raise ValueError(f"{name} must have shape [num, dim], got shape {x.shape}.")
+  if x.shape[0] == 0 or x.shape[1] == 0:
+    raise ValueError(f"{name} is empty (shape {x.shape}); pass at least one embedding.")
+  if not (np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16"):
+    raise ValueError(f"{name} must be float32 or bfloat16, got dtype {x.dtype}.")
+  x = np.asarray(x, np.float32)
+  bad = ~np.isfinite(x).all(axis=1)
+  if bad.any():
+    raise ValueError(
+        f"{name} has {int(bad.sum())} row(s) with NaN or infinite values (first: row "
+        f"{int(np.argmax(bad))}); fix or drop them before evaluating.")
+  return x
+
+
+def flat_mesh(mesh: Optional[Mesh]) -> Mesh:
+  """A 1-D mesh over all devices of ``mesh`` (all local devices when None), axis name "q"."""
+  devices = jax.devices() if mesh is None else list(np.asarray(mesh.devices).reshape(-1))
+  return Mesh(np.asarray(devices), ("q",))
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _augment_refs(refs: np.ndarray, ref_block: int, min_rows: int) -> np.ndarray:
+  """``[Np, D + 1]`` rows ``[r, -|r|^2 / 2]``; padding rows score -inf against every query."""
+  n, d = refs.shape
+  n_pad = _round_up(max(n, min_rows), ref_block)
+  out = np.zeros((n_pad, d + 1), np.float32)
+  out[:n, :d] = refs
+  out[:n, d] = -0.5 * np.einsum("nd,nd->n", refs.astype(np.float64), refs).astype(np.float32)
+  out[n:, d] = -np.inf
+  return out
+
+
+def _augment_queries(queries: np.ndarray, rows: int) -> np.ndarray:
+  """``[rows, D + 1]`` rows ``[q, 1]``; padding rows are ``[0, 1]`` (finite scores, discarded)."""
+  n, d = queries.shape
+  out = np.zeros((rows, d + 1), np.float32)
+  out[:n, :d] = queries
+  out[:, d] = 1.0
+  return out
+
+
+def _pad_rows(x: np.ndarray, rows: int, value) -> np.ndarray:
+  out = np.full((rows,) + x.shape[1:], value, x.dtype)
+  out[:x.shape[0]] = x
+  return out
+
+
+def _query_layout(num_queries: int, query_block: int, num_devices: int) -> tuple[int, int]:
+  """Padded number of queries and of query blocks per device."""
+  blocks = _round_up(-(-num_queries // query_block), num_devices) // num_devices
+  return blocks * num_devices * query_block, blocks
+
+
+# ----------------------------------------------------------------------------- top-k kernel
+
+
+def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self):
+  """Top-k of every query of this device's blocks. qa: [nb, qb, Da], qidx: [nb, qb]."""
+  n_pad = ra.shape[0]
+  num_groups_per_block = ref_block // group
+  num_groups = n_pad // group
+  kg = k + int(exclude_self)
+
+  def one_block(args):
+    q, qi = args
+    qb = q.shape[0]
+
+    def scan_refs(j, gmax):
+      r = jax.lax.dynamic_slice_in_dim(ra, j * ref_block, ref_block)
+      s = jnp.dot(q, r.T, precision=jax.lax.Precision.HIGHEST)
+      g = s.reshape(qb, num_groups_per_block, group).max(axis=2)
+      return jax.lax.dynamic_update_slice_in_dim(gmax, g, j * num_groups_per_block, axis=1)
+
+    gmax = jax.lax.fori_loop(0, n_pad // ref_block, scan_refs,
+                             jnp.full((qb, num_groups), -jnp.inf, jnp.float32))
+    _, best_groups = jax.lax.top_k(gmax, kg)
+    # Candidates in increasing reference index, so that the stable top_k below breaks ties by index.
+    best_groups = jnp.sort(best_groups, axis=1)
+    cand = (best_groups[:, :, None] * group + jnp.arange(group)).reshape(qb, kg * group)
+    scores = jnp.einsum("qd,qcd->qc", q, ra[cand], precision=jax.lax.Precision.HIGHEST)
+    if exclude_self:
+      scores = jnp.where(cand == qi[:, None], -jnp.inf, scores)
+    top, pos = jax.lax.top_k(scores, k)
+    return top, jnp.take_along_axis(cand, pos, axis=1)
+
+  return jax.lax.map(one_block, (qa, qidx))
+
+
+@functools.lru_cache(maxsize=64)
+def _topk_fn(mesh: Mesh, k: int, ref_block: int, group: int, exclude_self: bool):
+  body = functools.partial(_topk_blocks, k=k, ref_block=ref_block, group=group,
+                           exclude_self=exclude_self)
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("q"), P("q"), P()),
+                               out_specs=(P("q"), P("q")), check_vma=False))
+
+
+def _check_blocks(query_block: int, ref_block: int, group: int):
+  for name, v in (("query_block", query_block), ("ref_block", ref_block), ("group", group)):
+    if not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+  if ref_block % group:
+    raise ValueError(f"ref_block ({ref_block}) must be a multiple of group ({group}).")
+
+
+def knn(queries, references=None, *, k: int, query_block: int = QUERY_BLOCK,
+        ref_block: int = REF_BLOCK, group: int = GROUP, mesh: Optional[Mesh] = None) -> KNNResult:
+  """Exact k nearest references of each query by squared Euclidean distance.
+
+  Args:
+    queries: ``[Q, D]`` float32 or bfloat16 (numpy or jax).
+    references: ``[N, D]``, or None for same-set search (each query is excluded by index).
+    k: number of neighbours, at most the number of references (minus one in same-set mode).
+    query_block: queries per block (per device step).
+    ref_block: references per scanned block; a multiple of ``group``.
+    group: references per group of the max filter (see the module docstring).
+    mesh: devices to shard query blocks over; None uses all devices.
+
+  Returns:
+    A :class:`KNNResult`; ties are broken by the smaller reference index.
+
+  Raises:
+    ValueError: on bad shapes, NaN/inf values, or ``k`` larger than the references.
+  """
+  _check_blocks(query_block, ref_block, group)
+  q = prepare_embeddings(queries, "queries")
+  same = references is None
+  r = q if same else prepare_embeddings(references, "references")
+  if r.shape[1] != q.shape[1]:
+    raise ValueError(f"references have dimension {r.shape[1]} but queries {q.shape[1]}.")
+  available = r.shape[0] - int(same)
+  if not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"k must be a positive integer, got {k!r}.")
+  if k > available:
+    raise ValueError(f"k={k} is larger than the {available} references available to each query; "
+                     f"ask for at most {available} neighbours.")
+  mesh = flat_mesh(mesh)
+  kg = k + int(same)
+  ra = _augment_refs(r, ref_block, min_rows=kg * group)
+  rows, _ = _query_layout(q.shape[0], query_block, mesh.size)
+  qa = _augment_queries(q, rows).reshape(-1, query_block, q.shape[1] + 1)
+  qidx = np.arange(rows, dtype=np.int32).reshape(-1, query_block)
+  fn = _topk_fn(mesh, int(k), ref_block, group, same)
+  top, idx = fn(qa, qidx, ra)
+  top = np.asarray(top).reshape(rows, k)[:q.shape[0]]
+  idx = np.asarray(idx).reshape(rows, k)[:q.shape[0]]
+  sq = np.einsum("nd,nd->n", q.astype(np.float64), q)
+  dist = np.maximum(sq[:, None] - 2.0 * top.astype(np.float64), 0.0).astype(np.float32)
+  return KNNResult(dist, idx.astype(np.int32))
+
+
+# ----------------------------------------------------------------------------- rank of the first relevant reference
+
+
+def _first_rank_blocks(qa, qidx, qlab, ra, rlab, *, ref_block, exclude_self):
+  """Rank (1-based) of the best relevant reference of each query; 0 if it has none."""
+  n_pad = ra.shape[0]
+  ridx_all = jnp.arange(n_pad, dtype=jnp.int32)
+  steps = n_pad // ref_block
+
+  def scores(q, j):
+    r = jax.lax.dynamic_slice_in_dim(ra, j * ref_block, ref_block)
+    return jnp.dot(q, r.T, precision=jax.lax.Precision.HIGHEST)
+
+  def one_block(args):
+    q, qi, ql = args
+    qb = q.shape[0]
+
+    def best_relevant(j, carry):
+      best, best_i = carry
+      s = scores(q, j)
+      ri = jax.lax.dynamic_slice_in_dim(ridx_all, j * ref_block, ref_block)
+      rl = jax.lax.dynamic_slice_in_dim(rlab, j * ref_block, ref_block)
+      rel = rl[None, :] == ql[:, None]
+      if exclude_self:
+        rel &= ri[None, :] != qi[:, None]
+      s = jnp.where(rel, s, -jnp.inf)
+      m = s.max(axis=1)
+      a = jnp.argmax(s, axis=1).astype(jnp.int32) + j * ref_block  # first of equal maxima
+      better = m > best  # strict: an earlier block (smaller indices) keeps ties
+      return jnp.where(better, m, best), jnp.where(better, a, best_i)
+
+    best, best_i = jax.lax.fori_loop(
+        0, steps, best_relevant,
+        (jnp.full((qb,), -jnp.inf, jnp.float32), jnp.full((qb,), -1, jnp.int32)))
+
+    def count(j, c):
+      s = scores(q, j)
+      ri = jax.lax.dynamic_slice_in_dim(ridx_all, j * ref_block, ref_block)
+      before = (s > best[:, None]) | ((s == best[:, None]) & (ri[None, :] < best_i[:, None]))
+      if exclude_self:
+        before &= ri[None, :] != qi[:, None]
+      return c + before.sum(axis=1, dtype=jnp.int32)
+
+    c = jax.lax.fori_loop(0, steps, count, jnp.zeros((qb,), jnp.int32))
+    return jnp.where(best_i >= 0, c + 1, 0)
+
+  return jax.lax.map(one_block, (qa, qidx, qlab))
+
+
+@functools.lru_cache(maxsize=64)
+def _first_rank_fn(mesh: Mesh, ref_block: int, exclude_self: bool):
+  body = functools.partial(_first_rank_blocks, ref_block=ref_block, exclude_self=exclude_self)
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("q"),) * 3 + (P(), P()),
+                               out_specs=P("q"), check_vma=False))
+
+
+def first_relevant_rank(queries: np.ndarray, query_labels: np.ndarray, query_ids: np.ndarray,
+                        references: np.ndarray, ref_labels: np.ndarray, *, same_set: bool,
+                        query_block: int = QUERY_BLOCK, ref_block: int = REF_BLOCK,
+                        mesh: Optional[Mesh] = None) -> np.ndarray:
+  """1-based rank of the nearest relevant (same-label) reference of each query; 0 if none.
+
+  Used for Recall@k with k beyond the neighbours kept by :func:`knn`: two blocked passes (best
+  relevant score, then how many references rank before it), O(1) extra work per score, so it
+  stays cheap however large k is. Same order as :func:`knn` (distance, then index).
+
+  Args:
+    queries: ``[Q, D]`` checked float32 queries.
+    query_labels: ``[Q]`` int labels (non-negative).
+    query_ids: ``[Q]`` each query's index among the references in same-set mode (its own row
+      is excluded); ignored otherwise.
+    references: ``[N, D]`` checked float32.
+    ref_labels: ``[N]`` int labels.
+    same_set: whether queries are references (self excluded by ``query_ids``).
+    query_block, ref_block, mesh: as in :func:`knn`.
+
+  Returns:
+    ``[Q]`` int64 ranks.
+  """
+  _check_blocks(query_block, ref_block, 1)
+  mesh = flat_mesh(mesh)
+  nq = queries.shape[0]
+  # Bucket the padded size to a power of two number of blocks so that varying subset sizes
+  # reuse a few compiled shapes.
+  blocks = max(1, -(-nq // (query_block * mesh.size)))
+  blocks = 1 << (blocks - 1).bit_length()
+  rows = blocks * query_block * mesh.size
+  qa = _augment_queries(queries, rows).reshape(-1, query_block, queries.shape[1] + 1)
+  qi = _pad_rows(np.asarray(query_ids, np.int32), rows, -1).reshape(-1, query_block)
+  ql = _pad_rows(np.asarray(query_labels, np.int32), rows, -2).reshape(-1, query_block)
+  ra = _augment_refs(references, ref_block, min_rows=1)
+  rl = _pad_rows(np.asarray(ref_labels, np.int32), ra.shape[0], -1)
+  out = _first_rank_fn(mesh, ref_block, same_set)(qa, qi, ql, ra, rl)
+  return np.asarray(out).reshape(rows)[:nq].astype(np.int64)

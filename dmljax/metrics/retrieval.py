@@ -1,0 +1,203 @@
+"""Retrieval metrics from one exact kNN pass: P@1, R-precision, MAP@R, Recall@k, nDCG@k, MAP@k.
+
+Ranking: references are ordered by squared Euclidean distance to the query, ties by the smaller
+reference index (:mod:`dmljax.kernels.knn`). A reference is *relevant* to a query when it has the
+query's label. ``R`` is a query's number of relevant references: in same-set mode (no gallery:
+CUB, Cars, SOP) the query itself is excluded by index, so ``R`` = class size - 1; in query/gallery
+mode (In-shop) ``R`` = number of gallery items of the query's class. A query with ``R = 0`` (a
+*lone* query) is left out of every average and counted in ``num_lone_queries``.
+
+With ``rel_i`` = 1 if the i-th ranked reference is relevant (i = 1, 2, ...) and
+``P@i = (1/i) sum_{j<=i} rel_j``, per query:
+
+* ``precision_at_1`` = rel_1.
+* ``r_precision`` = (1/R) sum_{i<=R} rel_i.
+* ``map_at_r`` = (1/R) sum_{i<=R} P@i rel_i (Musgrave et al. 2020, "A metric learning reality
+  check"; the CCP supplement), what PML's ``mean_average_precision_at_r`` computes.
+* ``recall_at_{k}`` = 1 if some relevant reference is among the first k, else 0 (the DML
+  "Recall@K", which is a hit rate, not the IR recall).
+* ``ndcg_at_{k}`` = DCG@k / IDCG@k with binary relevance, DCG@k = sum_{i<=k} rel_i / log2(i + 1),
+  and the ideal ranking holding min(k, R) relevant items first (MPA paper, Table 3).
+* ``map_at_{k}`` = (1 / min(k, R)) sum_{i<=k} P@i rel_i: average precision cut at k and normalised
+  by the most relevant items the first k can hold, so a perfect ranking scores 1. (PML's
+  ``mean_average_precision`` with ``k`` divides by R instead, which caps it at k / R when k < R.)
+
+Every value is the mean over non-lone queries (a fraction in [0, 1]; NaN if every query is lone).
+
+Only the first ``K = max(R_max, ndcg ks, map ks, k)`` neighbours are searched (PML's
+``k="max_bin_count"``): every metric above is decided inside them, except Recall@k for k > K, which
+needs only the rank of each query's nearest relevant reference; that rank is counted exactly, by
+two more blocked passes over just the queries with no relevant reference among their first K.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+
+from dmljax.kernels import knn as knn_lib
+
+__all__ = ["retrieval_metrics", "metrics_from_relevance", "check_labels"]
+
+
+def check_labels(labels, n: int, name: str, emb_name: str) -> np.ndarray:
+  """Labels as an int64 ``[n]`` array; ValueError on a length or dtype mismatch."""
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or labels.shape[0] != n:
+    raise ValueError(f"{name} must have shape [{n}] to match {emb_name} with {n} rows, "
+                     f"got shape {labels.shape}.")
+  if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+    raise ValueError(f"{name} must hold integer class ids, got dtype {labels.dtype}; "
+                     f"cast with labels.astype(np.int32).")
+  return labels.astype(np.int64)
+
+
+def _check_ks(name: str, ks) -> tuple[int, ...]:
+  ks = tuple(int(k) for k in ks)
+  for k in ks:
+    if k < 1:
+      raise ValueError(f"{name} must hold positive integers, got {ks}.")
+  return ks
+
+
+def metrics_from_relevance(relevant: np.ndarray, num_relevant: np.ndarray, *,
+                           recall_ks: Sequence[int] = (1,), ndcg_ks: Sequence[int] = (),
+                           map_ks: Sequence[int] = (),
+                           first_rank: Optional[np.ndarray] = None) -> dict[str, float]:
+  """All metrics of the module docstring from ranked relevance flags.
+
+  Args:
+    relevant: ``[Q, K]`` bool, ``relevant[q, i]`` = the (i+1)-th ranked reference of query q is
+      relevant. ``K`` must be at least max(R), the ndcg ks and the map ks.
+    num_relevant: ``[Q]`` int, R of each query; 0 marks a lone query.
+    recall_ks, ndcg_ks, map_ks: cut-offs.
+    first_rank: optional ``[Q]`` int, 1-based rank of each query's nearest relevant reference,
+      needed only for recall ks larger than K (only read where row ``relevant[q]`` has no hit).
+
+  Returns:
+    The metrics dict (``num_queries`` = Q, ``num_lone_queries`` = number of queries with R = 0).
+  """
+  relevant = np.asarray(relevant, bool)
+  num_relevant = np.asarray(num_relevant, np.int64)
+  q, k_max = relevant.shape
+  recall_ks, ndcg_ks, map_ks = (_check_ks(n, v) for n, v in (
+      ("recall_ks", recall_ks), ("ndcg_ks", ndcg_ks), ("map_ks", map_ks)))
+  need = max((int(num_relevant.max(initial=0)), 1) + ndcg_ks + map_ks)
+  if k_max < need:
+    raise ValueError(f"relevant has {k_max} columns but the metrics need {need}.")
+  ok = num_relevant > 0
+  out: dict[str, float] = {}
+
+  def mean(x):
+    return float(np.mean(x[ok])) if ok.any() else float("nan")
+
+  rel = relevant.astype(np.float64)
+  pos = np.arange(1, k_max + 1, dtype=np.float64)
+  r = np.maximum(num_relevant, 1)[:, None]
+  in_r = pos[None, :] <= r
+  precision_at = np.cumsum(rel, axis=1) / pos
+  out["precision_at_1"] = mean(rel[:, 0])
+  out["r_precision"] = mean((rel * in_r).sum(1) / r[:, 0])
+  out["map_at_r"] = mean((precision_at * rel * in_r).sum(1) / r[:, 0])
+  any_hit = relevant.any(axis=1)
+  for k in recall_ks:
+    if k <= k_max:
+      hit = relevant[:, :k].any(axis=1)
+    else:
+      if first_rank is None:
+        raise ValueError(f"recall_at_{k} needs first_rank: relevant has only {k_max} columns.")
+      hit = any_hit | ((np.asarray(first_rank) >= 1) & (np.asarray(first_rank) <= k))
+    out[f"recall_at_{k}"] = mean(hit.astype(np.float64))
+  discount = 1.0 / np.log2(pos + 1.0)
+  ideal = np.cumsum(discount)
+  for k in ndcg_ks:
+    dcg = (rel[:, :k] * discount[:k]).sum(1)
+    idcg = ideal[np.minimum(k, num_relevant.clip(1)) - 1]
+    out[f"ndcg_at_{k}"] = mean(dcg / idcg)
+  for k in map_ks:
+    ap = (precision_at[:, :k] * rel[:, :k]).sum(1) / np.minimum(k, num_relevant.clip(1))
+    out[f"map_at_{k}"] = mean(ap)
+  out["num_queries"] = int(q)
+  out["num_lone_queries"] = int((~ok).sum())
+  return out
+
+
+def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_labels=None,
+                      recall_ks: Sequence[int] = (1,), ndcg_ks: Sequence[int] = (),
+                      map_ks: Sequence[int] = (), k: Optional[int] = None,
+                      query_block: int = knn_lib.QUERY_BLOCK, ref_block: int = knn_lib.REF_BLOCK,
+                      group: int = knn_lib.GROUP, mesh=None) -> dict[str, float]:
+  """Retrieval metrics of ``embeddings`` (the queries) by exact kNN; see the module docstring.
+
+  Args:
+    embeddings: ``[Q, D]`` queries, numpy or jax, float32 or bfloat16.
+    labels: ``[Q]`` integer class ids.
+    gallery_embeddings: ``[N, D]`` references (query/gallery mode); None = same-set mode, where
+      the queries are the references and each query's own row is excluded.
+    gallery_labels: ``[N]`` labels of the gallery (given together with it).
+    recall_ks, ndcg_ks, map_ks: cut-offs of Recall@k, nDCG@k and MAP@k.
+    k: search at least this many neighbours (default: what the metrics need, as PML's
+      ``"max_bin_count"``). It changes no value, only how deep the single pass goes.
+    query_block, ref_block, group: kNN block sizes (:func:`dmljax.kernels.knn.knn`).
+    mesh: devices to shard query blocks over; None = all devices.
+
+  Returns:
+    dict with ``precision_at_1``, ``r_precision``, ``map_at_r``, ``recall_at_{k}``,
+    ``ndcg_at_{k}``, ``map_at_{k}`` (fractions in [0, 1], means over non-lone queries),
+    ``num_queries`` (all queries) and ``num_lone_queries``.
+
+  Raises:
+    ValueError: length mismatch between embeddings and labels, NaN/inf embeddings, empty sets,
+      gallery given without labels, or a requested k larger than the references.
+  """
+  queries = knn_lib.prepare_embeddings(embeddings, "embeddings")
+  q_labels = check_labels(labels, queries.shape[0], "labels", "embeddings")
+  if (gallery_embeddings is None) != (gallery_labels is None):
+    raise ValueError("gallery_embeddings and gallery_labels must be given together.")
+  same = gallery_embeddings is None
+  if same:
+    refs, r_labels = queries, q_labels
+  else:
+    refs = knn_lib.prepare_embeddings(gallery_embeddings, "gallery_embeddings")
+    r_labels = check_labels(gallery_labels, refs.shape[0], "gallery_labels",
+                            "gallery_embeddings")
+    if refs.shape[1] != queries.shape[1]:
+      raise ValueError(f"gallery_embeddings have dimension {refs.shape[1]}, embeddings "
+                       f"{queries.shape[1]}; they must match.")
+  recall_ks, ndcg_ks, map_ks = (_check_ks(n, v) for n, v in (
+      ("recall_ks", recall_ks), ("ndcg_ks", ndcg_ks), ("map_ks", map_ks)))
+  available = refs.shape[0] - int(same)
+  asked = {f"recall_ks {recall_ks}": max(recall_ks, default=0),
+           f"ndcg_ks {ndcg_ks}": max(ndcg_ks, default=0),
+           f"map_ks {map_ks}": max(map_ks, default=0), f"k={k}": k or 0}
+  for what, v in asked.items():
+    if v > available:
+      raise ValueError(f"{what} asks for {v} neighbours but each query has only {available} "
+                       f"references; lower it to at most {available}.")
+  if available < 1:
+    raise ValueError("A same-set evaluation needs at least 2 embeddings.")
+
+  # Labels to 0..C-1 over queries and references together (ints the kernels compare).
+  uniq, inv = np.unique(np.concatenate([q_labels, r_labels]), return_inverse=True)
+  q_lab, r_lab = inv[:queries.shape[0]], inv[queries.shape[0]:]
+  ref_counts = np.bincount(r_lab, minlength=len(uniq))
+  num_relevant = ref_counts[q_lab] - int(same)
+  if not (num_relevant > 0).any():
+    warnings.warn("No query has a relevant reference: every metric is NaN.")
+
+  depth = max((int(num_relevant.max()), 1, k or 0) + ndcg_ks + map_ks)
+  depth = min(depth, available)
+  res = knn_lib.knn(queries, None if same else refs, k=depth, query_block=query_block,
+                    ref_block=ref_block, group=group, mesh=mesh)
+  relevant = r_lab[res.indices] == q_lab[:, None]
+  first_rank = None
+  if any(kk > depth for kk in recall_ks):
+    first_rank = np.zeros(queries.shape[0], np.int64)
+    todo = np.flatnonzero((num_relevant > 0) & ~relevant.any(axis=1))
+    if todo.size:
+      first_rank[todo] = knn_lib.first_relevant_rank(
+          queries[todo], q_lab[todo], todo, refs, r_lab, same_set=same,
+          query_block=query_block, ref_block=ref_block, mesh=mesh)
+  return metrics_from_relevance(relevant, num_relevant, recall_ks=recall_ks, ndcg_ks=ndcg_ks,
+                                map_ks=map_ks, first_rank=first_rank)

@@ -1,0 +1,216 @@
+"""Frameworks: registry errors, standard loss wiring, and CCP's pieces (projections, anchor, k-center
+re-initialisation seeded by the previous proxies, proximal term off in the first projection)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.common import base_config, shrink
+from dmljax import frameworks, losses, optim, parallel
+from dmljax import state as state_lib
+
+C, P, B, D = 3, 2, 5, 2  # classes, proxies per class, pool size, embedding dim
+
+
+def _config(**ccp):
+  c = shrink(base_config())
+  c.ccp.proxies_per_class, c.ccp.pool_size = P, B
+  c.ccp.patience, c.ccp.max_projection_steps = 2, 100
+  for k, v in ccp.items():
+    c.ccp[k] = v
+  return c
+
+
+def _pool(index):
+  """A deterministic [C, B, D] pool per pool index (distinct points: no k-center ties)."""
+  rng = np.random.default_rng(100 + index)
+  return rng.normal(size=(C, B, D)).astype(np.float32), np.ones((C, B), bool)
+
+
+class _Ctx(frameworks.HostContext):
+  pass
+
+
+def _setup(**ccp):
+  c = _config(**ccp)
+  fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+  tx = optim.make_optimizer(c.optim, 100)
+  calls = []
+
+  def embed_pool(model_params, batch_stats, index):
+    calls.append((jax.tree.map(np.asarray, model_params), index))
+    return _pool(index)
+
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  ctx = frameworks.HostContext(config=c, tx=tx, num_classes=C, embed_pool=embed_pool,
+                               replicate=lambda t: parallel.replicate(t, mesh),
+                               log=lambda *a, **k: None)
+  model_params = {"w": jnp.ones((2, 2)), "b": jnp.zeros((2,))}
+  extra, fs = fw.init(jax.random.PRNGKey(0))
+  st = state_lib.create_train_state(rng=jax.random.PRNGKey(1), model_params=model_params,
+                                    batch_stats={}, extra_params=extra, framework_state=fs, tx=tx)
+  return c, fw, ctx, st, calls
+
+
+def _naive_kcenter(points, seeds, k):
+  """CCP Algorithm 2 for one class, written as loops: argmax_u min_{v in seeds+picked} |u-v|^2."""
+  centers, picked = [np.asarray(s) for s in seeds], []
+  for _ in range(k):
+    best, best_d = None, -1.0
+    for i, u in enumerate(points):
+      if i in picked:
+        continue
+      d = min(float(np.sum((u - v) ** 2)) for v in centers) if centers else 0.0
+      if d > best_d:
+        best, best_d = i, d
+    picked.append(best)
+    centers.append(points[best])
+  return np.stack([points[i] for i in picked])
+
+
+def _advance(st, steps, delta=0.5):
+  """Simulates training: move the model and proxies, advance the step counter."""
+  params = jax.tree.map(lambda x: x + delta, st.params)
+  return st.replace(params=params, step=st.step + steps)
+
+
+def _mark_best(st):
+  return st.replace(best={"params": state_lib.copy_tree(st.params),
+                          "batch_stats": state_lib.copy_tree(st.batch_stats)})
+
+
+def test_unknown_framework_and_loss_list_valid_names():
+  c = _config()
+  c.framework = "ccpp"
+  with pytest.raises(ValueError, match=r"Unknown framework 'ccpp'.*'ccp'.*'standard'"):
+    frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+  c = _config()
+  c.loss.name = "contrastiv"
+  with pytest.raises(ValueError, match=r"Unknown loss 'contrastiv'.*contrastive"):
+    frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+  c = _config()
+  c.loss.name = "proxy_anchor"
+  c.loss.kwargs = {}
+  with pytest.raises(ValueError, match="pair loss"):
+    frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+
+
+def test_ccp_start_projection_end_by_patience_reinit_anchor():
+  c, fw, ctx, st, calls = _setup()
+  st = fw.on_start(st, ctx)
+  # First proxies: pool 0, no seeds.
+  assert calls[-1][1] == 0
+  first = np.asarray(st.params["proxies"]).reshape(C, P, D)
+  pool0, _ = _pool(0)
+  for k in range(C):
+    # Every first proxy is a pool point of its class and they are distinct.
+    d = np.abs(first[k][:, None] - pool0[k][None]).sum(-1).min(-1)
+    np.testing.assert_allclose(d, 0.0, atol=1e-6)
+    assert len({tuple(r) for r in first[k]}) == P
+  assert int(st.framework["projection"]) == 0
+
+  st = _advance(st, 10)
+  st = _mark_best(st)
+  best_params = jax.tree.map(np.asarray, st.params)
+  st, ev = fw.after_eval(st, ctx, 0.5)                      # improves: projection continues
+  assert int(st.framework["projection"]) == 0 and not ev
+  st = _advance(st, 10)                                      # worse weights, not the best
+  st, _ = fw.after_eval(st, ctx, 0.4)
+  assert int(st.framework["projection"]) == 0
+  st = _advance(st, 10)
+  st, ev = fw.after_eval(st, ctx, 0.45)                     # 2nd eval without improvement
+  assert int(st.framework["projection"]) == 1
+  assert ev["ccp/projection"] == 1 and ev["ccp/projection_steps"] == 30
+  assert int(st.framework["proj_start_step"]) == 30
+  # Model restored to the best snapshot, anchor := best model params.
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, st.params["model"]),
+               best_params["model"])
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, st.anchor),
+               best_params["model"])
+  # The pool of projection 1 was embedded with the best (anchor) params.
+  assert calls[-1][1] == 1
+  jax.tree.map(np.testing.assert_array_equal, calls[-1][0], best_params["model"])
+  # New proxies: greedy k-center on pool 1 seeded with the converged (best) proxies.
+  pool1, _ = _pool(1)
+  seeds = best_params["proxies"].reshape(C, P, D)
+  got = np.asarray(st.params["proxies"]).reshape(C, P, D)
+  for k in range(C):
+    np.testing.assert_allclose(got[k], _naive_kcenter(pool1[k], seeds[k], P), atol=1e-6)
+  assert "ccp/pool_radius_new_proxies" in ev
+
+
+def test_ccp_projection_end_by_max_steps_and_opt_state_reset():
+  c, fw, ctx, st, _ = _setup(max_projection_steps=25, patience=100)
+  st = fw.on_start(st, ctx)
+  # Fake non-zero Adam moments everywhere.
+  st = st.replace(opt_state=jax.tree.map(lambda x: x + 1.0 if x.dtype == jnp.float32 else x,
+                                         st.opt_state))
+  st = _mark_best(_advance(st, 20))
+  st, _ = fw.after_eval(st, ctx, 0.1)
+  assert int(st.framework["projection"]) == 0
+  st = _mark_best(_advance(st, 5))
+  st, _ = fw.after_eval(st, ctx, 0.2)   # improving, but 25 steps reached
+  assert int(st.framework["projection"]) == 1
+  adam = [s for s in st.opt_state if hasattr(s, "mu")][0]
+  assert float(jnp.abs(adam.mu["proxies"]).max()) == 0.0          # proxies' moments reset
+  assert float(jnp.min(adam.mu["model"]["w"])) == 1.0               # model's moments kept
+
+
+def test_ccp_without_alternation_never_reinitialises():
+  c, fw, ctx, st, calls = _setup(alternate=False)
+  st = fw.on_start(st, ctx)
+  proxies = np.asarray(st.params["proxies"])
+  for i in range(6):
+    st = _advance(st, 200)
+    st, _ = fw.after_eval(st, ctx, 0.1)
+  assert int(st.framework["projection"]) == 0 and len(calls) == 1
+  np.testing.assert_allclose(np.asarray(st.params["proxies"]), proxies + 6 * 0.5)
+
+
+def test_ccp_loss_proximal_off_in_first_projection():
+  c, fw, ctx, st, _ = _setup()
+  st = fw.on_start(st, ctx)
+  rng = np.random.default_rng(0)
+  emb = jnp.asarray(rng.normal(size=(6, D)), jnp.float32)
+  labels = jnp.asarray([0, 0, 1, 1, 2, 2], jnp.int32)
+  params = jax.tree.map(lambda x: x + 0.25, st.params)   # theta != anchor
+  lam = c.ccp.lam
+  l0, (m0, _) = fw.loss(params, emb, labels, st, None)
+  assert float(m0["loss/proximal"]) == 0.0
+  st1 = st.replace(framework=dict(st.framework, projection=jnp.asarray(1, jnp.int32)))
+  l1, (m1, _) = fw.loss(params, emb, labels, st1, None)
+  sq = sum(float(jnp.sum((a - b) ** 2)) for a, b in
+           zip(jax.tree.leaves(params["model"]), jax.tree.leaves(st.anchor)))
+  np.testing.assert_allclose(float(m1["loss/proximal"]), lam / 2 * sq, rtol=1e-5)
+  np.testing.assert_allclose(float(l1) - float(l0), lam / 2 * sq, atol=1e-6)
+  # The data term: 1.0 x sample-to-proxy C1 + 0.1 x in-batch C1 (the authors' weights).
+  kw = dict(c.loss.kwargs)
+  s2p = losses.contrastive(emb, labels, ref_embeddings=params["proxies"],
+                           ref_labels=st.framework["proxy_labels"], **kw)
+  inb = losses.contrastive(emb, labels, **kw)
+  np.testing.assert_allclose(float(l0), float(s2p) + 0.1 * float(inb), rtol=1e-5)
+  # The proxies get no proximal gradient.
+  g = jax.grad(lambda p: fw.loss(p, emb, labels, st1, None)[0])(params)
+  g0 = jax.grad(lambda p: fw.loss(p, emb, labels, st, None)[0])(params)
+  np.testing.assert_allclose(np.asarray(g["proxies"]), np.asarray(g0["proxies"]), atol=1e-6)
+
+
+def test_standard_proxy_and_pair_losses():
+  c = _config()
+  c.framework = "standard"
+  fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+  extra, fs = fw.init(jax.random.PRNGKey(0))
+  assert extra == {} and fs == {}
+  emb = jnp.asarray(np.random.default_rng(1).normal(size=(6, D)), jnp.float32)
+  labels = jnp.asarray([0, 0, 1, 1, 2, 2], jnp.int32)
+  st = state_lib.create_train_state(rng=jax.random.PRNGKey(1), model_params={"w": jnp.ones(2)},
+                                    batch_stats={}, extra_params={}, framework_state={},
+                                    tx=optim.make_optimizer(c.optim, 10))
+  val, _ = fw.loss(st.params, emb, labels, st, None)
+  np.testing.assert_allclose(float(val), float(losses.contrastive(emb, labels, **c.loss.kwargs)))
+  c.loss.name, c.loss.kwargs = "proxy_nca", {}
+  c.standard.proxies_per_class = 2
+  fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+  extra, fs = fw.init(jax.random.PRNGKey(0))
+  assert extra["proxies"].shape == (C * 2, D)
+  np.testing.assert_array_equal(np.asarray(fs["proxy_labels"]), [0, 0, 1, 1, 2, 2])
