@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.max_to_keep = 2
   c.checkpoint.save_best = False
 
+  c.num_devices = 0                  # devices of the data mesh; 0 = all (of all processes)
   c.plot_projections = False         # PNG per projection (2-D embeddings only)
   c.progress = True
   return c

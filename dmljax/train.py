@@ -255,7 +255,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   # ------------------------------------------------------------------- setup
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh()
+  if config.num_devices < 0 or config.num_devices > jax.device_count():
+    raise ValueError(f"config.num_devices={config.num_devices} but there are "
+                     f"{jax.device_count()} devices; use 0 (all) or 1..{jax.device_count()}.")
+  mesh = parallel.make_mesh(jax.devices()[:config.num_devices] if config.num_devices else None)
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
   if config.eval_every_steps < 1 or config.total_steps < 1:

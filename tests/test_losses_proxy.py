@@ -7,6 +7,7 @@ loop), on random cases and on 2-D cases whose values are written out by hand.
 import functools
 import importlib
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -429,6 +430,19 @@ def test_one_compile_per_shape():
     x, y, p, py = random_case(seed)
     f(jnp.asarray(x, jnp.float32), jnp.asarray(y), jnp.asarray(p, jnp.float32), jnp.asarray(py))
   assert len(traces) == 1
+
+
+@pytest.mark.parametrize("name", ["proxy_nca", "proxy_anchor", "mpa", "mpa_ap"])
+def test_no_batch_by_refs_by_dim_buffer(name):
+  # Compiled forward + backward: no buffer as large as B x R x D (a difference tensor).
+  b, c, k, d = 4, 4, 2, 16
+  hp = {"centers_per_class": k} if name in CLASS_MAJOR else {}
+  x, y, p, py = random_case(20, b=b, d=d, c=c, k=k)
+  text = _value_and_grad(name, tuple(sorted(hp.items())))[1].lower(
+      *_args(x, y, p, py)).compile().as_text()
+  sizes = [int(np.prod([int(v) for v in m.split(",") if v]))
+           for m in re.findall(r"f32\[([0-9,]*)\]", text)]
+  assert sizes and max(sizes) < b * c * k * d
 
 
 # ----------------------------------------------------------------------------- degenerate inputs

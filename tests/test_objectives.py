@@ -200,7 +200,7 @@ def test_ccp_objective_degenerate_and_errors():
 
 def _naive_profs_pairs(x, y, reps, rep_y, eps_pos, eps_neg, rep_mask=None):
   """Eq. 4.6 (pair part): sum over representatives l and samples j."""
-  total, terms = 0.0, []
+  terms = []
   for l in range(len(reps)):
     if rep_mask is not None and not rep_mask[l]:
       continue

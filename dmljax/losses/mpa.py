@@ -41,8 +41,11 @@ __all__ = ["mpa", "mpa_dw", "mpa_ap"]
 
 
 def _prepare(name, embeddings, labels, ref_embeddings, ref_labels, ref_mask, centers_per_class,
-             alpha, margin, gamma, reg_weight, reduction, allowed):
-  """Checks the arguments; returns (class similarities [B, C], groups, regulariser)."""
+             alpha, margin, gamma, reg_weight, reduction, allowed, per_class=False):
+  """Checks the arguments; returns (class similarities, groups, regulariser).
+
+  The similarities are ``[B, C]``, or ``[C, B]`` with ``per_class`` (for sums over the batch).
+  """
   k = _proxy._check_int("centers_per_class", centers_per_class)
   core.check_range("alpha", alpha, low=0.0, low_inclusive=False)
   core.check_range("margin", margin, low=0.0)
@@ -50,7 +53,7 @@ def _prepare(name, embeddings, labels, ref_embeddings, ref_labels, ref_mask, cen
   core.check_range("reg_weight", reg_weight, low=0.0)
   core.check_reduction(reduction, allowed)
   pairs = _proxy._check_proxies(name, embeddings, labels, ref_embeddings, ref_labels, ref_mask)
-  groups = _proxy._class_groups(pairs, ref_mask, k)
+  groups = _proxy._class_groups(pairs, ref_mask, k, per_class)
   s = _proxy._soft_class_similarity(groups, gamma)
   return s, groups, _proxy._center_regularizer(groups, pairs.ref)
 
@@ -91,12 +94,12 @@ def mpa(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=No
   """
   s, g, reg = _prepare("mpa", embeddings, labels, ref_embeddings, ref_labels, ref_mask,
                        centers_per_class, alpha, margin, gamma, reg_weight, reduction,
-                       ("mean", "none"))
-  pos_term = _proxy._log1p_sum_exp(-alpha * (s - margin), g.pos, axis=0)
-  neg_term = _proxy._log1p_sum_exp(alpha * (s + margin), g.neg, axis=0)
+                       ("mean", "none"), per_class=True)
+  pos_term = _proxy._log1p_sum_exp(-alpha * (s - margin), g.pos, axis=1)
+  neg_term = _proxy._log1p_sum_exp(alpha * (s + margin), g.neg, axis=1)
   if reduction == "none":
     return pos_term + neg_term
-  num_with_pos = jnp.sum(jnp.any(g.pos, axis=0).astype(jnp.float32))
+  num_with_pos = jnp.sum(jnp.any(g.pos, axis=1).astype(jnp.float32))
   num_classes = jnp.sum(g.class_ok.astype(jnp.float32))
   return (jnp.sum(pos_term) / jnp.maximum(num_with_pos, 1.0)
           + jnp.sum(neg_term) / jnp.maximum(num_classes, 1.0) + reg_weight * reg)

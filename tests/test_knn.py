@@ -1,0 +1,118 @@
+"""Blocked exact kNN: brute-force agreement, tie-breaking by index, devices, bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from dmljax.kernels import knn as knn_lib
+
+BLOCKED = dict(query_block=4, ref_block=8, group=2)
+UNBLOCKED = dict(query_block=64, ref_block=64, group=64)
+
+
+def brute_force(queries, refs, same):
+  """Full ranking: squared distance, then index; self removed in same-set mode."""
+  d = ((queries[:, None, :].astype(np.float64) - refs[None, :, :]) ** 2).sum(-1)
+  order = []
+  for i in range(len(queries)):
+    idx = [j for j in range(len(refs)) if not (same and j == i)]
+    idx.sort(key=lambda j: (d[i, j], j))
+    order.append(idx)
+  return np.asarray(order), d
+
+
+def data(n=29, dim=5, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, dim)).astype(np.float32)
+  # Exact duplicates: every query sees 3, 11 and 20 at the same distance.
+  x[11] = x[3]
+  x[20] = x[3]
+  return x
+
+
+@pytest.mark.parametrize("blocks", [BLOCKED, UNBLOCKED], ids=["blocked", "unblocked"])
+def test_same_set_matches_brute_force(blocks):
+  x = data()
+  res = knn_lib.knn(x, k=6, **blocks)
+  order, d = brute_force(x, x, same=True)
+  np.testing.assert_array_equal(res.indices, order[:, :6])
+  np.testing.assert_allclose(res.distances, np.take_along_axis(d, order[:, :6], 1),
+                             rtol=1e-5, atol=1e-5)
+  # The duplicates rank by index: from query 3, 11 then 20 at distance 0; from 11, 3 then 20.
+  np.testing.assert_array_equal(res.indices[3, :2], [11, 20])
+  np.testing.assert_array_equal(res.indices[11, :2], [3, 20])
+  np.testing.assert_array_equal(res.indices[20, :2], [3, 11])
+
+
+def test_gallery_mode_and_ties_with_equal_distances():
+  x = data()
+  q, g = x[:9], x[9:]
+  res = knn_lib.knn(q, g, k=5, **BLOCKED)
+  order, _ = brute_force(q, g, same=False)
+  np.testing.assert_array_equal(res.indices, order[:, :5])
+  # Gallery rows 2 (=x[11]) and 11 (=x[20]) are the same point: query 3 finds 2 first.
+  np.testing.assert_array_equal(res.indices[3, :2], [2, 11])
+  # Equal distances from different points: symmetric points on a line around the query.
+  line = np.array([[0.0], [1.0], [-1.0], [2.0], [-2.0]], np.float32)
+  res = knn_lib.knn(line[:1], line[1:], k=4, **BLOCKED)
+  np.testing.assert_array_equal(res.indices[0], [0, 1, 2, 3])
+
+
+def test_blocked_equals_unblocked_and_one_vs_eight_devices():
+  x = data(seed=1)
+  assert jax.device_count() == 8
+  one = Mesh(np.asarray(jax.devices()[:1]), ("d",))
+  a = knn_lib.knn(x, k=6, mesh=one, **BLOCKED)
+  b = knn_lib.knn(x, k=6, **BLOCKED)  # all 8 devices
+  c = knn_lib.knn(x, k=6, mesh=one, **UNBLOCKED)
+  np.testing.assert_array_equal(a.indices, b.indices)
+  np.testing.assert_array_equal(a.distances, b.distances)
+  np.testing.assert_array_equal(a.indices, c.indices)
+
+
+def test_bfloat16_and_jax_input():
+  x = data()
+  xb = jnp.asarray(x, jnp.bfloat16)
+  res = knn_lib.knn(xb, k=6, **BLOCKED)
+  order, _ = brute_force(np.asarray(xb, np.float32), np.asarray(xb, np.float32), same=True)
+  np.testing.assert_array_equal(res.indices, order[:, :6])
+
+
+def test_first_relevant_rank_matches_brute_force():
+  x = data()
+  labels = np.random.default_rng(2).integers(0, 5, len(x))
+  labels[-1] = 99  # a lone query
+  order, _ = brute_force(x, x, same=True)
+  expected = []
+  for i in range(len(x)):
+    hits = np.flatnonzero(labels[order[i]] == labels[i])
+    expected.append(hits[0] + 1 if hits.size else 0)
+  got = knn_lib.first_relevant_rank(x, labels, np.arange(len(x)), x, labels, same_set=True,
+                                    query_block=4, ref_block=8)
+  np.testing.assert_array_equal(got, expected)
+  assert got[-1] == 0
+  # Gallery mode, on a subset of queries.
+  q, g, lq, lg = x[:9], x[9:], labels[:9], labels[9:]
+  order, _ = brute_force(q, g, same=False)
+  expected = [(np.flatnonzero(lg[order[i]] == lq[i])[:1] + 1).tolist() or [0] for i in range(9)]
+  got = knn_lib.first_relevant_rank(q, lq, np.zeros(9), g, lg, same_set=False,
+                                    query_block=4, ref_block=8)
+  np.testing.assert_array_equal(got, np.ravel(expected))
+
+
+def test_bad_input():
+  x = data()
+  with pytest.raises(ValueError, match="k=29 is larger than the 28 references"):
+    knn_lib.knn(x, k=29, **BLOCKED)
+  bad = x.copy()
+  bad[[2, 5], 0] = np.nan
+  bad[7, 1] = np.inf
+  with pytest.raises(ValueError, match="3 row"):
+    knn_lib.knn(bad, k=2, **BLOCKED)
+  with pytest.raises(ValueError, match="empty"):
+    knn_lib.knn(np.zeros((0, 4), np.float32), k=1)
+  with pytest.raises(ValueError, match="dimension"):
+    knn_lib.knn(x, x[:, :3], k=1)
+  with pytest.raises(ValueError, match="multiple of group"):
+    knn_lib.knn(x, k=1, query_block=4, ref_block=10, group=4)
