@@ -2,7 +2,7 @@
 
 Run (a few minutes on a 2-core CPU)::
 
-    python benchmarks/losses.py [--repeats 7] [--only proxy_anchor,...]
+    python benchmarks/losses.py [--repeats 7] [--only proxy_anchor,...] [--single-thread]
 
 Cases (unit-norm float32 inputs, D = 128; the numbers are recorded in docs/benchmarks_losses.md):
 
@@ -15,7 +15,8 @@ Cases (unit-norm float32 inputs, D = 128; the numbers are recorded in docs/bench
 Each timing is the median of ``--repeats`` runs after a warm-up (the JAX compile is excluded),
 with ``block_until_ready`` for JAX. PML (pytorch-metric-learning, the optional ``bench``
 extra) runs its loss with its default configuration on the same inputs in the same process,
-with ``torch.set_num_threads`` set to the number of CPU threads XLA uses (one per core).
+with ``torch.set_num_threads`` set to the number of CPU threads XLA uses (one per core, or one
+with ``--single-thread``, which also restricts XLA to one thread).
 For every JAX case the compiled HLO is scanned for any buffer with ``B x refs x D`` elements or
 more, which would mean a difference tensor was formed instead of matrix products.
 """
@@ -188,12 +189,19 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--only", default="", help="comma-separated case names")
+  parser.add_argument("--single-thread", action="store_true",
+                      help="one CPU thread for both XLA and torch (steadier on a loaded machine)")
   args = parser.parse_args(argv)
 
   threads = os.cpu_count() or 1
+  if args.single_thread:
+    # Read when the XLA backend starts (first jax.devices() call below), not at import.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                               "false intra_op_parallelism_threads=1")
+    threads = 1
   try:
     import torch
-    import pytorch_metric_learning  # noqa: F401
+    import pytorch_metric_learning  # noqa: F401  (only checks that PML is installed)
     torch.set_num_threads(threads)
     have_pml = True
   except ImportError:

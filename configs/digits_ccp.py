@@ -17,9 +17,9 @@ def get_config(arg: str = ""):
   # The class-disjoint digits train split has 5 classes (0-4): a batch is all 5 classes x 8.
   c.batch_size = 40
   c.sampler.m = 8
-  c.total_steps = 600
+  c.total_steps = 1000
   c.eval_every_steps = 25
-  c.patience_evals = 8
+  c.patience_evals = 10
   c.ccp.proxies_per_class = 4
   c.ccp.pool_size = 8
   c.ccp.patience = 3

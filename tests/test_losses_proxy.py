@@ -553,7 +553,7 @@ def test_registry():
 def _pml_case(name, seed=19, c=4, k=3, d=5, b=10):
   """PML agreement on unit-norm inputs, with PML's distances told not to re-normalise."""
   torch = pytest.importorskip("torch")
-  pml = pytest.importorskip("pytorch_metric_learning")
+  pytest.importorskip("pytorch_metric_learning")
   from pytorch_metric_learning import distances, losses, regularizers  # noqa: F401
   rng = np.random.default_rng(seed)
   x = unit(rng.normal(size=(b, d))).astype(np.float32)

@@ -40,9 +40,10 @@ class HostContext:
     config: the run's (locked) ConfigDict.
     tx: the optax optimizer (to re-initialise parts of its state).
     num_classes: training classes.
-    embed_pool: ``(model_params, batch_stats, pool_index) -> (points [C, b, D], mask [C, b])``,
-      ``b = pool_size`` passes of the one-per-class sampler embedded in inference mode; the
-      passes of pool ``i`` are sampler steps ``i*b .. i*b + b - 1`` (deterministic).
+    embed_pool: ``(model_params, batch_stats, pool_index) -> (points [C, b, D], mask [C, b])``
+      (numpy): pool ``pool_index`` of the one-per-class sampler (``b = pool_size`` distinct
+      samples per class, deterministic in ``(seed, pool_index)``; ``mask`` is False for repeats
+      in classes smaller than ``b``), embedded in inference mode, rows in class order.
     replicate: places host arrays on the mesh (replicated).
     log: ``(step, dict) -> None`` writes scalars to metrics.jsonl / TensorBoard.
     plot: optional ``(state, name, new_proxies) -> None`` for 2-D embedding plots.

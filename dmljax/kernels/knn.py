@@ -46,12 +46,39 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-__all__ = ["KNNResult", "knn", "first_relevant_rank", "prepare_embeddings", "flat_mesh"]
+__all__ = ["KNNResult", "knn", "first_relevant_rank", "prepare_embeddings", "flat_mesh",
+           "auto_blocks"]
 
 #: Default block sizes, tuned on a 2-core CPU for 128-d embeddings (see docs/benchmarks_retrieval.md).
-QUERY_BLOCK = 256
-REF_BLOCK = 4096
-GROUP = 8
+#: ``None`` picks them from the problem size (:func:`auto_blocks`).
+QUERY_BLOCK = None
+REF_BLOCK = 2048
+GROUP = None
+#: Upper bounds of the automatic choice: candidates re-scored per query, group-max buffer floats.
+_MAX_CANDIDATES = 512
+_MAX_BUFFER = 1 << 24
+
+
+def auto_blocks(num_refs: int, k: int, query_block=None, group=None, ref_block=REF_BLOCK):
+  """Fills in ``query_block`` and ``group`` when None.
+
+  ``group``: the largest power of two <= 8 with (k + 1) * group <= 512 candidates per query
+  (re-scoring gathers them, which costs memory traffic; small k affords coarse groups).
+  ``query_block``: the largest power of two in [32, 512] whose group-max buffer
+  ``query_block * num_refs / group`` stays under 16M floats (64 MB).
+  """
+  if group is None:
+    group = 8
+    while group > 1 and (k + 1) * group > _MAX_CANDIDATES:
+      group //= 2
+    while ref_block % group:
+      group //= 2
+  if query_block is None:
+    groups = -(-num_refs // group)
+    query_block = 512
+    while query_block > 32 and query_block * groups > _MAX_BUFFER:
+      query_block //= 2
+  return query_block, group
 
 
 class KNNResult(NamedTuple):
@@ -180,17 +207,19 @@ def _check_blocks(query_block: int, ref_block: int, group: int):
     raise ValueError(f"ref_block ({ref_block}) must be a multiple of group ({group}).")
 
 
-def knn(queries, references=None, *, k: int, query_block: int = QUERY_BLOCK,
-        ref_block: int = REF_BLOCK, group: int = GROUP, mesh: Optional[Mesh] = None) -> KNNResult:
+def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_BLOCK,
+        ref_block: int = REF_BLOCK, group: Optional[int] = GROUP,
+        mesh: Optional[Mesh] = None) -> KNNResult:
   """Exact k nearest references of each query by squared Euclidean distance.
 
   Args:
     queries: ``[Q, D]`` float32 or bfloat16 (numpy or jax).
     references: ``[N, D]``, or None for same-set search (each query is excluded by index).
     k: number of neighbours, at most the number of references (minus one in same-set mode).
-    query_block: queries per block (per device step).
+    query_block: queries per block (per device step); None: :func:`auto_blocks`.
     ref_block: references per scanned block; a multiple of ``group``.
-    group: references per group of the max filter (see the module docstring).
+    group: references per group of the max filter (see the module docstring); None:
+      :func:`auto_blocks`.
     mesh: devices to shard query blocks over; None uses all devices.
 
   Returns:
@@ -199,7 +228,6 @@ def knn(queries, references=None, *, k: int, query_block: int = QUERY_BLOCK,
   Raises:
     ValueError: on bad shapes, NaN/inf values, or ``k`` larger than the references.
   """
-  _check_blocks(query_block, ref_block, group)
   q = prepare_embeddings(queries, "queries")
   same = references is None
   r = q if same else prepare_embeddings(references, "references")
@@ -212,6 +240,15 @@ def knn(queries, references=None, *, k: int, query_block: int = QUERY_BLOCK,
     raise ValueError(f"k={k} is larger than the {available} references available to each query; "
                      f"ask for at most {available} neighbours.")
   mesh = flat_mesh(mesh)
+  if query_block is None:
+    # Small query sets: a block no larger than the queries. Not a function of the number of
+    # devices, so that 1 and 8 devices run the same arithmetic.
+    query_block = min(auto_blocks(r.shape[0], int(k), None, group, ref_block)[0],
+                      max(8, 1 << (q.shape[0] - 1).bit_length()))
+  query_block, group = auto_blocks(r.shape[0], int(k), query_block, group, ref_block)
+  _check_blocks(query_block, ref_block, group)
+  # Small reference sets: one block just large enough.
+  ref_block = min(ref_block, _round_up(max(r.shape[0], (k + int(same)) * group), group))
   kg = k + int(same)
   ra = _augment_refs(r, ref_block, min_rows=kg * group)
   rows, _ = _query_layout(q.shape[0], query_block, mesh.size)
@@ -284,7 +321,7 @@ def _first_rank_fn(mesh: Mesh, ref_block: int, exclude_self: bool):
 
 def first_relevant_rank(queries: np.ndarray, query_labels: np.ndarray, query_ids: np.ndarray,
                         references: np.ndarray, ref_labels: np.ndarray, *, same_set: bool,
-                        query_block: int = QUERY_BLOCK, ref_block: int = REF_BLOCK,
+                        query_block: Optional[int] = QUERY_BLOCK, ref_block: int = REF_BLOCK,
                         mesh: Optional[Mesh] = None) -> np.ndarray:
   """1-based rank of the nearest relevant (same-label) reference of each query; 0 if none.
 
@@ -305,6 +342,8 @@ def first_relevant_rank(queries: np.ndarray, query_labels: np.ndarray, query_ids
   Returns:
     ``[Q]`` int64 ranks.
   """
+  if query_block is None:
+    query_block = 256  # no group-max buffer here: the [query_block, ref_block] scores only
   _check_blocks(query_block, ref_block, 1)
   mesh = flat_mesh(mesh)
   nq = queries.shape[0]

@@ -13,13 +13,17 @@ gradient). Where PML departs from the paper that defines a loss, or has no such 
 is followed and the docstring says how the two differ.
 
 Embeddings are used as given (PML L2-normalises inside its distances by default; here that is
-the model head's job, see :func:`dmljax.losses.core.l2_normalize`).
+the model head's job, see :func:`dmljax.losses.core.l2_normalize`). So on unit-norm inputs the
+values agree with PML and so do the gradients' components tangent to the unit sphere (PML's
+gradient includes the Jacobian of its internal normalisation; with ``l2_normalize`` applied
+before the loss the tangent part is all that reaches the model). ``tests/test_losses_pair.py``
+checks both.
 
 Distances (``distance=`` where a loss takes it):
 
-* ``"euclidean"`` — ``||x - y||`` (PML ``LpDistance()``, the default of the distance-based losses);
+* ``"euclidean"`` — ``||x - y||`` (PML ``LpDistance()``, default of the distance-based losses);
 * ``"squared_euclidean"`` — ``||x - y||^2`` (PML ``LpDistance(power=2)``);
-* ``"dot"`` — the similarity ``<x, y>``; equal to PML's ``CosineSimilarity()`` on unit-norm inputs.
+* ``"dot"`` — the similarity ``<x, y>``: PML's ``CosineSimilarity()`` on unit-norm inputs.
   With a similarity, "farther apart" means "less similar": margins flip sides exactly as in PML.
 
 Reductions (``reduction=``) are those of :func:`dmljax.losses.core.reduce`:
@@ -35,7 +39,7 @@ Reductions (``reduction=``) are those of :func:`dmljax.losses.core.reduce`:
 An empty set of terms (no positive or negative pair, one class only, singleton classes, an
 all-False ``ref_mask``) reduces to exactly 0 with zero (finite) gradients unless the docstring
 says otherwise. No loss builds a ``[B, R, D]`` tensor; only ``triplet_margin`` builds a
-``[B, R, R]`` one (all triplets, as PML does).
+``[B, R, R]`` one (all triplets, as PML does) and ``angular`` an ``[R, R]`` one (with references).
 """
 from __future__ import annotations
 
@@ -83,7 +87,7 @@ def _scores(a: Array, b: Array, distance: str):
 
 
 def _farther(x, y, inverted: bool):
-  """How much farther apart ``x`` is than ``y``: ``x - y`` for distances, ``y - x`` for similarities.
+  """How much farther apart ``x`` is than ``y``: ``x - y`` for distances, ``y - x`` for similarity.
 
   This is PML's ``distance.margin(x, y)``; every margin below is written with it so that one
   formula serves distances and similarities.
@@ -174,7 +178,7 @@ def triplet_margin(embeddings, labels, *, ref_embeddings=None, ref_labels=None, 
 
   For every anchor ``a`` (a batch entry), positive ``p`` and negative ``n`` (references)::
 
-      loss(a, p, n) = [d(a, p) - d(a, n) + margin]_+        (softplus instead of [.]_+ if smooth_loss)
+      loss(a, p, n) = [d(a, p) - d(a, n) + margin]_+      (softplus(.) if smooth_loss)
 
   Matches PML ``TripletMarginLoss(margin, swap, smooth_loss, triplets_per_anchor="all")`` with
   ``AvgNonZeroReducer`` (mean over the triplets with a non-zero loss). ``swap=True`` replaces
@@ -273,7 +277,8 @@ def generalized_lifted_structure(embeddings, labels, *, ref_embeddings=None, ref
 
   Per anchor ``i``::
 
-      loss_i = [ log sum_{p in P(i)} exp(d_ip - pos_margin) + log sum_{n in N(i)} exp(neg_margin - d_in) ]_+
+      loss_i = [ log sum_{p in P(i)} exp(d_ip - pos_margin)
+               + log sum_{n in N(i)} exp(neg_margin - d_in) ]_+
 
   An empty positive or negative set contributes 0 to the bracket (PML's convention). Matches PML
   ``GeneralizedLiftedStructureLoss(neg_margin, pos_margin)`` (``MeanReducer`` over all anchors).
@@ -344,9 +349,11 @@ def angular(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mas
 
   Matches PML ``AngularLoss(alpha)`` (``MeanReducer`` over positive pairs) on unit-norm inputs
   (PML normalises anchors and positives itself; the loss is meant for unit-norm embeddings).
-  The sum over negatives is computed as a matrix product
-  ``sum_n exp(c<a, n>) exp(c<p, n>)``, so no ``[pairs, R]`` or ``[B, R, R]`` tensor is built; this
-  is exact but may underflow for embeddings of norm well above 1.
+  A positive pair whose anchor has no negative gives ``log(1 + 0) = 0`` and still counts in
+  the mean (as in PML). The sum over negatives is computed as the matrix product
+  ``sum_n exp(c<a, n>) exp(c<p, n>)`` of a ``[B, R]`` and an ``[R, R]`` matrix, so no
+  ``[B, R, R]`` tensor is built; this is exact but may underflow for embeddings of norm well
+  above 1 (rescale first).
 
   Args:
     alpha: the angle in degrees, in (0, 90).
@@ -553,7 +560,8 @@ def circle(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
   ``D_n = m`` and the self-paced weights ``a_p = [O_p - s_p]_+``, ``a_n = [s_n - O_n]_+``
   (treated as constants, i.e. no gradient flows through them, as in the paper and PML)::
 
-      loss_i = softplus( log sum_{p} exp(-gamma a_p (s_p - D_p)) + log sum_{n} exp(gamma a_n (s_n - D_n)) )
+      loss_i = softplus( log sum_{p} exp(-gamma a_p (s_p - D_p))
+                        + log sum_{n} exp(gamma a_n (s_n - D_n)) )
 
   Matches PML ``CircleLoss(m, gamma)`` (``CosineSimilarity`` = inner product on unit-norm inputs;
   ``AvgNonZeroReducer`` over anchors). Anchors lacking a positive or a negative give 0.

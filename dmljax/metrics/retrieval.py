@@ -126,8 +126,9 @@ def metrics_from_relevance(relevant: np.ndarray, num_relevant: np.ndarray, *,
 def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_labels=None,
                       recall_ks: Sequence[int] = (1,), ndcg_ks: Sequence[int] = (),
                       map_ks: Sequence[int] = (), k: Optional[int] = None,
-                      query_block: int = knn_lib.QUERY_BLOCK, ref_block: int = knn_lib.REF_BLOCK,
-                      group: int = knn_lib.GROUP, mesh=None) -> dict[str, float]:
+                      query_block: Optional[int] = knn_lib.QUERY_BLOCK,
+                      ref_block: int = knn_lib.REF_BLOCK, group: Optional[int] = knn_lib.GROUP,
+                      mesh=None) -> dict[str, float]:
   """Retrieval metrics of ``embeddings`` (the queries) by exact kNN; see the module docstring.
 
   Args:
@@ -139,7 +140,8 @@ def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_la
     recall_ks, ndcg_ks, map_ks: cut-offs of Recall@k, nDCG@k and MAP@k.
     k: search at least this many neighbours (default: what the metrics need, as PML's
       ``"max_bin_count"``). It changes no value, only how deep the single pass goes.
-    query_block, ref_block, group: kNN block sizes (:func:`dmljax.kernels.knn.knn`).
+    query_block, ref_block, group: kNN block sizes (:func:`dmljax.kernels.knn.knn`; None:
+      chosen from the sizes).
     mesh: devices to shard query blocks over; None = all devices.
 
   Returns:
