@@ -379,6 +379,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         host["step"] = step
         save(step)
         logging.warning("Signal %s received: saved step %d, exiting.", preempt.received, step)
+        logger.close()
+        if checkpointer is not None:
+          checkpointer.close()
         return {"preempted": True, "step": step}
       if (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
           and not host["done"]):

@@ -281,6 +281,12 @@ def test_grouped_kl_gamma_one_has_the_lifted_structure_gradient(seed, threshold)
   np.testing.assert_allclose(f(x), _naive_lifted_structure(x) + const, rtol=1e-5)
   np.testing.assert_allclose(jax.grad(f)(x), _num_grad(_naive_lifted_structure, x),
                              rtol=1e-4, atol=1e-5)
+  gls = getattr(L, "generalized_lifted_structure", None)
+  if gls is not None:  # the library's eq. 3: generalised LS on similarities, summed
+    ls = lambda e: gls(e, LABELS, distance="dot", pos_margin=0.5, neg_margin=0.5,
+                       reduction="sum")
+    np.testing.assert_allclose(ls(x), _naive_lifted_structure(x), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(f)(x), jax.grad(ls)(x), rtol=1e-4, atol=1e-6)
 
 
 def _naive_ms(x, alpha, beta, lam_pos, lam_neg, labels=LABELS):

@@ -303,8 +303,8 @@ def test_non_normalised_inputs_used_as_given(name):
   p = 0.7 * rng.normal(size=(6, 3))
   y = rng.integers(0, 3, size=6)
   py = np.array([2, 0, 1, 0, 2, 1])  # two proxies per class, any order
-  check_against_naive(name, x, y, p, py, alpha=4.0) if name == "proxy_anchor" else \
-      check_against_naive(name, x, y, p, py)
+  hp = {"alpha": 8.0, "margin": 0.2} if name == "proxy_anchor" else {}
+  check_against_naive(name, x, y, p, py, **hp)
 
 
 # ----------------------------------------------------------------------------- hand-checked 2-D
@@ -367,7 +367,7 @@ def test_hand_mpa_family():
 
 
 def test_mpa_with_one_centre_is_proxy_anchor():
-  x, y, p, py = random_case(7, k=1)
+  x, y, p, py = random_case(7, c=6, k=1)
   got = run("mpa", x, y, p, py, centers_per_class=1)
   want = run("proxy_anchor", x, y, p, py)
   for g, w in zip(got, want):
@@ -376,8 +376,8 @@ def test_mpa_with_one_centre_is_proxy_anchor():
 
 def test_proxy_nca_pp_unnormalised_is_proxy_nca():
   x, y, p, py = random_case(8, class_major=False)
-  got = run("proxy_nca_pp", 2 * x, y, p, py, temperature=0.25, normalize=False)
-  want = run("proxy_nca", 2 * x, y, p, py, softmax_scale=4.0)
+  got = run("proxy_nca_pp", 2 * x, y, p, py, temperature=1 / 3, normalize=False)
+  want = run("proxy_nca", 2 * x, y, p, py, softmax_scale=3.0)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
