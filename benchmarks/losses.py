@@ -23,6 +23,7 @@ more, which would mean a difference tensor was formed instead of matrix products
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import statistics
@@ -199,13 +200,11 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
                                "false intra_op_parallelism_threads=1")
     threads = 1
-  try:
+  have_pml = (importlib.util.find_spec("torch") is not None
+              and importlib.util.find_spec("pytorch_metric_learning") is not None)
+  if have_pml:
     import torch
-    import pytorch_metric_learning  # noqa: F401  (only checks that PML is installed)
     torch.set_num_threads(threads)
-    have_pml = True
-  except ImportError:
-    have_pml = False
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {threads} CPU threads"
         + (f"; torch {torch.__version__} with set_num_threads({threads})" if have_pml else
            "; PML not installed (pip install -e .[bench]) -- JAX timings only"))

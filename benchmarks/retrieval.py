@@ -23,6 +23,7 @@ centres in 128-d and per-sample Gaussian noise, L2-normalised, so that P@1 is ab
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -37,7 +38,7 @@ NUM, CLASSES, DIM = 60502, 11316, 128
 
 
 def make_data(scale: int, seed: int = 0):
-  """Synthetic SOP-like embeddings: ``scale`` times 60,502 rows in ``scale`` times 11,316 classes."""
+  """Synthetic SOP-like embeddings: ``scale`` x 60,502 rows in ``scale`` x 11,316 classes."""
   rng = np.random.default_rng(seed)
   c, n = CLASSES * scale, NUM * scale
   sizes = 2 + rng.binomial(10, 0.335, size=c)
@@ -163,7 +164,8 @@ def main(argv=None):
   p.add_argument("--result", default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.child:
-    fn = {"ours": lambda path: run_ours(path, a.query_limit), "floor": run_floor, "faiss_floor": run_faiss_floor,
+    fn = {"ours": lambda path: run_ours(path, a.query_limit), "floor": run_floor,
+          "faiss_floor": run_faiss_floor,
           "pml": run_pml}[a.child]
     res = fn(a.data)
     res["peak_mb"] = _peak_mb()
@@ -178,15 +180,12 @@ def main(argv=None):
   print(f"data: {x.shape[0]} x {x.shape[1]}, {len(np.unique(y))} classes, "
         f"mean class size {x.shape[0] / len(np.unique(y)):.2f}, cpus {os.cpu_count()}", flush=True)
   things = ["floor", "ours"]
-  try:
-    import faiss  # noqa: F401
+  # Optional extras, looked up without importing them here.
+  if importlib.util.find_spec("faiss"):
     things.insert(1, "faiss_floor")
-    if a.scale == 1:
-      import pytorch_metric_learning  # noqa: F401
-      import torch  # noqa: F401
+    if a.scale == 1 and all(importlib.util.find_spec(m)
+                            for m in ("torch", "pytorch_metric_learning")):
       things.append("pml")
-  except ImportError:
-    pass
   things = [t for t in things if t not in a.skip.split(",")]
   results = {t: [] for t in things}
   for rep in range(a.repeats):

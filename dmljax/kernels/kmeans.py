@@ -38,7 +38,7 @@ class KMeansResult(NamedTuple):
 
 
 def _assign(x, centers, point_block):
-  """Index of the nearest centre of every point (ties: smaller centre index) and its sq. distance."""
+  """Nearest centre of every point (ties: smaller centre index) and its squared distance."""
   n, d = x.shape
   half = -0.5 * jnp.sum(centers * centers, axis=1)
   pad = -(-n // point_block) * point_block - n

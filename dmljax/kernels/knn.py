@@ -49,7 +49,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 __all__ = ["KNNResult", "knn", "first_relevant_rank", "prepare_embeddings", "flat_mesh",
            "auto_blocks"]
 
-#: Default block sizes, tuned on a 2-core CPU for 128-d embeddings (see docs/benchmarks_retrieval.md).
+#: Default block sizes, tuned on a 2-core CPU for 128-d embeddings
+#: (see docs/benchmarks_retrieval.md).
 #: ``None`` picks them from the problem size (:func:`auto_blocks`).
 QUERY_BLOCK = None
 REF_BLOCK = 2048
@@ -263,7 +264,7 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
   return KNNResult(dist, idx.astype(np.int32))
 
 
-# ----------------------------------------------------------------------------- rank of the first relevant reference
+# ----------------------------------------------------------------------------- first relevant rank
 
 
 def _first_rank_blocks(qa, qidx, qlab, ra, rlab, *, ref_block, exclude_self):
