@@ -16,7 +16,9 @@ Each timing is the median of ``--repeats`` runs after a warm-up (the JAX compile
 with ``block_until_ready`` for JAX. PML (pytorch-metric-learning, the optional ``bench``
 extra) runs its loss with its default configuration on the same inputs in the same process,
 with ``torch.set_num_threads`` set to the number of CPU threads XLA uses (one per core, or one
-with ``--single-thread``, which also restricts XLA to one thread).
+with ``--single-thread``, which also restricts XLA to one thread). The JAX and PML runs of a
+case alternate (JAX, PML, JAX, PML, ...) so that both see the same machine load: on a shared
+machine the load changes within seconds, and timing one after the other skewed the ratio.
 For every JAX case the compiled HLO is scanned for any buffer with ``B x refs x D`` elements or
 more, which would mean a difference tensor was formed instead of matrix products.
 """
@@ -100,14 +102,17 @@ def _pml_soft_triple(losses, classes, k):
                                weight_reg_weight=0.2)
 
 
-def _median_time(fn, repeats):
-  fn()  # warm-up (and compile)
-  times = []
+def median_times(fns, repeats):
+  """Median seconds per call of each function, calls interleaved round-robin after a warm-up."""
+  for fn in fns:
+    fn()  # warm-up (and compile)
+  times = [[] for _ in fns]
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    for fn, ts in zip(fns, times):
+      t0 = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t0)
+  return [statistics.median(ts) for ts in times]
 
 
 _SHAPE = re.compile(r"\b(?:f32|bf16|f16|f64|s32|pred)\[([0-9,]*)\]")
@@ -123,7 +128,8 @@ def largest_buffer(compiled_text: str) -> int:
   return best
 
 
-def time_jax(name, case, repeats):
+def prepare_jax(name, case):
+  """Compiles a case: (run, compile seconds, largest HLO buffer, value)."""
   fn = L.LOSSES[name]
   hp = case["hp"]
   x, y = jnp.asarray(case["x"]), jnp.asarray(case["y"])
@@ -153,10 +159,11 @@ def time_jax(name, case, repeats):
     lab, ref_lab = case["equiv"]
     value = float(jax.jit(lambda e, r: fn(e, jnp.asarray(lab), ref_embeddings=r,
                                           ref_labels=jnp.asarray(ref_lab), **hp))(x, args[2]))
-  return _median_time(run, repeats), compile_s, biggest, value
+  return run, compile_s, biggest, value
 
 
-def time_pml(case, repeats):
+def prepare_pml(case):
+  """Builds PML's loss for a case: (run, value)."""
   import torch
   from pytorch_metric_learning import losses
   x = torch.tensor(case["x"], requires_grad=True)
@@ -183,7 +190,7 @@ def time_pml(case, repeats):
     return out
 
   value = float(run().item())
-  return _median_time(run, repeats), value
+  return run, value
 
 
 def main(argv=None):
@@ -219,11 +226,15 @@ def main(argv=None):
     if name not in L.LOSSES:
       print(f"{name:18s} not in dmljax.losses.LOSSES yet -- skipped")
       continue
-    t_jax, t_comp, biggest, v_jax = time_jax(name, case, args.repeats)
+    run_jax, t_comp, biggest, v_jax = prepare_jax(name, case)
     brd = B * case["num_refs"] * D
     ok = "ok" if biggest < brd else "B*R*D-SIZED BUFFER!"
     if have_pml:
-      t_pml, v_pml = time_pml(case, args.repeats)
+      run_pml, v_pml = prepare_pml(case)
+      t_jax, t_pml = median_times([run_jax, run_pml], args.repeats)
+    else:
+      (t_jax,) = median_times([run_jax], args.repeats)
+    if have_pml:
       pml_s, ratio, vals = f"{1e3 * t_pml:9.1f}", f"{t_pml / t_jax:7.2f}x", f"{v_jax:.5f} / {v_pml:.5f}"
     else:
       pml_s, ratio, vals = f"{'-':>9s}", f"{'-':>8s}", f"{v_jax:.5f}"

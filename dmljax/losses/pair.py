@@ -102,6 +102,53 @@ def _split_reduce(pos_terms: Array, neg_terms: Array, pos: Array, neg: Array, re
   return core.reduce(pos_terms, pos, reduction) + core.reduce(neg_terms, neg, reduction)
 
 
+#: Reference columns per block in :func:`_blockwise_split_reduce` (a ``[B, 1024]`` float32 block
+#: of one intermediate is 1 MiB at B = 256: the few of them in flight stay in cache).
+_BLOCK_REFS = 1024
+
+
+def _blockwise_split_reduce(term_fn, emb: Array, ref: Array, pos: Array, neg: Array,
+                            reduction: str) -> Array:
+  """:func:`_split_reduce` over reference blocks, for long reference sets (a memory bank).
+
+  Same value as ``_split_reduce(*term_fn(emb, ref), pos, neg, reduction)`` (up to float
+  summation order) for ``reduction`` in mean_nonzero / mean / sum. Why: with the whole ``[B, R]``
+  matrix at once (R = 8,192) XLA:CPU streams about ten ``[B, R]`` intermediates (distances,
+  masked terms, counts, gradient) through main memory; a scan over blocks of ``_BLOCK_REFS``
+  references keeps them in cache (~30% faster forward + backward, one thread). Each block is
+  rematerialised in the backward pass (``jax.checkpoint``), so memory stays ``O(B x block)``.
+  Padded reference slots are in neither mask, so they add nothing.
+  """
+  b, r = pos.shape
+  n = -(-r // _BLOCK_REFS)
+  pad = n * _BLOCK_REFS - r
+  ref = jnp.pad(ref, ((0, pad), (0, 0))).reshape(n, _BLOCK_REFS, ref.shape[1])
+  # [B, R] masks -> [n, B, block]: one block per scan step.
+  blocks = lambda m: jnp.pad(m, ((0, 0), (0, pad))).reshape(b, n, _BLOCK_REFS).swapaxes(0, 1)  # noqa: E731
+
+  @jax.checkpoint
+  def block_sums(ref_blk, pos_blk, neg_blk):
+    out = []
+    for terms, mask in zip(term_fn(emb, ref_blk), (pos_blk, neg_blk)):
+      if reduction == "mean_nonzero":  # as core.mean_nonzero: count the kept terms from t > 0
+        t = jnp.where(mask & (terms > 0), terms, 0.0)
+        count = t > 0
+      else:
+        t, count = jnp.where(mask, terms, 0.0), mask
+      out.append((jnp.sum(jnp.sum(t, axis=1)), jnp.sum(jnp.sum(count.astype(jnp.float32), axis=1))))
+    return out
+
+  def step(acc, xs):
+    return jax.tree.map(jnp.add, acc, block_sums(*xs)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  init = [(zero, zero), (zero, zero)]
+  (sp, cp), (sn, cn) = jax.lax.scan(step, init, (ref, blocks(pos), blocks(neg)))[0]
+  if reduction == "sum":
+    return sp + sn
+  return sp / jnp.maximum(cp, 1.0) + sn / jnp.maximum(cn, 1.0)
+
+
 def _lse_or_zero(x: Array, mask: Array, add_one: bool = False) -> Array:
   """Row-wise masked log-sum-exp that is 0 for rows with nothing in the mask (PML's convention)."""
   out = core.masked_logsumexp(x, mask, axis=1, add_one=add_one)
@@ -162,12 +209,19 @@ def contrastive(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref
     core.check_range("neg_margin", neg_margin, low=0.0)
   core.check_range("power", power, low=1.0)
   p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
-  d, inv = _scores(p.emb, p.ref, distance)
-  pos_terms = jax.nn.relu(_farther(d, pos_margin, inv))
-  neg_terms = jax.nn.relu(_farther(neg_margin, d, inv))
-  if power != 1:
-    pos_terms, neg_terms = pos_terms ** power, neg_terms ** power
-  return _split_reduce(pos_terms, neg_terms, p.pos, p.neg, reduction)
+
+  def terms(emb, ref):
+    d, inv = _scores(emb, ref, distance)
+    pos_terms = jax.nn.relu(_farther(d, pos_margin, inv))
+    neg_terms = jax.nn.relu(_farther(neg_margin, d, inv))
+    if power != 1:
+      pos_terms, neg_terms = pos_terms ** power, neg_terms ** power
+    return pos_terms, neg_terms
+
+  if reduction != "none" and p.ref.shape[0] > 2 * _BLOCK_REFS:
+    # Long reference sets (cross-batch memory): reduce block by block, see the helper.
+    return _blockwise_split_reduce(terms, p.emb, p.ref, p.pos, p.neg, reduction)
+  return _split_reduce(*terms(p.emb, p.ref), p.pos, p.neg, reduction)
 
 
 def triplet_margin(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
