@@ -113,7 +113,12 @@ def test_ccp_start_projection_end_by_patience_reinit_anchor():
   st = _mark_best(st)
   best_params = jax.tree.map(np.asarray, st.params)
   st, ev = fw.after_eval(st, ctx, 0.5)                      # improves: projection continues
-  assert int(st.framework["projection"]) == 0 and not ev
+  assert int(st.framework["projection"]) == 0 and "ccp/projection" not in ev
+  # The spread logged at every evaluation: mean distance between two proxies of one class.
+  px = np.asarray(st.params["proxies"], np.float64).reshape(C, P, D)
+  naive = np.mean([np.linalg.norm(px[k, i] - px[k, j])
+                   for k in range(C) for i in range(P) for j in range(P) if i != j])
+  np.testing.assert_allclose(ev["ccp/proxy_spread"], naive, rtol=1e-6)
   st = _advance(st, 10)                                      # worse weights, not the best
   st, _ = fw.after_eval(st, ctx, 0.4)
   assert int(st.framework["projection"]) == 0

@@ -626,3 +626,28 @@ def test_margin_relates_to_pml_triplet_form():
   weights = np.where(pos, n_neg, 0) + np.where(neg, n_pos, 0)
   ours_as_triplets = np.sum(weights * terms) / np.sum(weights * (terms > 0))
   np.testing.assert_allclose(ours_as_triplets, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
+def test_contrastive_blocked_path_matches_naive(monkeypatch, reduction):
+  """Long reference sets (a memory bank) are reduced in blocks; force it with tiny blocks."""
+  monkeypatch.setattr(pair, "_BLOCK_REFS", 4)  # R = 23 > 2 * 4: blocked, with 1 padded slot
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(5, 3)) * 0.6
+  refs = rng.normal(size=(23, 3)) * 0.6
+  y, ry = np.array([0, 1, 2, 0, 1]), rng.integers(0, 3, 23)
+  mask = np.ones(23, bool)
+  mask[[3, 17]] = False
+
+  def ours(xx):
+    return pair.contrastive(xx, jnp.asarray(y), ref_embeddings=jnp.asarray(refs, jnp.float32),
+                            ref_labels=jnp.asarray(ry), ref_mask=jnp.asarray(mask),
+                            pos_margin=0.2, neg_margin=1.0, reduction=reduction)
+
+  def naive(xx):
+    return naive_contrastive(xx, y, refs, ry, mask, pos_margin=0.2, neg_margin=1.0,
+                             reduction=reduction)
+
+  value, grad = jax.value_and_grad(ours)(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(value, naive(x), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad, _fd_grad(naive, x), rtol=1e-3, atol=1e-5)

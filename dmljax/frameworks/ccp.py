@@ -158,7 +158,9 @@ class CCPFramework(Framework):
     end = bool(cc.alternate) and (since >= cc.patience or steps_in_proj >= cc.max_projection_steps)
     fs["proj_best_metric"] = jnp.asarray(proj_best, jnp.float32)
     fs["proj_evals_since_best"] = jnp.asarray(since, jnp.int32)
-    events = {}
+    # Logged at every evaluation so that CCP and the never-re-initialised ablation can be
+    # compared: collapsing proxies (the paper's Fig. 2a) drive the spread towards 0.
+    events = {"ccp/proxy_spread": self._proxy_spread(to_host(state.params["proxies"]))}
     if not end:
       return state.replace(framework=ctx.replicate(fs)), events
 
@@ -190,6 +192,15 @@ class CCPFramework(Framework):
                                  batch_stats=old_state.best["batch_stats"]),
                f"projection_{projection:03d}", new_proxies)
     return state, events
+
+  def _proxy_spread(self, proxies) -> float:
+    """Mean Euclidean distance between two proxies of the same class (0 when P = 1)."""
+    if self.per_class < 2:
+      return 0.0
+    x = np.reshape(np.asarray(proxies, np.float64), (self.num_classes, self.per_class, -1))
+    d = np.sqrt(np.maximum(((x[:, :, None, :] - x[:, None, :, :]) ** 2).sum(-1), 0.0))
+    p = self.per_class
+    return float(d.sum() / (self.num_classes * p * (p - 1)))
 
   def _radius_events(self, points, mask, old, new):
     """Covering radius of the pool by the converged and by the new proxies (CCP's quantity)."""

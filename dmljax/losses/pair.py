@@ -123,8 +123,9 @@ def _blockwise_split_reduce(term_fn, emb: Array, ref: Array, pos: Array, neg: Ar
   n = -(-r // _BLOCK_REFS)
   pad = n * _BLOCK_REFS - r
   ref = jnp.pad(ref, ((0, pad), (0, 0))).reshape(n, _BLOCK_REFS, ref.shape[1])
-  # [B, R] masks -> [n, B, block]: one block per scan step.
-  blocks = lambda m: jnp.pad(m, ((0, 0), (0, pad))).reshape(b, n, _BLOCK_REFS).swapaxes(0, 1)  # noqa: E731
+
+  def blocks(mask):  # [B, R] -> [n, B, block]: one block per scan step
+    return jnp.pad(mask, ((0, 0), (0, pad))).reshape(b, n, _BLOCK_REFS).swapaxes(0, 1)
 
   @jax.checkpoint
   def block_sums(ref_blk, pos_blk, neg_blk):
