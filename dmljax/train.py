@@ -336,6 +336,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if restored is not None:
     state, host = restored
     state = parallel.replicate(state, mesh)
+    if host.get("sampler"):
+      # Continue with the checkpointed sampler; its labels fingerprint makes a data set that
+      # changed under the run fail here instead of silently drawing other batches.
+      sampler = type(sampler).from_state_dict(train_labels, host["sampler"])
     logging.info("Resumed from step %d in %s.", host["step"], workdir)
   else:
     state = framework.on_start(state, ctx)
