@@ -1,4 +1,4 @@
-r"""CCP (contrastive C1, 4 proxies per class) on the embedded digits, class-disjoint. README default.
+r"""CCP (contrastive, Euclidean, margins 0 / 1; 4 proxies per class) on the embedded digits, class-disjoint. README default.
 
   python -m dmljax.main --config=configs/digits_ccp.py --workdir=/tmp/dmljax/digits_ccp
 

@@ -1,4 +1,4 @@
-r"""CCP (contrastive C1, 4 proxies per class, pool 8) on glyphs, class-disjoint.
+r"""CCP (contrastive, Euclidean, margins 0 / 1; 4 proxies per class, pool 8) on glyphs, class-disjoint.
 
   python -m dmljax.main --config=configs/glyphs_ccp.py --workdir=/tmp/dmljax/glyphs_ccp
 

@@ -1,4 +1,4 @@
-r"""The CCP baseline: the same contrastive C1 loss on in-batch pairs only (no proxies), on glyphs.
+r"""The CCP baseline: the same contrastive loss on in-batch pairs only (no proxies), on glyphs.
 
   python -m dmljax.main --config=configs/glyphs_contrastive.py --workdir=/tmp/dmljax/glyphs_contrastive
 

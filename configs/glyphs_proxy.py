@@ -2,7 +2,7 @@ r"""CCP's "Loss-Proxy" ablation on glyphs: one proxy problem, proxies never re-i
 
   python -m dmljax.main --config=configs/glyphs_proxy.py --workdir=/tmp/dmljax/glyphs_proxy
 
-Same loss (1.0 x sample-to-proxy C1 + 0.1 x in-batch C1), same 4 proxies per class initialised
+Same loss (1.0 x sample-to-proxy contrastive + 0.1 x in-batch contrastive), same 4 proxies per class initialised
 by k-center from the pool, but a single projection: no re-initialisation and no proximal term.
 
 Reaches (seeds 0-2, measured, 3-5 min a run on 2 CPU cores): test MAP@R 0.644 ± 0.011,
