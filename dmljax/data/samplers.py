@@ -121,6 +121,21 @@ def _check_state(cls, state, labels, names):
                      "resume with the same data set, split and seed.")
 
 
+def _check_class_batches(index, m, batch_size, sampler_name):
+  """Validates ``batch_size // m`` classes x ``m`` samples; returns (m, batch_size, classes)."""
+  if m < 1 or batch_size < 1:
+    raise ValueError(f"m and batch_size must be >= 1, got m={m}, batch_size={batch_size}.")
+  if batch_size % m:
+    raise ValueError(f"batch_size={batch_size} is not divisible by m_per_class={m}; use a batch "
+                     f"size that is a multiple of m_per_class.")
+  classes_per_batch = int(batch_size) // int(m)
+  if index.num_classes < classes_per_batch:
+    raise ValueError(f"A batch needs {classes_per_batch} distinct classes but the split has "
+                     f"{index.num_classes}; lower batch_size or raise m_per_class.")
+  index.check_min_count(int(m), sampler_name)
+  return int(m), int(batch_size), classes_per_batch
+
+
 class MPerClassSampler:
   """Batches of ``batch_size // m`` distinct classes x ``m`` samples; an epoch covers every sample.
 
@@ -150,17 +165,9 @@ class MPerClassSampler:
 
   def __init__(self, labels, m, batch_size, seed=0):
     self._index = _ClassIndex(labels)
-    if m < 1 or batch_size < 1:
-      raise ValueError(f"m and batch_size must be >= 1, got m={m}, batch_size={batch_size}.")
-    if batch_size % m:
-      raise ValueError(f"batch_size={batch_size} is not divisible by m_per_class={m}; use a batch "
-                       f"size that is a multiple of m_per_class.")
-    self.m, self.batch_size, self.seed = int(m), int(batch_size), _check_seed(seed)
-    self.classes_per_batch = self.batch_size // self.m
-    if self._index.num_classes < self.classes_per_batch:
-      raise ValueError(f"A batch needs {self.classes_per_batch} distinct classes but the split has "
-                       f"{self._index.num_classes}; lower batch_size or raise m_per_class.")
-    self._index.check_min_count(self.m, "MPerClassSampler")
+    self.m, self.batch_size, self.classes_per_batch = _check_class_batches(
+        self._index, m, batch_size, "MPerClassSampler")
+    self.seed = _check_seed(seed)
     self._chunks = -(-self._index.count // self.m)
     self.batches_per_epoch = int(max(-(-self._chunks.sum() // self.classes_per_batch),
                                      self._chunks.max()))
@@ -328,17 +335,9 @@ class ClassRepresentativeSampler:
 
   def __init__(self, labels, batch_size, m, hold_steps=None, seed=0):
     self._index = _ClassIndex(labels)
-    if m < 1 or batch_size < 1:
-      raise ValueError(f"m and batch_size must be >= 1, got m={m}, batch_size={batch_size}.")
-    if batch_size % m:
-      raise ValueError(f"batch_size={batch_size} is not divisible by m_per_class={m}; use a batch "
-                       f"size that is a multiple of m_per_class.")
-    self.m, self.batch_size, self.seed = int(m), int(batch_size), _check_seed(seed)
-    self.classes_per_batch = self.batch_size // self.m
-    if self._index.num_classes < self.classes_per_batch:
-      raise ValueError(f"A batch needs {self.classes_per_batch} distinct classes but the split has "
-                       f"{self._index.num_classes}; lower batch_size or raise m_per_class.")
-    self._index.check_min_count(self.m, "ClassRepresentativeSampler")
+    self.m, self.batch_size, self.classes_per_batch = _check_class_batches(
+        self._index, m, batch_size, "ClassRepresentativeSampler")
+    self.seed = _check_seed(seed)
     if hold_steps is None:
       hold_steps = profs_hold_steps(self._index.num_classes, self.batch_size, self.m)
     if hold_steps < 1:

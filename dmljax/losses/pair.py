@@ -86,6 +86,13 @@ def _scores(a: Array, b: Array, distance: str):
   return core.dot_similarity(a, b), True
 
 
+def _check_margins(distance: str, pos_margin, neg_margin):
+  """Margins on a distance must be >= 0; on a similarity (``"dot"``) any value is meaningful."""
+  if distance != "dot":
+    core.check_range("pos_margin", pos_margin, low=0.0)
+    core.check_range("neg_margin", neg_margin, low=0.0)
+
+
 def _farther(x, y, inverted: bool):
   """How much farther apart ``x`` is than ``y``: ``x - y`` for distances, ``y - x`` for similarity.
 
@@ -205,9 +212,7 @@ def contrastive(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref
   """
   _check_distance(distance)
   core.check_reduction(reduction, _SPLIT_REDUCTIONS)
-  if distance != "dot":
-    core.check_range("pos_margin", pos_margin, low=0.0)
-    core.check_range("neg_margin", neg_margin, low=0.0)
+  _check_margins(distance, pos_margin, neg_margin)
   core.check_range("power", power, low=1.0)
   p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
 
@@ -304,9 +309,7 @@ def lifted_structure(embeddings, labels, *, ref_embeddings=None, ref_labels=None
   """
   _check_distance(distance)
   core.check_reduction(reduction)
-  if distance != "dot":
-    core.check_range("pos_margin", pos_margin, low=0.0)
-    core.check_range("neg_margin", neg_margin, low=0.0)
+  _check_margins(distance, pos_margin, neg_margin)
   p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
   d, inv = _scores(p.emb, p.ref, distance)
   # Per-anchor log-sum-exp over its negatives; a pair's negative set is the union of two rows,
@@ -345,9 +348,7 @@ def generalized_lifted_structure(embeddings, labels, *, ref_embeddings=None, ref
   """
   _check_distance(distance)
   core.check_reduction(reduction)
-  if distance != "dot":
-    core.check_range("pos_margin", pos_margin, low=0.0)
-    core.check_range("neg_margin", neg_margin, low=0.0)
+  _check_margins(distance, pos_margin, neg_margin)
   p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
   d, inv = _scores(p.emb, p.ref, distance)
   pos_lse = _lse_or_zero(_farther(d, pos_margin, inv), p.pos)
