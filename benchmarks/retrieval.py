@@ -11,9 +11,14 @@ machine may be shared. Measured:
 
 * ``ours``: ``dmljax.metrics.retrieval_metrics`` for P@1, R-precision, MAP@R,
   Recall@{1,10,100,1000}, nDCG@{10,100}: wall time of the first call (with compilation) and of a
-  second call in the same process.
+  second call in the same process; JAX with one CPU device per core
+  (:func:`dmljax.kernels.knn.use_cpu_cores_as_devices`, what ``python -m dmljax.evaluate`` does).
+  ``ours_1dev``: the same with JAX's default single CPU device. ``ours_3``: only PML's three
+  metrics (P@1, R-precision, MAP@R), like for like, one device per core.
 * ``floor``: the bare blocked matrix product plus top-1 (jitted JAX, full reference set per block
-  of 256 queries) and, where faiss is installed, faiss ``IndexFlatL2`` with k = 1.
+  of 256 queries), with one CPU device (``floor``) and with one per core (``floor_cores``); the
+  ratios use the faster of the two. Where faiss is installed, also faiss ``IndexFlatL2`` with
+  k = 2 (self plus the nearest other).
 * ``pml``: pytorch-metric-learning's ``AccuracyCalculator`` (faiss kNN, ``k="max_bin_count"``)
   for P@1, R-precision and MAP@R, plus the differences of those three to ours.
 
@@ -33,6 +38,9 @@ import tempfile
 import time
 
 import numpy as np
+
+# Run from a checkout without installing: the repository root holds the dmljax package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NUM, CLASSES, DIM = 60502, 11316, 128
 
@@ -74,8 +82,9 @@ def run_ours(path: str, query_limit: int = 0, same_as_pml: bool = False) -> dict
   if query_limit:  # query/gallery split: the first rows query the rest
     x, y, kwargs = x[:query_limit], y[:query_limit], dict(gallery_embeddings=x[query_limit:],
                                                           gallery_labels=y[query_limit:])
+  import jax
   base = _peak_mb()
-  out = {}
+  out = {"devices": len(jax.devices())}
   for name in ("cold", "warm"):
     t0 = time.perf_counter()
     if same_as_pml:  # the search depth is then PML's max_bin_count (R_max = 11 here)
@@ -89,22 +98,26 @@ def run_ours(path: str, query_limit: int = 0, same_as_pml: bool = False) -> dict
 
 
 def run_floor(path: str) -> dict:
+  """Blocked matrix product plus top-1 per query, query blocks sharded over all devices."""
   import jax
   import jax.numpy as jnp
+  from jax.sharding import Mesh, PartitionSpec as P
   data = np.load(path)
   x = data["x"]
   qb = 256
   n = x.shape[0]
-  pad = -(-n // qb) * qb
+  devices = jax.devices()
+  pad = -(-n // (qb * len(devices))) * qb * len(devices)
   q = jnp.asarray(np.pad(x, ((0, pad - n), (0, 0)))).reshape(-1, qb, x.shape[1])
   r = jnp.asarray(x)
   half = -0.5 * jnp.sum(r * r, axis=1)
 
-  @jax.jit
-  def top1(q, r, half):
+  def body(q, r, half):
     return jax.lax.map(lambda b: jnp.argmax(b @ r.T + half, axis=1), q)
 
-  out = {"peak_mb_after_load": _peak_mb()}
+  top1 = jax.jit(jax.shard_map(body, mesh=Mesh(np.asarray(devices), ("q",)),
+                               in_specs=(P("q"), P(), P()), out_specs=P("q"), check_vma=False))
+  out = {"peak_mb_after_load": _peak_mb(), "devices": len(devices)}
   for name in ("cold", "warm"):
     t0 = time.perf_counter()
     jax.block_until_ready(top1(q, r, half))
@@ -140,6 +153,10 @@ def run_pml(path: str) -> dict:
   return out
 
 
+#: Children that run JAX with one XLA CPU device per core (the others use JAX's default, one).
+PER_CORE = ("ours", "ours_3", "floor_cores")
+
+
 def _measure(what: str, path: str, python: str, query_limit: int = 0) -> dict:
   with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
     res_path = f.name
@@ -158,7 +175,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--scale", type=int, default=1)
   p.add_argument("--repeats", type=int, default=1)
-  p.add_argument("--skip", default="", help="comma list of: ours,ours_3,floor,faiss_floor,pml")
+  p.add_argument("--skip", default="",
+                 help="comma list of: ours,ours_1dev,ours_3,floor,floor_cores,faiss_floor,pml")
   p.add_argument("--query_limit", type=int, default=0,
                  help="ours only: the first N rows query the others (gallery mode), to show "
                       "memory at --scale 10 without the hours a full same-set pass takes")
@@ -168,7 +186,12 @@ def main(argv=None):
   p.add_argument("--result", default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.child:
+    if a.child in PER_CORE:
+      from dmljax.kernels.knn import use_cpu_cores_as_devices
+      assert use_cpu_cores_as_devices()
     fn = {"ours": lambda path: run_ours(path, a.query_limit),
+          "ours_1dev": lambda path: run_ours(path, a.query_limit),
+          "floor_cores": run_floor,
           "ours_3": lambda path: run_ours(path, a.query_limit, same_as_pml=True),
           "floor": run_floor,
           "faiss_floor": run_faiss_floor,
@@ -185,7 +208,7 @@ def main(argv=None):
   np.savez(path, x=x, y=y)
   print(f"data: {x.shape[0]} x {x.shape[1]}, {len(np.unique(y))} classes, "
         f"mean class size {x.shape[0] / len(np.unique(y)):.2f}, cpus {os.cpu_count()}", flush=True)
-  things = ["floor", "ours", "ours_3"]
+  things = ["floor", "floor_cores", "ours", "ours_1dev", "ours_3"]
   # Optional extras, looked up without importing them here.
   if importlib.util.find_spec("faiss"):
     things.insert(1, "faiss_floor")
@@ -207,6 +230,26 @@ def main(argv=None):
     summary[t] = {"wall_s_best": min(r[key] for r in rs),
                   "wall_s_cold_best": min(r["wall_s_cold"] for r in rs),
                   "peak_mb_max": max(r["peak_mb"] for r in rs)}
+  floors = [summary[t]["wall_s_best"] for t in ("floor", "floor_cores") if t in summary]
+  for t in ("ours", "ours_1dev", "ours_3"):
+    if t in summary and floors:
+      summary[t]["x_floor"] = summary[t]["wall_s_best"] / min(floors)
+    if t in summary and "pml" in summary:
+      summary[t]["x_pml"] = summary[t]["wall_s_best"] / summary["pml"]["wall_s_best"]
+  # Ratios within each repeat (things measured back to back), robust to a machine whose load drifts.
+  def wall(t, i):
+    r = results[t][i]
+    return r.get("wall_s_warm", r["wall_s_cold"])
+  summary["per_repeat"] = []
+  for i in range(a.repeats):
+    row = {}
+    fl = [wall(t, i) for t in ("floor", "floor_cores") if t in results]
+    for t in ("ours", "ours_1dev", "ours_3"):
+      if t in results and fl:
+        row[f"{t}_x_floor"] = round(wall(t, i) / min(fl), 3)
+      if t in results and "pml" in results:
+        row[f"{t}_x_pml"] = round(wall(t, i) / wall("pml", i), 3)
+    summary["per_repeat"].append(row)
   if "ours" in results:
     summary["ours_metrics"] = results["ours"][0]["metrics"]
   if "pml" in results and "ours" in results:

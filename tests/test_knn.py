@@ -1,4 +1,8 @@
 """Blocked exact kNN: brute-force agreement, tie-breaking by index, devices, bad input."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,3 +120,20 @@ def test_bad_input():
     knn_lib.knn(x, x[:, :3], k=1)
   with pytest.raises(ValueError, match="multiple of group"):
     knn_lib.knn(x, k=1, query_block=4, ref_block=10, group=4)
+
+
+def test_use_cpu_cores_as_devices():
+  # Here JAX already runs (8 fake devices from conftest): nothing may change.
+  assert not knn_lib.use_cpu_cores_as_devices(2)
+  assert jax.device_count() == 8
+  # In a fresh process it sets the CPU device count, once; a count in XLA_FLAGS wins.
+  code = ("import jax\nfrom dmljax.kernels.knn import use_cpu_cores_as_devices as use\n"
+          "applied = use(3)\nprint(applied, len(jax.devices('cpu')), use(2))\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300, check=True).stdout.split()
+  assert out == ["True", "3", "False"]
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=5"
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300, check=True).stdout.split()
+  assert out == ["False", "5", "False"]
