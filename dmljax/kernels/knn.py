@@ -34,7 +34,8 @@ kernels give both the same score).
 Memory is ``O(query_block * (N / group + ref_block + k * group * D))`` per device, whatever the
 number of queries. Query blocks are sharded over the devices of a mesh (``jax.shard_map``);
 references are replicated. Each block's arithmetic does not depend on how many devices there are,
-so results are identical on 1 and on 8 devices.
+so results are identical on 1 and on 8 devices. On a CPU host, one XLA device per core
+(:func:`use_cpu_cores_as_devices`) lets the selections of two blocks run side by side.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def use_cpu_cores_as_devices(num: Optional[int] = None) -> bool:
   The search shards query blocks over the devices of the mesh. On a CPU, XLA runs a matrix
   product on all cores but a device's top-k selections and gathers on one thread, so with the
   default single CPU device one core idles through them; with a device per core they run side by
-  side (on the 2-core benchmark machine the SOP-sized evaluation takes about a quarter less
+  side (on the 2-core benchmark machine the SOP-sized evaluation takes a quarter to a third less
   time: docs/benchmarks_retrieval.md). Results do not depend on the number of devices.
   ``python -m dmljax.evaluate`` calls this; library users may do the same, or set
   ``jax.config.update("jax_num_cpu_devices", n)`` themselves.
