@@ -137,3 +137,10 @@ def test_use_cpu_cores_as_devices():
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=300, check=True).stdout.split()
   assert out == ["False", "5", "False"]
+  # Once JAX has run something, the count is fixed: no change, no error.
+  env.pop("XLA_FLAGS")
+  late = ("import jax\njax.numpy.zeros(1)\nfrom dmljax.kernels.knn import use_cpu_cores_as_devices"
+          " as use\nprint(use(3), len(jax.devices('cpu')))\n")
+  out = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True,
+                       timeout=300, check=True).stdout.split()
+  assert out == ["False", "1"]

@@ -40,6 +40,7 @@ so results are identical on 1 and on 8 devices. On a CPU host, one XLA device pe
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple, Optional
 
 import jax
@@ -102,7 +103,6 @@ def use_cpu_cores_as_devices(num: Optional[int] = None) -> bool:
     count is fixed then), or if a count was already chosen (``jax_num_cpu_devices`` or
     ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``).
   """
-  import os
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return False
   if jax.config.jax_num_cpu_devices != -1:
