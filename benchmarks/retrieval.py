@@ -12,12 +12,16 @@ machine may be shared. Measured:
 * ``ours``: ``dmljax.metrics.retrieval_metrics`` for P@1, R-precision, MAP@R,
   Recall@{1,10,100,1000}, nDCG@{10,100}: wall time of the first call (with compilation) and of a
   second call in the same process; JAX with one CPU device per core
-  (:func:`dmljax.kernels.knn.use_cpu_cores_as_devices`, what ``python -m dmljax.evaluate`` does).
-  ``ours_1dev``: the same with JAX's default single CPU device. ``ours_3``: only PML's three
-  metrics (P@1, R-precision, MAP@R), like for like, one device per core.
-* ``floor``: the bare blocked matrix product plus top-1 (jitted JAX, full reference set per block
-  of 256 queries), with one CPU device (``floor``) and with one per core (``floor_cores``); the
-  ratios use the faster of the two. Where faiss is installed, also faiss ``IndexFlatL2`` with
+  (:func:`dmljax.kernels.knn.use_cpu_cores_as_devices`, what ``python -m dmljax.evaluate`` does)
+  and the kNN's compiled CPU selection (:mod:`dmljax.kernels.native`, built before the timing).
+  ``ours_xla``: the same with ``DMLJAX_NATIVE=0`` (pure XLA selection). ``ours_1dev``: as
+  ``ours`` with JAX's default single CPU device. ``ours_3``: only PML's three metrics (P@1,
+  R-precision, MAP@R), like for like, one device per core.
+* floors, the bare matrix product plus top-1 (jitted JAX); the ratios use the fastest of:
+  ``floor``, the full reference set per block of 256 queries on one CPU device;
+  ``floor_cores``, the same with one device per core; ``floor_blocked``, one device per core and
+  references scanned in blocks of 2,048 with a running best (the kNN's own blocking, which XLA's
+  CPU matrix product runs faster). Where faiss is installed, also faiss ``IndexFlatL2`` with
   k = 2 (self plus the nearest other).
 * ``pml``: pytorch-metric-learning's ``AccuracyCalculator`` (faiss kNN, ``k="max_bin_count"``)
   for P@1, R-precision and MAP@R, plus the differences of those three to ours.
@@ -83,8 +87,9 @@ def run_ours(path: str, query_limit: int = 0, same_as_pml: bool = False) -> dict
     x, y, kwargs = x[:query_limit], y[:query_limit], dict(gallery_embeddings=x[query_limit:],
                                                           gallery_labels=y[query_limit:])
   import jax
+  from dmljax.kernels import native
   base = _peak_mb()
-  out = {"devices": len(jax.devices())}
+  out = {"devices": len(jax.devices()), "native": native.available()}
   for name in ("cold", "warm"):
     t0 = time.perf_counter()
     if same_as_pml:  # the search depth is then PML's max_bin_count (R_max = 11 here)
@@ -125,6 +130,45 @@ def run_floor(path: str) -> dict:
   return out
 
 
+def run_floor_blocked(path: str) -> dict:
+  """Matrix product plus top-1 scanned in 2,048-reference blocks (the kNN's own blocking, which
+  XLA's CPU matmul runs faster than one product against all references), with a running best."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, PartitionSpec as P
+  data = np.load(path)
+  x = data["x"]
+  qb, rb = 512, 2048
+  n = x.shape[0]
+  devices = jax.devices()
+  pad = -(-n // (qb * len(devices))) * qb * len(devices)
+  q = jnp.asarray(np.pad(x, ((0, pad - n), (0, 0)))).reshape(-1, qb, x.shape[1])
+  n_ref = -(-n // rb) * rb
+  r = jnp.asarray(np.pad(x, ((0, n_ref - n), (0, 0))))
+  half = -0.5 * jnp.sum(r * r, axis=1)
+  half = jnp.where(jnp.arange(n_ref) < n, half, -jnp.inf)
+
+  def block(b):
+    def step(j, carry):
+      best, arg = carry
+      rj = jax.lax.dynamic_slice_in_dim(r, j * rb, rb)
+      s = b @ rj.T + jax.lax.dynamic_slice_in_dim(half, j * rb, rb)
+      m, a = s.max(axis=1), jnp.argmax(s, axis=1) + j * rb
+      return jnp.where(m > best, m, best), jnp.where(m > best, a, arg)
+    init = (jnp.full((qb,), -jnp.inf), jnp.zeros((qb,), jnp.int32))
+    return jax.lax.fori_loop(0, n_ref // rb, step, init)[1]
+
+  top1 = jax.jit(jax.shard_map(lambda q: jax.lax.map(block, q),
+                               mesh=Mesh(np.asarray(devices), ("q",)), in_specs=P("q"),
+                               out_specs=P("q"), check_vma=False))
+  out = {"peak_mb_after_load": _peak_mb(), "devices": len(devices)}
+  for name in ("cold", "warm"):
+    t0 = time.perf_counter()
+    jax.block_until_ready(top1(q))
+    out[f"wall_s_{name}"] = time.perf_counter() - t0
+  return out
+
+
 def run_faiss_floor(path: str) -> dict:
   import faiss
   x = np.load(path)["x"]
@@ -154,7 +198,10 @@ def run_pml(path: str) -> dict:
 
 
 #: Children that run JAX with one XLA CPU device per core (the others use JAX's default, one).
-PER_CORE = ("ours", "ours_3", "floor_cores")
+PER_CORE = ("ours", "ours_xla", "ours_3", "floor_cores", "floor_blocked")
+#: Floors: the bare matrix product plus top-1, three ways; ratios use the fastest.
+FLOORS = ("floor", "floor_cores", "floor_blocked")
+OURS = ("ours", "ours_xla", "ours_1dev", "ours_3")
 
 
 def _measure(what: str, path: str, python: str, query_limit: int = 0) -> dict:
@@ -162,8 +209,11 @@ def _measure(what: str, path: str, python: str, query_limit: int = 0) -> dict:
     res_path = f.name
   cmd = [python, __file__, "--child", what, "--data", path, "--result", res_path,
          "--query_limit", str(query_limit)]
+  env = dict(os.environ)
+  if what == "ours_xla":  # the kNN's pure XLA path, without the compiled CPU selection
+    env["DMLJAX_NATIVE"] = "0"
   t0 = time.perf_counter()
-  subprocess.run(cmd, check=True)
+  subprocess.run(cmd, check=True, env=env)
   with open(res_path) as f:
     res = json.load(f)
   os.unlink(res_path)
@@ -176,7 +226,8 @@ def main(argv=None):
   p.add_argument("--scale", type=int, default=1)
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--skip", default="",
-                 help="comma list of: ours,ours_1dev,ours_3,floor,floor_cores,faiss_floor,pml")
+                 help="comma list of: ours,ours_xla,ours_1dev,ours_3,floor,floor_cores,"
+                      "floor_blocked,faiss_floor,pml")
   p.add_argument("--query_limit", type=int, default=0,
                  help="ours only: the first N rows query the others (gallery mode), to show "
                       "memory at --scale 10 without the hours a full same-set pass takes")
@@ -190,6 +241,8 @@ def main(argv=None):
       from dmljax.kernels.knn import use_cpu_cores_as_devices
       assert use_cpu_cores_as_devices()
     fn = {"ours": lambda path: run_ours(path, a.query_limit),
+          "ours_xla": lambda path: run_ours(path, a.query_limit),
+          "floor_blocked": run_floor_blocked,
           "ours_1dev": lambda path: run_ours(path, a.query_limit),
           "floor_cores": run_floor,
           "ours_3": lambda path: run_ours(path, a.query_limit, same_as_pml=True),
@@ -202,13 +255,18 @@ def main(argv=None):
       json.dump(res, f)
     return
 
+  from dmljax.kernels import native
+  try:  # build (or find) the compiled kNN selection once, outside every timing
+    print(f"compiled CPU kNN kernel: {native.build_library()}", flush=True)
+  except native.NativeBuildError as e:
+    print(f"compiled CPU kNN kernel unavailable, ours uses the XLA path: {e}", flush=True)
   x, y = make_data(a.scale)
   tmp = tempfile.mkdtemp()
   path = os.path.join(tmp, "data.npz")
   np.savez(path, x=x, y=y)
   print(f"data: {x.shape[0]} x {x.shape[1]}, {len(np.unique(y))} classes, "
         f"mean class size {x.shape[0] / len(np.unique(y)):.2f}, cpus {os.cpu_count()}", flush=True)
-  things = ["floor", "floor_cores", "ours", "ours_1dev", "ours_3"]
+  things = ["floor", "floor_cores", "floor_blocked", "ours", "ours_xla", "ours_1dev", "ours_3"]
   # Optional extras, looked up without importing them here.
   if importlib.util.find_spec("faiss"):
     things.insert(1, "faiss_floor")
@@ -222,7 +280,8 @@ def main(argv=None):
       r = _measure(t, path, sys.executable, a.query_limit)
       results[t].append(r)
       walls = {k: round(v, 2) for k, v in r.items() if k.startswith("wall_s")}
-      print(f"[{rep}] {t:12s} {walls} peak {r['peak_mb']:.0f} MB "
+      tag = {True: " native", False: " xla"}.get(r.get("native"), "")
+      print(f"[{rep}] {t:13s}{tag} {walls} peak {r['peak_mb']:.0f} MB "
             f"(after load {r['peak_mb_after_load']:.0f} MB)", flush=True)
   summary = {}
   for t, rs in results.items():
@@ -230,8 +289,8 @@ def main(argv=None):
     summary[t] = {"wall_s_best": min(r[key] for r in rs),
                   "wall_s_cold_best": min(r["wall_s_cold"] for r in rs),
                   "peak_mb_max": max(r["peak_mb"] for r in rs)}
-  floors = [summary[t]["wall_s_best"] for t in ("floor", "floor_cores") if t in summary]
-  for t in ("ours", "ours_1dev", "ours_3"):
+  floors = [summary[t]["wall_s_best"] for t in FLOORS if t in summary]
+  for t in OURS:
     if t in summary and floors:
       summary[t]["x_floor"] = summary[t]["wall_s_best"] / min(floors)
     if t in summary and "pml" in summary:
@@ -243,8 +302,8 @@ def main(argv=None):
   summary["per_repeat"] = []
   for i in range(a.repeats):
     row = {}
-    fl = [wall(t, i) for t in ("floor", "floor_cores") if t in results]
-    for t in ("ours", "ours_1dev", "ours_3"):
+    fl = [wall(t, i) for t in FLOORS if t in results]
+    for t in OURS:
       if t in results and fl:
         row[f"{t}_x_floor"] = round(wall(t, i) / min(fl), 3)
       if t in results and "pml" in results:

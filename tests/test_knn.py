@@ -35,10 +35,14 @@ def data(n=29, dim=5, seed=0):
   return x
 
 
+NATIVE = [pytest.param(True, id="native"), pytest.param(False, id="xla")]
+
+
+@pytest.mark.parametrize("use_native", NATIVE)
 @pytest.mark.parametrize("blocks", [BLOCKED, UNBLOCKED], ids=["blocked", "unblocked"])
-def test_same_set_matches_brute_force(blocks):
+def test_same_set_matches_brute_force(blocks, use_native):
   x = data()
-  res = knn_lib.knn(x, k=6, **blocks)
+  res = knn_lib.knn(x, k=6, use_native=use_native, **blocks)
   order, d = brute_force(x, x, same=True)
   np.testing.assert_array_equal(res.indices, order[:, :6])
   np.testing.assert_allclose(res.distances, np.take_along_axis(d, order[:, :6], 1),
@@ -49,27 +53,49 @@ def test_same_set_matches_brute_force(blocks):
   np.testing.assert_array_equal(res.indices[20, :2], [3, 11])
 
 
-def test_gallery_mode_and_ties_with_equal_distances():
+@pytest.mark.parametrize("use_native", NATIVE)
+def test_gallery_mode_and_ties_with_equal_distances(use_native):
   x = data()
   q, g = x[:9], x[9:]
-  res = knn_lib.knn(q, g, k=5, **BLOCKED)
+  res = knn_lib.knn(q, g, k=5, use_native=use_native, **BLOCKED)
   order, _ = brute_force(q, g, same=False)
   np.testing.assert_array_equal(res.indices, order[:, :5])
   # Gallery rows 2 (=x[11]) and 11 (=x[20]) are the same point: query 3 finds 2 first.
   np.testing.assert_array_equal(res.indices[3, :2], [2, 11])
   # Equal distances from different points: symmetric points on a line around the query.
   line = np.array([[0.0], [1.0], [-1.0], [2.0], [-2.0]], np.float32)
-  res = knn_lib.knn(line[:1], line[1:], k=4, **BLOCKED)
+  res = knn_lib.knn(line[:1], line[1:], k=4, use_native=use_native, **BLOCKED)
   np.testing.assert_array_equal(res.indices[0], [0, 1, 2, 3])
 
 
-def test_blocked_equals_unblocked_and_one_vs_eight_devices():
+@pytest.mark.parametrize("group", [1, 2, 8])
+def test_native_and_xla_paths_agree_with_many_ties(group):
+  """Small-integer embeddings: every dot product is exact in float32, so both paths and the
+  brute force see the same distances, with many ties; k runs up to all references."""
+  rng = np.random.default_rng(group)
+  x = rng.integers(-2, 3, (70, 3)).astype(np.float32)
+  order, d = brute_force(x, x, same=True)
+  for k in (1, 5, 40, 69):
+    blocks = dict(query_block=16, ref_block=32 if group < 8 else 64, group=group)
+    a = knn_lib.knn(x, k=k, use_native=True, **blocks)
+    b = knn_lib.knn(x, k=k, use_native=False, **blocks)
+    np.testing.assert_array_equal(a.indices, order[:, :k])
+    np.testing.assert_array_equal(b.indices, order[:, :k])
+    np.testing.assert_array_equal(a.distances, np.take_along_axis(d, order[:, :k], 1))
+  q, g = x[:20], x[20:]
+  order, _ = brute_force(q, g, same=False)
+  a = knn_lib.knn(q, g, k=50, use_native=True, query_block=8, ref_block=16, group=group)
+  np.testing.assert_array_equal(a.indices, order[:, :50])
+
+
+@pytest.mark.parametrize("use_native", NATIVE)
+def test_blocked_equals_unblocked_and_one_vs_eight_devices(use_native):
   x = data(seed=1)
   assert jax.device_count() == 8
   one = Mesh(np.asarray(jax.devices()[:1]), ("d",))
-  a = knn_lib.knn(x, k=6, mesh=one, **BLOCKED)
-  b = knn_lib.knn(x, k=6, **BLOCKED)  # all 8 devices
-  c = knn_lib.knn(x, k=6, mesh=one, **UNBLOCKED)
+  a = knn_lib.knn(x, k=6, mesh=one, use_native=use_native, **BLOCKED)
+  b = knn_lib.knn(x, k=6, use_native=use_native, **BLOCKED)  # all 8 devices
+  c = knn_lib.knn(x, k=6, mesh=one, use_native=use_native, **UNBLOCKED)
   np.testing.assert_array_equal(a.indices, b.indices)
   np.testing.assert_array_equal(a.distances, b.distances)
   np.testing.assert_array_equal(a.indices, c.indices)
@@ -144,3 +170,37 @@ def test_use_cpu_cores_as_devices():
   out = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True,
                        timeout=300, check=True).stdout.split()
   assert out == ["False", "1"]
+
+
+def test_native_build_errors_and_fallback(tmp_path):
+  from dmljax.kernels import native
+  # A missing compiler and a failing one: clear errors naming the way out.
+  with pytest.raises(native.NativeBuildError, match="DMLJAX_NATIVE=0"):
+    native.build_library(tmp_path, cxx=str(tmp_path / "no-such-compiler"))
+  with pytest.raises(native.NativeBuildError, match="compiling the kNN selection kernel failed"):
+    native.build_library(tmp_path, cxx="false")
+  assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".knn_select-*"))
+  # A build is reused, not redone.
+  built = native.build_library(tmp_path)
+  mtime = built.stat().st_mtime_ns
+  assert native.build_library(tmp_path) == built and built.stat().st_mtime_ns == mtime
+  # In a process whose build fails: one warning, the XLA path, and use_native=True refuses.
+  code = ("import warnings\nimport numpy as np\nfrom dmljax.kernels import knn\n"
+          "x = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32)\n"
+          "with warnings.catch_warnings(record=True) as w:\n"
+          "  warnings.simplefilter('always')\n"
+          "  a = knn.knn(x, k=3).indices\n  b = knn.knn(x, k=4).indices\n"
+          "print(sum('pure XLA path' in str(m.message) for m in w))\n"
+          "try:\n  knn.knn(x, k=3, use_native=True)\nexcept RuntimeError as e:\n"
+          "  print('refused:', 'unavailable' in str(e))\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(DMLJAX_CACHE_DIR=str(tmp_path / "empty"), CXX=str(tmp_path / "no-such-compiler"))
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300, check=True).stdout.split("\n")
+  assert out[:2] == ["1", "refused: True"]
+  # DMLJAX_NATIVE=0: off without trying to build.
+  env.update(DMLJAX_NATIVE="0", DMLJAX_CACHE_DIR=str(tmp_path / "off"))
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300, check=True).stdout.split("\n")
+  assert out[:2] == ["0", "refused: True"]
+  assert not (tmp_path / "off").exists()

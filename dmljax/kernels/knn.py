@@ -31,6 +31,14 @@ whose distances to a query differ by about one float32 ulp: the filter could the
 keep the one the exact re-scoring ranks second. Identical references are not affected (both
 kernels give both the same score).
 
+On CPU devices, steps 2 and 3 run by default in one compiled call
+(:mod:`dmljax.kernels.native`, an XLA FFI kernel built on first use): XLA's CPU ``top_k`` and
+gather cost a few nanoseconds per element, which made them almost half as expensive as the
+matrix product at k = 101; the compiled call does the same selection, in the same order, in a
+fraction of that (docs/benchmarks_retrieval.md). Its re-scored dot products may round differently
+from XLA's batched dot in the last bit; nothing else differs. ``use_native=False`` (or
+``DMLJAX_NATIVE=0``) keeps everything in XLA; GPU and TPU always use the XLA path.
+
 Memory is ``O(query_block * (N / group + ref_block + k * group * D))`` per device, whatever the
 number of queries. Query blocks are sharded over the devices of a mesh (``jax.shard_map``);
 references are replicated. Each block's arithmetic does not depend on how many devices there are,
@@ -47,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
+
+from dmljax.kernels import native
 
 __all__ = ["KNNResult", "knn", "first_relevant_rank", "prepare_embeddings", "flat_mesh",
            "auto_blocks", "use_cpu_cores_as_devices"]
@@ -192,7 +202,7 @@ def _query_layout(num_queries: int, query_block: int, num_devices: int) -> tuple
 # ----------------------------------------------------------------------------- top-k kernel
 
 
-def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self):
+def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self, use_native):
   """Top-k of every query of this device's blocks. qa: [nb, qb, Da], qidx: [nb, qb]."""
   n_pad = ra.shape[0]
   num_groups_per_block = ref_block // group
@@ -211,6 +221,12 @@ def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self):
 
     gmax = jax.lax.fori_loop(0, n_pad // ref_block, scan_refs,
                              jnp.full((qb, num_groups), -jnp.inf, jnp.float32))
+    if use_native:  # steps 2-3 in one compiled CPU call (dmljax/kernels/native)
+      out_types = (jax.ShapeDtypeStruct((qb, k), jnp.float32),
+                   jax.ShapeDtypeStruct((qb, k), jnp.int32))
+      return jax.ffi.ffi_call(native.KNN_SELECT, out_types)(
+          q, qi, gmax, ra, k=np.int64(k), group=np.int64(group),
+          exclude_self=np.int64(exclude_self))
     _, best_groups = jax.lax.top_k(gmax, kg)
     # Candidates in increasing reference index, so that the stable top_k below breaks ties by index.
     best_groups = jnp.sort(best_groups, axis=1)
@@ -225,11 +241,28 @@ def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self):
 
 
 @functools.lru_cache(maxsize=64)
-def _topk_fn(mesh: Mesh, k: int, ref_block: int, group: int, exclude_self: bool):
+def _topk_fn(mesh: Mesh, k: int, ref_block: int, group: int, exclude_self: bool,
+             use_native: bool):
   body = functools.partial(_topk_blocks, k=k, ref_block=ref_block, group=group,
-                           exclude_self=exclude_self)
+                           exclude_self=exclude_self, use_native=use_native)
   return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("q"), P("q"), P()),
                                out_specs=(P("q"), P("q")), check_vma=False))
+
+
+def _resolve_native(use_native: Optional[bool], mesh: Mesh) -> bool:
+  """Whether the kNN uses the compiled CPU selection (see :func:`knn`)."""
+  on_cpu = all(d.platform == "cpu" for d in np.asarray(mesh.devices).reshape(-1))
+  if use_native is None:
+    return on_cpu and native.available()
+  if not use_native:
+    return False
+  if not on_cpu:
+    raise RuntimeError("use_native=True needs CPU devices; the compiled kNN kernel is CPU-only "
+                       "(on GPU/TPU leave use_native=None).")
+  if not native.available():
+    raise RuntimeError(f"use_native=True but the compiled kNN kernel is unavailable: "
+                       f"{native.error() or 'disabled by DMLJAX_NATIVE=0'}")
+  return True
 
 
 def _check_blocks(query_block: int, ref_block: int, group: int):
@@ -242,7 +275,7 @@ def _check_blocks(query_block: int, ref_block: int, group: int):
 
 def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_BLOCK,
         ref_block: int = REF_BLOCK, group: Optional[int] = GROUP,
-        mesh: Optional[Mesh] = None) -> KNNResult:
+        mesh: Optional[Mesh] = None, use_native: Optional[bool] = None) -> KNNResult:
   """Exact k nearest references of each query by squared Euclidean distance.
 
   Args:
@@ -254,12 +287,16 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
     group: references per group of the max filter (see the module docstring); None:
       :func:`auto_blocks`.
     mesh: devices to shard query blocks over; None uses all devices.
+    use_native: do steps 2-3 (selection and re-scoring) in the compiled CPU kernel of
+      :mod:`dmljax.kernels.native`. None: when every device of the mesh is a CPU and the kernel
+      builds (else the pure XLA path, with a warning if the build failed). True: require it.
 
   Returns:
     A :class:`KNNResult`; ties are broken by the smaller reference index.
 
   Raises:
     ValueError: on bad shapes, NaN/inf values, or ``k`` larger than the references.
+    RuntimeError: ``use_native=True`` on non-CPU devices or when the kernel cannot be built.
   """
   q = prepare_embeddings(queries, "queries")
   same = references is None
@@ -287,7 +324,7 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
   rows, _ = _query_layout(q.shape[0], query_block, mesh.size)
   qa = _augment_queries(q, rows).reshape(-1, query_block, q.shape[1] + 1)
   qidx = np.arange(rows, dtype=np.int32).reshape(-1, query_block)
-  fn = _topk_fn(mesh, int(k), ref_block, group, same)
+  fn = _topk_fn(mesh, int(k), ref_block, group, same, _resolve_native(use_native, mesh))
   top, idx = fn(qa, qidx, ra)
   top = np.asarray(top).reshape(rows, k)[:q.shape[0]]
   idx = np.asarray(idx).reshape(rows, k)[:q.shape[0]]
