@@ -86,6 +86,11 @@ def test_native_and_xla_paths_agree_with_many_ties(group):
   order, _ = brute_force(q, g, same=False)
   a = knn_lib.knn(q, g, k=50, use_native=True, query_block=8, ref_block=16, group=group)
   np.testing.assert_array_equal(a.indices, order[:, :50])
+  # One device, larger blocks: same answer.
+  one = Mesh(np.asarray(jax.devices()[:1]), ("d",))
+  c = knn_lib.knn(x, k=40, use_native=True, mesh=one, query_block=64, ref_block=64, group=group)
+  order, _ = brute_force(x, x, same=True)
+  np.testing.assert_array_equal(c.indices, order[:, :40])
 
 
 @pytest.mark.parametrize("use_native", NATIVE)
