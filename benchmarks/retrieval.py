@@ -102,6 +102,17 @@ def run_ours(path: str, query_limit: int = 0, same_as_pml: bool = False) -> dict
   return out
 
 
+def _time_cold_warm(call, num_devices: int) -> dict:
+  """Wall time of a jitted call, first (with compilation) and second."""
+  import jax
+  out = {"peak_mb_after_load": _peak_mb(), "devices": num_devices}
+  for name in ("cold", "warm"):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    out[f"wall_s_{name}"] = time.perf_counter() - t0
+  return out
+
+
 def run_floor(path: str) -> dict:
   """Blocked matrix product plus top-1 per query, query blocks sharded over all devices."""
   import jax
@@ -122,12 +133,7 @@ def run_floor(path: str) -> dict:
 
   top1 = jax.jit(jax.shard_map(body, mesh=Mesh(np.asarray(devices), ("q",)),
                                in_specs=(P("q"), P(), P()), out_specs=P("q"), check_vma=False))
-  out = {"peak_mb_after_load": _peak_mb(), "devices": len(devices)}
-  for name in ("cold", "warm"):
-    t0 = time.perf_counter()
-    jax.block_until_ready(top1(q, r, half))
-    out[f"wall_s_{name}"] = time.perf_counter() - t0
-  return out
+  return _time_cold_warm(lambda: top1(q, r, half), len(devices))
 
 
 def run_floor_blocked(path: str) -> dict:
@@ -161,12 +167,7 @@ def run_floor_blocked(path: str) -> dict:
   top1 = jax.jit(jax.shard_map(lambda q: jax.lax.map(block, q),
                                mesh=Mesh(np.asarray(devices), ("q",)), in_specs=P("q"),
                                out_specs=P("q"), check_vma=False))
-  out = {"peak_mb_after_load": _peak_mb(), "devices": len(devices)}
-  for name in ("cold", "warm"):
-    t0 = time.perf_counter()
-    jax.block_until_ready(top1(q))
-    out[f"wall_s_{name}"] = time.perf_counter() - t0
-  return out
+  return _time_cold_warm(lambda: top1(q), len(devices))
 
 
 def run_faiss_floor(path: str) -> dict:
