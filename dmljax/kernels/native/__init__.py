@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["KNN_SELECT", "NativeBuildError", "enabled", "available", "build_library",
+__all__ = ["KNN_SELECT", "NativeBuildError", "enabled", "available", "error", "build_library",
            "cache_dir"]
 
 #: Name of the FFI target of the kNN selection step.
