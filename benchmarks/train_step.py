@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs.glyphs_ccp import glyphs_base  # noqa: E402
+from dmljax.configs import glyphs_base  # noqa: E402
 from dmljax import frameworks, models, optim, parallel, train  # noqa: E402
 from dmljax import state as state_lib  # noqa: E402
 

@@ -1,1 +1,1 @@
-"""Config files: each ``configs/NAME.py`` defines ``get_config(arg)``; see configs/common.py."""
+"""Config files: each ``configs/NAME.py`` defines ``get_config(arg)``; shared defaults in dmljax/configs.py."""

@@ -7,7 +7,7 @@ Reaches (seeds 0-2, measured, ~30 s a run on 2 CPU cores): test MAP@R 0.454 ± 0
 at step 700 (best 450). A run far below that is a regression.
 Small variant for tests: ``--config=configs/digits_ccp.py:small``.
 """
-from configs.common import base_config, shrink
+from dmljax.configs import base_config, shrink
 
 
 def get_config(arg: str = ""):
@@ -24,7 +24,6 @@ def get_config(arg: str = ""):
   c.ccp.proxies_per_class = 4
   c.ccp.pool_size = 8
   c.ccp.patience = 3
-  c.ccp.max_projection_steps = 200
   c.checkpoint.every_steps = 200
   if arg == "small":
     shrink(c)

@@ -7,7 +7,7 @@ proxies picked by k-center as circles). 4 proxies per class, pool 16 (the paper'
 Reaches (seed 0, measured, ~1 min on 2 CPU cores): test MAP@R 0.823, P@1 0.921 (early-stopped at
 step 1150, best at 900).
 """
-from configs.common import base_config, shrink
+from dmljax.configs import base_config, shrink
 
 
 def get_config(arg: str = ""):
@@ -22,7 +22,6 @@ def get_config(arg: str = ""):
   c.patience_evals = 10
   c.ccp.proxies_per_class = 4
   c.ccp.pool_size = 16
-  c.ccp.max_projection_steps = 200
   c.plot_projections = True
   c.checkpoint.every_steps = 200
   if arg == "small":

@@ -5,8 +5,8 @@ r"""The CCP baseline: the same contrastive loss on in-batch pairs only (no proxi
 Reaches (seeds 0-2, measured, 3-5 min a run on 2 CPU cores): test MAP@R 0.595 ± 0.025,
 P@1 0.952 ± 0.003 (val MAP@R 0.717); same schedule as glyphs_ccp.py.
 """
-from configs.common import shrink
-from configs.glyphs_ccp import glyphs_base
+from dmljax.configs import shrink
+from dmljax.configs import glyphs_base
 
 
 def get_config(arg: str = ""):

@@ -8,8 +8,8 @@ by k-center from the pool, but a single projection: no re-initialisation and no 
 Reaches (seeds 0-2, measured, 3-5 min a run on 2 CPU cores): test MAP@R 0.644 ± 0.011,
 P@1 0.957 ± 0.003 (val MAP@R 0.753); same schedule as glyphs_ccp.py.
 """
-from configs.common import shrink
-from configs.glyphs_ccp import glyphs_base
+from dmljax.configs import shrink
+from dmljax.configs import glyphs_base
 
 
 def get_config(arg: str = ""):

@@ -10,6 +10,14 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 temporary directories are ignored on restore. Saving is synchronous: the tiny models here save
 in well under a second, and a synchronous save means "saved" is true when ``save`` returns.
 
+A finished step can still be damaged afterwards (a truncated file after a full disk, a file lost
+in a copy). :meth:`Checkpointer.restore` without an explicit step then falls back to the newest
+step that restores, moves each newer, unreadable step out of Orbax's directory to
+``workdir/checkpoints_corrupt/<step>-<timestamp>/`` (kept for inspection, never deleted; Orbax no
+longer sees it, so the run can save that step number again) and says so in a warning and on
+stderr. When no step restores, it raises :class:`CheckpointError` and moves nothing: a run never
+starts over silently on top of checkpoints it could not read.
+
 The best parameters (by validation MAP@R) are part of the train state (``state.best``); with
 ``save_best`` they are also written to ``workdir/best`` (params and batch statistics only, latest
 best kept) for use outside training.
@@ -17,13 +25,23 @@ best kept) for use outside training.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sys
 import threading
+import time
 from typing import Any, Optional
 
+from absl import logging
 import flax
 import jax
 import orbax.checkpoint as ocp
+
+CORRUPT_DIRNAME = "checkpoints_corrupt"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint exists but cannot be restored (damaged files, or a target that does not fit)."""
 
 
 class PreemptionFlag:
@@ -66,13 +84,15 @@ class Checkpointer:
   """Wraps one Orbax ``CheckpointManager`` for the train state (+ one for the best params).
 
   Args:
-    workdir: run directory; checkpoints go to ``workdir/checkpoints`` and ``workdir/best``.
+    workdir: run directory; checkpoints go to ``workdir/checkpoints`` and ``workdir/best``;
+      unreadable steps found by :meth:`restore` are moved to ``workdir/checkpoints_corrupt``.
     max_to_keep: keep-N retention of the regular checkpoints.
     save_best: also write the best params to ``workdir/best``.
   """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, save_best: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.corrupt_directory = os.path.abspath(os.path.join(workdir, CORRUPT_DIRNAME))
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                         enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(self.directory, options=opts,
@@ -88,7 +108,11 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, host: dict[str, Any], *, force: bool = True) -> None:
-    """Writes ``state`` and ``host`` as checkpoint ``step`` (replacing an existing one)."""
+    """Writes ``state`` and ``host`` as checkpoint ``step`` (kept as is if it already exists).
+
+    ``host`` is any JSON-serialisable dict (nested dicts, lists, strings, numbers, bools, None);
+    :meth:`restore` gives it back equal (tuples come back as lists, as in ``json``).
+    """
     if step in self.manager.all_steps():
       return  # already saved at this step (e.g. final right after periodic): same content
     state_dict = flax.serialization.to_state_dict(state)
@@ -108,18 +132,91 @@ class Checkpointer:
 
     ``target_state`` supplies the tree structure, shapes, dtypes and shardings (a freshly
     initialised state); returns ``None`` when no checkpoint exists.
+
+    With ``step=None`` the steps are tried newest first. If the newest fails (truncated host JSON,
+    damaged or missing array files, a missing item) but an older one restores into the same
+    target, the newer failed steps are damaged: each is moved to
+    ``workdir/checkpoints_corrupt/<step>-<timestamp>/`` (with a ``REASON.txt``), reported by
+    ``logging.warning`` and on stderr (step, reason, step restored instead), and the older step's
+    ``(state, host)`` is returned. If no step restores, nothing is moved (the failures may come
+    from the target rather than the files) and :class:`CheckpointError` lists every step's
+    error; the run stops instead of starting over. A step set aside is never deleted: if it
+    was set aside by mistake (say, a passing I/O error), moving it back restores it. Single host:
+    only process 0 moves files.
+
+    An explicit ``step`` never falls back: any failure raises :class:`CheckpointError`.
+
+    Raises:
+      CheckpointError: the asked-for step, or every step, cannot be restored.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
+    if step is not None:
+      try:
+        return self._restore_step(target_state, step)
+      except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointError(
+            f"Checkpoint step {step} in {self.directory} cannot be restored "
+            f"({_describe(e)}); available steps: {self.manager.all_steps()}.") from e
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
       return None
+    failed: list[tuple[int, Exception]] = []
+    for s in steps:
+      try:
+        restored = self._restore_step(target_state, s)
+      except Exception as e:  # pylint: disable=broad-except
+        failed.append((s, e))
+        continue
+      for bad, err in failed:
+        self._set_aside(bad, err, restored_step=s)
+      if failed:
+        self.manager.reload()  # the manager caches its step list
+      return restored
+    details = "; ".join(f"step {s}: {_describe(e)}" for s, e in failed)
+    raise CheckpointError(
+        f"No checkpoint in {self.directory} can be restored ({details}). Nothing was moved or "
+        f"deleted. If the files are damaged, move the step directories away (or delete them) "
+        f"to start over; if the model or config changed, use a new workdir.") from failed[0][1]
+
+  def _restore_step(self, target_state, step: int):
     target = flax.serialization.to_state_dict(target_state)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
+    if not isinstance(restored["host"], dict):
+      raise CheckpointError(f"host item of step {step} is {type(restored['host']).__name__}, "
+                            f"not a JSON object")
     state = flax.serialization.from_state_dict(target_state, restored["state"])
     return state, dict(restored["host"])
+
+  def _set_aside(self, step: int, error: Exception, *, restored_step: int) -> str:
+    """Moves damaged ``step`` out of the managed directory; returns where it went."""
+    src = str(ocp.step.find_step_path(self.directory, ocp.step.standard_name_format(),
+                                      step=step))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dst = os.path.join(self.corrupt_directory, f"{step}-{stamp}")
+    n = 1
+    while os.path.exists(dst):
+      n += 1
+      dst = os.path.join(self.corrupt_directory, f"{step}-{stamp}-{n}")
+    if jax.process_index() == 0:
+      os.makedirs(self.corrupt_directory, exist_ok=True)
+      shutil.move(src, dst)
+      with open(os.path.join(dst, "REASON.txt"), "w") as f:
+        f.write(f"{_describe(error)}\n")
+    msg = (f"Checkpoint step {step} in {self.directory} is corrupt ({_describe(error)}); "
+           f"moved it to {dst} and restored step {restored_step} instead.")
+    logging.warning("%s", msg)
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+    return dst
 
   def close(self) -> None:
     self.manager.close()
     if self.best_manager is not None:
       self.best_manager.close()
+
+
+def _describe(e: BaseException, limit: int = 300) -> str:
+  text = " ".join(str(e).split())
+  if len(text) > limit:
+    text = text[:limit] + "..."
+  return f"{type(e).__name__}: {text}"

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from dmljax import cli
 from dmljax import metrics
 from dmljax.kernels import knn as knn_lib
 
@@ -46,13 +47,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="skip k-means NMI/F1 (slow for many classes)")
   p.add_argument("--geometry", action="store_true", help="also report the class covering radius")
   p.add_argument("--seed", type=int, default=0, help="k-means++ seed")
+  p.add_argument("--verbose", action="store_true", help="show tracebacks with error messages")
   return p.parse_args(argv)
 
 
 def load(path: str) -> dict[str, np.ndarray]:
   """Reads the documented keys; ValueError naming missing or unknown ones."""
-  with np.load(path) as f:
-    data = {k: f[k] for k in f.files}
+  try:
+    with np.load(path) as f:
+      data = {k: f[k] for k in f.files}
+  except FileNotFoundError:
+    raise ValueError(f"{path}: no such file; give the .npz written with np.savez(path, "
+                     "embeddings=..., labels=...).") from None
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not a readable .npz file ({cli.message(e)}); save it with "
+                     "np.savez(path, embeddings=..., labels=...).") from None
   missing = [k for k in ("embeddings", "labels") if k not in data]
   if missing:
     raise ValueError(f"{path} lacks key(s) {missing}; save with np.savez(path, embeddings=..., "
@@ -104,5 +113,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   return results
 
 
+def run(argv: Optional[Sequence[str]] = None) -> int:
+  """``main`` with errors as one message (exit status 2) instead of a traceback."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    main(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    return cli.report("python -m dmljax.evaluate", e, argv)
+  return 0
+
+
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  sys.exit(run())

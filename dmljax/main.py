@@ -1,28 +1,67 @@
-"""Command line: ``python -m dmljax.main --config=configs/digits_ccp.py --workdir=/tmp/run``.
+"""Command line: ``python -m dmljax.main --config=configs/glyphs_ccp.py --workdir=/tmp/run``.
 
 ``--config.key=value`` overrides any config entry; the config is locked, so a misspelt key is an
-error instead of a silently ignored setting. An existing checkpoint in ``--workdir`` is resumed.
+error instead of a silently ignored setting. An existing checkpoint in ``--workdir`` is resumed;
+if the config changed in a way that breaks exact resumption the run refuses, naming the keys,
+unless ``--allow_config_change`` is given. Errors are one line on stderr and a non-zero exit
+(``--verbose`` or ``DMLJAX_VERBOSE=1`` shows the traceback).
 """
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dmljax import cli
+
+PROG = "python -m dmljax.main"
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training configuration file (configs/*.py).", lock_config=True)
+    "config", None, "Training configuration file (configs/*.py, or a copy anywhere).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
-flags.mark_flags_as_required(["config", "workdir"])
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume a run whose config differs from its checkpoint's, continuing with the new values.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks with error messages.")
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with every failure (a config override too) as one clear message."""
+  try:
+    rest = flags.FLAGS(argv)
+    for name in ("config", "workdir"):
+      if flags.FLAGS[name].value is None:
+        raise flags.IllegalFlagValueError(f"--{name} is required (e.g. --config=configs/"
+                                          "glyphs_ccp.py --workdir=/tmp/dmljax/run).")
+    return rest
+  except flags.Error as e:
+    sys.exit(cli.report(PROG, ValueError(f"{e} (see --helpshort)"), argv))
+  except AttributeError as e:
+    # ml_collections raises AttributeError for an override of a key the config does not have.
+    sys.exit(cli.report(PROG, ValueError(
+        f"unknown config key in a --config.* override: {cli.message(e)}; configs are locked, "
+        "so check the spelling against the config file."), argv))
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(cli.report(PROG, e, argv))
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from dmljax import train  # pylint: disable=g-import-not-at-top  (after flag parsing: XLA flags)
-  logging.set_verbosity(logging.WARNING)
-  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    sys.exit(cli.report(PROG, ValueError(f"unexpected arguments: {argv[1:]}")))
+  try:
+    config = _CONFIG.value  # a config file that fails to load raises here
+    from dmljax import train  # pylint: disable=g-import-not-at-top  (after flag parsing: XLA flags)
+    logging.set_verbosity(logging.WARNING)
+    result = train.train_and_evaluate(config, _WORKDIR.value,
+                                      allow_config_change=_ALLOW_CHANGE.value)
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(cli.report(PROG, e))
   if result.get("preempted"):
-    logging.warning("Preempted at step %d; run the same command again to resume.", result["step"])
+    print(f"Preempted at step {result['step']}; run the same command again to resume.",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,8 +1,14 @@
 """The optax chain built from ``config.optim``.
 
 Order of the chain (each step explained where it is built): clip the raw gradient by its global
-norm -> (Adam only) coupled L2 weight decay -> Adam moments -> (AdamW only) decoupled weight decay
--> learning rate (schedule) -> per-group learning-rate multipliers.
+norm -> (Adam only) coupled L2 weight decay -> Adam moments (or SGD momentum), kept per parameter
+group -> (AdamW only) decoupled weight decay -> learning rate (schedule) -> per-group
+learning-rate multipliers.
+
+The moments live in one state per group (:func:`per_group`), each with its own step count, so a
+group whose state is reset (CCP's re-initialised proxies, when ``ccp.reset_proxy_opt_state``) is
+exactly a freshly started Adam for that group: its bias correction restarts with its moments. The
+learning-rate schedule keeps the run's step count.
 
 Parameter groups are the top-level keys of the params dict: ``"model"`` (backbone + head) and
 whatever a framework adds (``"proxies"``, ...). Weight decay applies to ``kernel`` leaves of the
@@ -55,6 +61,25 @@ def scale_by_group(multipliers: dict[str, float]) -> optax.GradientTransformatio
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def per_group(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Applies ``inner`` to each top-level group of the params dict with its own state.
+
+  The state is ``{group: inner_state}``; :func:`reset_group_state` can then replace one group's
+  state (moments *and* step count) without touching the others.
+  """
+
+  def init_fn(params):
+    return {g: inner.init(p) for g, p in params.items()}
+
+  def update_fn(updates, state, params=None):
+    new_updates, new_state = {}, {}
+    for g, u in updates.items():
+      new_updates[g], new_state[g] = inner.update(u, state[g], None if params is None else params[g])
+    return new_updates, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_schedule(oc, total_steps: int) -> optax.Schedule:
   """Linear warm-up over ``oc.warmup_steps`` then constant or cosine decay to 0 at ``total_steps``."""
   if oc.schedule not in SCHEDULES:
@@ -92,16 +117,16 @@ def make_optimizer(oc, total_steps: int) -> optax.GradientTransformation:
     if wd > 0:
       # Coupled L2 (what "Adam with weight decay" means in TF/Keras regularizers).
       parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask))
-    parts.append(optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps))
+    parts.append(per_group(optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps)))
   elif oc.name == "adamw":
-    parts.append(optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps))
+    parts.append(per_group(optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps)))
     if wd > 0:
       parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask))
   else:
     if wd > 0:
       parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask))
     if oc.momentum:
-      parts.append(optax.trace(decay=float(oc.momentum), nesterov=False))
+      parts.append(per_group(optax.trace(decay=float(oc.momentum), nesterov=False)))
   parts.append(optax.scale_by_learning_rate(make_schedule(oc, total_steps)))
   if oc.lr_multipliers:
     parts.append(scale_by_group(oc.lr_multipliers))
@@ -109,10 +134,11 @@ def make_optimizer(oc, total_steps: int) -> optax.GradientTransformation:
 
 
 def reset_group_state(opt_state, fresh_state, group: str):
-  """Optimizer state with every params-shaped sub-tree's ``group`` entry taken from ``fresh_state``.
+  """Optimizer state with every entry under key ``group`` taken from ``fresh_state``.
 
-  Used by CCP when proxies are re-initialised: their Adam moments belong to the old proxies.
-  Scalars such as Adam's step count are kept from ``opt_state``.
+  With the per-group moments of :func:`make_optimizer` this resets the group's moments and its
+  own step count (a fresh Adam for that group); chain-level counts (the learning-rate schedule)
+  are kept from ``opt_state``. Used by CCP when ``ccp.reset_proxy_opt_state`` is set.
   """
   def pick(path, old, new):
     return new if group in _path_keys(path) else old

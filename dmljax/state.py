@@ -24,7 +24,9 @@ class TrainState:
     anchor: proximal anchor, a copy of ``params["model"]`` (CCP's theta^(k-1)).
     best: ``{"params", "batch_stats"}`` of the best validation evaluation so far.
     tracker: early-stopping scalars: ``best_metric`` (float32, -inf before the first eval),
-      ``best_step``, ``evals_since_best``, ``num_evals`` (int32).
+      ``best_step``, ``evals_since_best``, ``num_evals`` (int32); and the health counters of the
+      train step: ``nonfinite_steps`` (steps whose update was skipped for a non-finite loss or
+      gradient) and ``nonfinite_streak`` (how many of the latest steps in a row were).
     framework: framework state (dict of arrays: projection index, proxy labels, memory, ...).
     rng: legacy uint32[2] PRNG key; per-step keys are ``fold_in(rng, step)``.
   """
@@ -45,6 +47,8 @@ def new_tracker() -> dict:
       "best_step": jnp.asarray(-1, jnp.int32),
       "evals_since_best": jnp.asarray(0, jnp.int32),
       "num_evals": jnp.asarray(0, jnp.int32),
+      "nonfinite_steps": jnp.asarray(0, jnp.int32),
+      "nonfinite_streak": jnp.asarray(0, jnp.int32),
   }
 
 

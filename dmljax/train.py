@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from dmljax import checkpoint as ckpt_lib
+from dmljax import cli
 from dmljax import frameworks
 from dmljax import models
 from dmljax import optim
@@ -81,12 +82,31 @@ def make_train_step(model, framework, tx) -> tuple[Callable, list]:
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
-                              opt_state=opt_state, framework=fstate)
+    # A non-finite loss, gradient or result is never applied: the whole update (params,
+    # optimizer moments, BatchNorm statistics, framework state) is skipped and counted; the
+    # step counter still advances so the next step draws the next batch.
+    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    tracker = dict(state.tracker)
+    tracker["nonfinite_steps"] = state.tracker["nonfinite_steps"] + jnp.where(ok, 0, 1)
+    tracker["nonfinite_streak"] = jnp.where(ok, 0, state.tracker["nonfinite_streak"] + 1)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   nonfinite_steps=tracker["nonfinite_steps"],
+                   nonfinite_streak=tracker["nonfinite_streak"])
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        batch_stats=keep(new_bs, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state), framework=keep(fstate, state.framework),
+        tracker=tracker)
     return new_state, metrics
 
   return train_step, traces
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def jit_train_step(step_fn, mesh):
@@ -131,6 +151,32 @@ def embed_images(embed_fn, mesh, model_params, batch_stats, images: np.ndarray,
 # ============================================================================= host helpers
 
 
+def read_jsonl(path: str) -> list[dict]:
+  """The records of a ``metrics.jsonl``; a partial or garbled line (a run killed mid-write) is
+  dropped, never an error."""
+  out = []
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(rec, dict):
+        out.append(rec)
+  return out
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 class _Logger:
   """metrics.jsonl + TensorBoard (process 0 only)."""
 
@@ -141,11 +187,10 @@ class _Logger:
     if not self.active:
       return
     if resume_step is not None and os.path.exists(self.path):
-      # Drop lines written after the checkpoint we resume from: they will be written again.
-      with open(self.path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(keep)
+      # Drop lines written after the checkpoint we resume from (they will be written again) and
+      # any partial line; the rewrite is atomic, so a kill here loses nothing.
+      keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+      _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
     elif resume_step is None and os.path.exists(self.path):
       os.remove(self.path)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -183,25 +228,75 @@ def _num_classes(labels) -> int:
   return int(np.max(labels)) + 1 if len(labels) else 0
 
 
+# Keys whose change cannot alter what a resumed run computes (logging, retention, paths, device
+# count: results do not depend on it). Any other change breaks exact resumption.
+RESUME_SAFE_KEYS = ("progress", "log_every_steps", "plot_projections", "checkpoint.max_to_keep",
+                    "checkpoint.save_best", "checkpoint.every_steps", "dataset.cache_dir",
+                    "max_consecutive_nonfinite", "baselines", "num_devices", "eval_batch_size")
+SAMPLER_KEYS = ("seed", "batch_size", "sampler.name", "sampler.m")
+
+
+def config_dict(config) -> dict:
+  """The config as plain JSON data (tuples as lists): what a checkpoint records."""
+  return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+  """``{key: (saved, current)}`` for every key whose change breaks exact resumption."""
+  a, b = _flatten(saved), _flatten(current)
+  return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+          if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in RESUME_SAFE_KEYS}
+
+
+def config_fingerprint(cfg: dict) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _save_config(config, workdir):
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    _write_atomic(os.path.join(workdir, "config.json"),
+                  config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+TABLE_METRICS = ("map_at_r", "r_precision", "precision_at_1")
 
 
 def _print_table(final: dict[str, float]):
-  keys = ["map_at_r", "r_precision", "precision_at_1"]
-  extra = sorted({k.split("/", 1)[1] for k in final if "/" in k and k.startswith(("val/", "test/"))
-                  and k.split("/", 1)[1].startswith("recall_at_")})
-  cols = keys + [k for k in extra if k not in keys]
-  lines = ["", f"{'split':<6} " + " ".join(f"{c:>15}" for c in cols)]
-  for split in ("val", "test"):
-    row = [final.get(f"{split}/{c}", float("nan")) for c in cols]
-    lines.append(f"{split:<6} " + " ".join(f"{v:>15.4f}" for v in row))
+  """The final table: the trained model and, measured in the same run, its trivial baselines."""
+  extra = sorted({k.rsplit("/", 1)[1] for k in final
+                  if k.startswith("test/") and k.rsplit("/", 1)[1].startswith("recall_at_")})
+  cols = list(TABLE_METRICS) + [k for k in extra if k not in TABLE_METRICS]
+  lines = ["", f"{'model':<10} {'split':<6} " + " ".join(f"{c:>15}" for c in cols)]
+  for model, prefix in (("trained", ""), ("untrained", "untrained/"), ("pixels", "pixels/")):
+    for split in ("val", "test"):
+      if f"{prefix}{split}/map_at_r" not in final:
+        continue
+      row = [final.get(f"{prefix}{split}/{c}", float("nan")) for c in cols]
+      lines.append(f"{model:<10} {split:<6} " + " ".join(f"{v:>15.4f}" for v in row))
   text = "\n".join(lines)
   if jax.process_index() == 0:
     print(text, flush=True)
   return text
+
+
+def pixel_embeddings(images: np.ndarray) -> np.ndarray:
+  """The raw-pixel baseline: images flattened to float32 and L2-normalised."""
+  x = np.asarray(images, np.float32).reshape(len(images), -1)
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+PIXEL_BASELINE_MAX_VALUES = 16384  # 128 x 128 grey; larger images: set config.baselines
 
 
 def _make_plotter(config, workdir, model_embed: Callable, train_images, train_labels, rng_seed):
@@ -241,17 +336,26 @@ def _make_plotter(config, workdir, model_embed: Callable, train_images, train_la
 # ============================================================================= main entry
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False
+                       ) -> dict[str, Any]:
   """Trains and evaluates the model described by ``config``; returns the final metrics.
 
   Args:
     config: a ConfigDict as built by ``configs/*.py``.
     workdir: run directory (checkpoints, metrics.jsonl, tensorboard/, config.json, plots/).
       An existing checkpoint there is resumed automatically.
+    allow_config_change: resume even if ``config`` differs from the checkpoint's config in keys
+      that break exact resumption (:data:`RESUME_SAFE_KEYS` may always change), continuing with
+      the new values; otherwise such a change raises :class:`dmljax.cli.ConfigChanged`.
 
   Returns:
-    ``{"val/<metric>": ..., "test/<metric>": ..., "step": ..., "best_step": ...,
+    ``{"val/<metric>": ..., "test/<metric>": ..., "untrained/val/<metric>": ...,
+    "pixels/test/<metric>": ..., "step": ..., "best_step": ..., "nonfinite_steps": ...,
     "train_step_traces": ...}``, or ``{"preempted": True, "step": ...}`` after a SIGTERM.
+
+  Raises:
+    dmljax.cli.TrainingDiverged: ``config.max_consecutive_nonfinite`` steps in a row had a
+      non-finite loss or gradient (none of them was applied).
   """
   # ------------------------------------------------------------------- setup
   os.makedirs(workdir, exist_ok=True)
@@ -263,6 +367,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
   if config.eval_every_steps < 1 or config.total_steps < 1:
     raise ValueError("config.total_steps and config.eval_every_steps must be >= 1.")
+  if config.max_consecutive_nonfinite < 1:
+    raise ValueError("config.max_consecutive_nonfinite must be >= 1, got "
+                     f"{config.max_consecutive_nonfinite}.")
+  unknown = sorted(set(config.baselines) - {"untrained", "pixels"})
+  if unknown:
+    raise ValueError(f"Unknown config.baselines {unknown}; valid: 'untrained', 'pixels'.")
 
   # ------------------------------------------------------------------- data
   from dmljax.data import load_dataset  # pylint: disable=g-import-not-at-top
@@ -290,7 +400,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   init_rng, fw_rng, train_rng = jax.random.split(rng, 3)
   dummy = jnp.zeros((1,) + tuple(train_images.shape[1:]), train_images.dtype)
   variables = jax.jit(lambda r, x: model.init(r, _prepare_images(x), train=False))(init_rng, dummy)
-  extra, fstate = framework.init(fw_rng)
+  extra, fstate = framework.init(fw_rng, variables["params"], variables.get("batch_stats", {}))
   state = state_lib.create_train_state(
       rng=train_rng, model_params=variables["params"],
       batch_stats=variables.get("batch_stats", {}), extra_params=extra,
@@ -309,6 +419,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   def evaluate(model_params, batch_stats, split) -> dict[str, float]:
     emb = embed_split(model_params, batch_stats, np.asarray(split.images))
+    if not np.all(np.isfinite(emb)):
+      # Finite losses can still leave weights that overflow in inference mode.
+      bad = int(np.sum(~np.all(np.isfinite(emb), axis=1)))
+      raise cli.TrainingDiverged(_diverged(
+          config, checkpointer,
+          f"the model's embeddings of {bad} of {len(emb)} evaluation images are not finite at "
+          f"step {int(parallel.to_host(state.step))}"))
     m = retrieval_metrics(emb, np.asarray(split.labels), recall_ks=tuple(config.recall_ks))
     return {k: float(v) for k, v in m.items()}
 
@@ -325,8 +442,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                          save_best=config.checkpoint.save_best)
   restored = checkpointer.restore(state) if checkpointer else None
+  cfg_now, changed = config_dict(config), {}
+  if restored is not None:
+    host = restored[1]
+    changed = config_changes(host["config"], cfg_now) if "config" in host else {}
+    if changed and not allow_config_change:
+      listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+      checkpointer.close()
+      raise cli.ConfigChanged(
+          f"the config differs from the one {workdir} was trained with, which breaks exact "
+          f"resumption: {listing}. Run with the old values, use a new --workdir, or pass "
+          "--allow_config_change to continue with the new values.")
   logger = _Logger(workdir, None if restored is None else int(restored[1]["step"]))
-  _save_config(config, workdir)
   plot = _make_plotter(config, workdir,
                        lambda p, bs, idx: embed_split(p, bs, train_images, idx),
                        train_images, train_labels, config.seed)
@@ -336,17 +463,29 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if restored is not None:
     state, host = restored
     state = parallel.replicate(state, mesh)
-    if host.get("sampler"):
+    if changed:
+      logging.warning("Continuing %s with changed config keys: %s", workdir, sorted(changed))
+    if host.get("sampler") and not set(changed) & set(SAMPLER_KEYS):
       # Continue with the checkpointed sampler; its labels fingerprint makes a data set that
       # changed under the run fail here instead of silently drawing other batches.
       sampler = type(sampler).from_state_dict(train_labels, host["sampler"])
-    logging.info("Resumed from step %d in %s.", host["step"], workdir)
+    if jax.process_index() == 0:
+      print(f"Resumed from step {host['step']} of {workdir}", flush=True)
   else:
     state = framework.on_start(state, ctx)
     state = parallel.replicate(state, mesh)
     host = {"step": 0, "done": False, "sampler": sampler.state_dict() if hasattr(
         sampler, "state_dict") else {}}
+    if "untrained" in config.baselines:
+      # The untrained network (after the framework's start, e.g. CCP's first proxies: the model
+      # is still the initial one), measured before step 1 and kept with the checkpoints.
+      host["baselines"] = {f"untrained/{name}/{k}": v for name, split in (("val", val),
+                                                                           ("test", test))
+                           for k, v in evaluate(state.params["model"], state.batch_stats,
+                                                split).items()}
   host["sampler"] = _jsonable(host.get("sampler", {}))
+  host["config"], host["config_fingerprint"] = cfg_now, config_fingerprint(cfg_now)
+  _save_config(config, workdir)
 
   def save(step):
     if checkpointer is not None:
@@ -356,7 +495,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   step = int(host["step"])
   preempt = ckpt_lib.PreemptionFlag().install()
   pi, pc = jax.process_index(), jax.process_count()
-  t0, t_steps, last = time.time(), 0, {}
+  t0, t_steps, last, pending = time.time(), 0, {}, None
   try:
     while not host["done"] and step < config.total_steps:
       idx = np.asarray(sampler.batch(step, process_index=pi, process_count=pc))
@@ -365,6 +504,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       state, last = train_step(state, images, labels)
       step += 1
       t_steps += 1
+      # The previous step's health, read while this one runs (no stall of the pipeline).
+      if pending is not None:
+        _check_finite(config, pending, step - 1, checkpointer, workdir)
+      pending = last
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
         vals = parallel.to_host(last)
@@ -374,6 +517,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         t0, t_steps = time.time(), 0
 
       if step % config.eval_every_steps == 0 or step == config.total_steps:
+        _check_finite(config, pending, step, checkpointer, workdir)
         state, stop = _eval_and_hooks(state, step, evaluate, val, framework, ctx, config,
                                       logger, checkpointer)
         host["done"] = bool(stop or step >= config.total_steps)
@@ -389,8 +533,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         return {"preempted": True, "step": step}
       if (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
           and not host["done"]):
+        _check_finite(config, pending, step, checkpointer, workdir)
         host["step"] = step
         save(step)
+    _check_finite(config, pending, step, checkpointer, workdir)
+  except BaseException:
+    logger.close()
+    if checkpointer is not None:
+      checkpointer.close()
+    raise
   finally:
     preempt.uninstall()
 
@@ -402,12 +553,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   best = state.best
   tracker = parallel.to_host(state.tracker)
   final: dict[str, Any] = {"step": step, "best_step": int(tracker["best_step"]),
+                           "nonfinite_steps": int(tracker["nonfinite_steps"]),
                            "train_step_traces": traces[0]}
   for name, split in (("val", val), ("test", test)):
     for k, v in evaluate(best["params"]["model"], best["batch_stats"], split).items():
       final[f"{name}/{k}"] = v
+  final.update(host.get("baselines", {}))
+  if "pixels" in config.baselines:
+    final.update(_pixel_baseline(config, val, test))
   final["table"] = _print_table(final)
-  logger.log(step, {k: v for k, v in final.items() if isinstance(v, float)}, kind="final")
+  logger.log(step, {k: v for k, v in final.items() if isinstance(v, (int, float))},
+             kind="final")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({k: v for k, v in final.items() if k != "table"}, f, indent=2, sort_keys=True)
@@ -424,6 +580,7 @@ def _eval_and_hooks(state, step, evaluate, val, framework, ctx, config, logger, 
   tr = parallel.to_host(state.tracker)
   improved = metric > float(tr["best_metric"])
   tracker = {
+      **tr,
       "best_metric": np.float32(metric if improved else tr["best_metric"]),
       "best_step": np.int32(step if improved else tr["best_step"]),
       "evals_since_best": np.int32(0 if improved else tr["evals_since_best"] + 1),
@@ -441,6 +598,49 @@ def _eval_and_hooks(state, step, evaluate, val, framework, ctx, config, logger, 
                     "val/best_map_at_r": float(tracker["best_metric"]), **events}, kind="eval")
   stop = int(tracker["evals_since_best"]) >= config.patience_evals
   return state, stop
+
+
+def _check_finite(config, metrics, step, checkpointer, workdir):
+  """Raises TrainingDiverged once ``max_consecutive_nonfinite`` steps in a row were skipped."""
+  if metrics is None:
+    return
+  streak = int(parallel.to_host(metrics["nonfinite_streak"]))
+  if streak < config.max_consecutive_nonfinite:
+    return
+  raise cli.TrainingDiverged(_diverged(
+      config, checkpointer, f"steps {step - streak + 1}-{step} ({streak} in a row) had a "
+      "non-finite loss or gradient and none of them was applied",
+      " or raise config.max_consecutive_nonfinite"))
+
+
+def _diverged(config, checkpointer, what: str, more: str = "") -> str:
+  """The divergence message: what happened, the last good checkpoint, the likely cause."""
+  last_good = checkpointer.latest_step() if checkpointer is not None else None
+  where = (f"the last good checkpoint is step {last_good} in {checkpointer.directory} (running "
+           "the same command again resumes from it)" if last_good is not None else
+           "no checkpoint was written yet")
+  causes = [f"a learning rate too high (optim.learning_rate={config.optim.learning_rate})"]
+  if not config.optim.grad_clip_norm:
+    causes.append("no gradient clipping (optim.grad_clip_norm=0)")
+  return (f"training diverged: {what}; {where}. Likely cause: {' or '.join(causes)}; lower the "
+          f"learning rate or clip gradients{more}.")
+
+
+def _pixel_baseline(config, val, test) -> dict[str, float]:
+  """Raw pixels, flattened and L2-normalised, on the validation and test splits."""
+  from dmljax.metrics import retrieval_metrics  # pylint: disable=g-import-not-at-top
+  size = int(np.prod(np.shape(val.images)[1:]))
+  if size > PIXEL_BASELINE_MAX_VALUES:
+    logging.warning("Pixel baseline skipped: images of %d values (more than %d); remove "
+                    "'pixels' from config.baselines to silence this.", size,
+                    PIXEL_BASELINE_MAX_VALUES)
+    return {}
+  out = {}
+  for name, split in (("val", val), ("test", test)):
+    m = retrieval_metrics(pixel_embeddings(split.images), np.asarray(split.labels),
+                          recall_ks=tuple(config.recall_ks))
+    out.update({f"pixels/{name}/{k}": float(v) for k, v in m.items()})
+  return out
 
 
 def _progress_enabled(config) -> bool:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import base_config, shrink
+from dmljax.configs import base_config, shrink
 from dmljax import frameworks, losses, optim, parallel
 from dmljax import state as state_lib
 
@@ -46,7 +46,7 @@ def _setup(**ccp):
                                replicate=lambda t: parallel.replicate(t, mesh),
                                log=lambda *a, **k: None)
   model_params = {"w": jnp.ones((2, 2)), "b": jnp.zeros((2,))}
-  extra, fs = fw.init(jax.random.PRNGKey(0))
+  extra, fs = fw.init(jax.random.PRNGKey(0), model_params, {})
   st = state_lib.create_train_state(rng=jax.random.PRNGKey(1), model_params=model_params,
                                     batch_stats={}, extra_params=extra, framework_state=fs, tx=tx)
   return c, fw, ctx, st, calls
@@ -145,7 +145,7 @@ def test_ccp_start_projection_end_by_patience_reinit_anchor():
 
 
 def test_ccp_projection_end_by_max_steps_and_opt_state_reset():
-  c, fw, ctx, st, _ = _setup(max_projection_steps=25, patience=100)
+  c, fw, ctx, st, _ = _setup(max_projection_steps=25, patience=100, reset_proxy_opt_state=True)
   st = fw.on_start(st, ctx)
   # Fake non-zero Adam moments everywhere.
   st = st.replace(opt_state=jax.tree.map(lambda x: x + 1.0 if x.dtype == jnp.float32 else x,
@@ -156,9 +156,124 @@ def test_ccp_projection_end_by_max_steps_and_opt_state_reset():
   st = _mark_best(_advance(st, 5))
   st, _ = fw.after_eval(st, ctx, 0.2)   # improving, but 25 steps reached
   assert int(st.framework["projection"]) == 1
-  adam = [s for s in st.opt_state if hasattr(s, "mu")][0]
-  assert float(jnp.abs(adam.mu["proxies"]).max()) == 0.0          # proxies' moments reset
-  assert float(jnp.min(adam.mu["model"]["w"])) == 1.0               # model's moments kept
+  adam = [s for s in st.opt_state if isinstance(s, dict) and "proxies" in s][0]
+  assert float(jnp.abs(adam["proxies"].mu).max()) == 0.0          # proxies' moments reset
+  assert int(adam["proxies"].count) == 0                           # ... with their own count
+  assert float(jnp.min(adam["model"].mu["w"])) == 1.0               # model's moments kept
+
+
+def test_ccp_default_keeps_optimizer_state_and_has_no_step_cap():
+  # Guards issue 12: the paper ends projections by patience alone and never resets the proxies'
+  # optimizer state; the old defaults capped projections and zeroed the proxy moments.
+  c, fw, ctx, st, _ = _setup(max_projection_steps=base_config().ccp.max_projection_steps,
+                             patience=2)
+  assert c.ccp.max_projection_steps == 0 and not c.ccp.reset_proxy_opt_state
+  st = fw.on_start(st, ctx)
+  st = st.replace(opt_state=jax.tree.map(lambda x: x + 1.0 if x.dtype == jnp.float32 else x,
+                                         st.opt_state))
+  for i in range(5):                     # improving every time, 10,000 steps each: never ends
+    st = _mark_best(_advance(st, 10_000))
+    st, _ = fw.after_eval(st, ctx, 0.1 * (i + 1))
+  assert int(st.framework["projection"]) == 0
+  st, _ = fw.after_eval(_advance(st, 1), ctx, 0.0)
+  st, _ = fw.after_eval(_advance(st, 1), ctx, 0.0)   # patience 2: ends now
+  assert int(st.framework["projection"]) == 1
+  adam = [s for s in st.opt_state if isinstance(s, dict) and "proxies" in s][0]
+  assert float(jnp.min(adam["proxies"].mu)) == 1.0   # moments kept through re-initialisation
+
+
+def _snapshot(st):
+  return jax.tree.map(np.asarray, {"params": st.params, "batch_stats": st.batch_stats})
+
+
+@pytest.mark.parametrize("mode", ["projection_best", "converged", "run_best"])
+def test_ccp_start_from_modes(mode):
+  # Guards issue 12: the run rewound to the all-time best, so a projection that never beat it
+  # was discarded. Each mode starts the next projection (params, anchor, k-center seeds) from
+  # its own solution; projection 1 below never beats projection 0's best.
+  c, fw, ctx, st, calls = _setup(start_from=mode, patience=2)
+  st = fw.on_start(st, ctx)
+  st = _mark_best(_advance(st, 10))
+  st, _ = fw.after_eval(st, ctx, 0.5)              # projection 0's best, also the run's best
+  best0 = _snapshot(st)
+  st, _ = fw.after_eval(_advance(st, 10), ctx, 0.4)
+  st = _advance(st, 10)
+  end0 = _snapshot(st)
+  st, _ = fw.after_eval(st, ctx, 0.45)             # projection 0 ends
+  assert int(st.framework["projection"]) == 1
+  start1 = {"projection_best": best0, "converged": end0, "run_best": best0}[mode]
+
+  st = _advance(st, 10)
+  st, _ = fw.after_eval(st, ctx, 0.3)              # projection 1's best, below the run's best
+  best1 = _snapshot(st)
+  st, _ = fw.after_eval(_advance(st, 10), ctx, 0.2)
+  st = _advance(st, 10)
+  end1 = _snapshot(st)
+  st, _ = fw.after_eval(st, ctx, 0.1)              # projection 1 ends
+  assert int(st.framework["projection"]) == 2
+  start2 = {"projection_best": best1, "converged": end1, "run_best": best0}[mode]
+
+  # After projection 1: model, anchor, pool embedding params and k-center seeds from start2.
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, st.params["model"]),
+               start2["params"]["model"])
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, st.anchor),
+               start2["params"]["model"])
+  assert calls[2][1] == 2
+  jax.tree.map(np.testing.assert_array_equal, calls[2][0], start2["params"]["model"])
+  pool2, _ = _pool(2)
+  seeds = start2["params"]["proxies"].reshape(C, P, D)
+  got = np.asarray(st.params["proxies"]).reshape(C, P, D)
+  for k in range(C):
+    np.testing.assert_allclose(got[k], _naive_kcenter(pool2[k], seeds[k], P), atol=1e-6)
+  # And projection 1 itself had started from start1.
+  jax.tree.map(np.testing.assert_array_equal, calls[1][0], start1["params"]["model"])
+  if mode != "run_best":
+    # The two starting points differ: projection 1's work is kept, not discarded.
+    assert not np.array_equal(start2["params"]["model"]["w"], best0["params"]["model"]["w"])
+
+
+def test_ccp_in_batch_term_is_its_own_loss():
+  # Guards issue 12: MS-CCP / Triplet-CCP silently reused the proxy loss in-batch.
+  c, fw, ctx, st, _ = _setup()
+  c.unlock()
+  c.loss.name = "multi_similarity"
+  c.loss.kwargs = {}
+  c.lock()
+  fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+  st = fw.on_start(st, ctx)
+  rng = np.random.default_rng(3)
+  emb = jnp.asarray(rng.normal(size=(6, D)), jnp.float32)
+  labels = jnp.asarray([0, 0, 1, 1, 2, 2], jnp.int32)
+  total, _ = fw.loss(st.params, emb, labels, st, None)
+  s2p = losses.multi_similarity(emb, labels, ref_embeddings=st.params["proxies"],
+                                ref_labels=st.framework["proxy_labels"])
+  inb = losses.contrastive(emb, labels, **dict(c.ccp.in_batch_kwargs))
+  np.testing.assert_allclose(float(total), float(s2p) + 0.1 * float(inb), rtol=1e-5)
+  c.unlock()
+  c.ccp.in_batch_loss = "proxy_anchor"
+  with pytest.raises(ValueError, match="in_batch_loss"):
+    frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+
+
+def test_ccp_proxy_spread_never_builds_a_four_dim_array():
+  # Guards issue 12: the spread built a [C, P, P, D] host array per evaluation (185 MB at SOP).
+  from dmljax.frameworks import ccp
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(7, 4, 16)), jnp.float32)
+
+  def shapes(jaxpr):   # every intermediate's shape, nested jaxprs (the jit) included
+    for e in jaxpr.eqns:
+      yield from (v.aval.shape for v in e.outvars)
+      for p in e.params.values():
+        if hasattr(p, "jaxpr"):
+          yield from shapes(p.jaxpr)
+  found = list(shapes(jax.make_jaxpr(ccp._spread_sum)(x).jaxpr))
+  assert len(found) > 3 and max(len(s) for s in found) <= 3
+  fw = _setup()[1]
+  xs = np.asarray(x, np.float64)
+  naive = np.mean([np.linalg.norm(xs[c, i] - xs[c, j]) for c in range(7) for i in range(4)
+                   for j in range(4) if i != j])
+  fw.num_classes, fw.per_class = 7, 4
+  np.testing.assert_allclose(fw.proxy_spread(x.reshape(28, 16)), naive, rtol=1e-5)
 
 
 def test_ccp_without_alternation_never_reinitialises():
@@ -204,7 +319,7 @@ def test_standard_proxy_and_pair_losses():
   c = _config()
   c.framework = "standard"
   fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
-  extra, fs = fw.init(jax.random.PRNGKey(0))
+  extra, fs = fw.init(jax.random.PRNGKey(0), {"w": jnp.ones(2)}, {})
   assert extra == {} and fs == {}
   emb = jnp.asarray(np.random.default_rng(1).normal(size=(6, D)), jnp.float32)
   labels = jnp.asarray([0, 0, 1, 1, 2, 2], jnp.int32)
@@ -216,6 +331,6 @@ def test_standard_proxy_and_pair_losses():
   c.loss.name, c.loss.kwargs = "proxy_nca", {}
   c.standard.proxies_per_class = 2
   fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
-  extra, fs = fw.init(jax.random.PRNGKey(0))
+  extra, fs = fw.init(jax.random.PRNGKey(0), {"w": jnp.ones(2)}, {})
   assert extra["proxies"].shape == (C * 2, D)
   np.testing.assert_array_equal(np.asarray(fs["proxy_labels"]), [0, 0, 1, 1, 2, 2])

@@ -15,8 +15,8 @@ BLOCKS = dict(query_block=8, ref_block=16, group=4)
 def test_hand_computed_rankings():
   # Query A: R=3, ranking 1 0 1 0 1 0.  Query B: R=2, ranking 0 1 0 0 1 0.  Query C: lone.
   rel = np.array([[1, 0, 1, 0, 1, 0], [0, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0]], bool)
-  m = metrics_from_relevance(rel, np.array([3, 2, 0]), recall_ks=(1, 2), ndcg_ks=(3,),
-                             map_ks=(2,))
+  m = metrics_from_relevance(rel, np.array([3, 2, 0]), recall_ks=(1, 2), precision_ks=(4,),
+                             ndcg_ks=(3,), map_ks=(2, 4), map_min_r_ks=(4,))
   assert m["num_queries"] == 3 and m["num_lone_queries"] == 1
   assert m["precision_at_1"] == pytest.approx((1 + 0) / 2)
   assert m["r_precision"] == pytest.approx((2 / 3 + 1 / 2) / 2)
@@ -28,20 +28,61 @@ def test_hand_computed_rankings():
   a = (1 + 1 / 2) / (1 + 1 / math.log2(3) + 1 / 2)
   b = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
   assert m["ndcg_at_3"] == pytest.approx((a + b) / 2)
-  # MAP@2: A = (1/1) / min(2, 3); B = (1/2) / min(2, 2).
+  # P@4: A = 2/4, B = 1/4.
+  assert m["precision_at_4"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+  # MAP@k divides by k: MAP@2: A = (1/1) / 2, B = (1/2) / 2; MAP@4: A = (1 + 2/3) / 4, B = 1/2 / 4.
   assert m["map_at_2"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+  # guards: MAP@k divided by k, not min(k, R) (issue 12; the two agree at k=2 here, not at k=4)
+  assert m["map_at_4"] == pytest.approx(((1 + 2 / 3) / 4 + (1 / 2) / 4) / 2)
+  # The min(k, R) variant: A = (1 + 2/3) / min(4, 3), B = (1/2) / min(4, 2).
+  assert m["map_at_4_min_r"] == pytest.approx(((1 + 2 / 3) / 3 + (1 / 2) / 2) / 2)
 
 
-@pytest.mark.parametrize("row, expected", [
-    ([1, 0, 0, 0, 0, 0, 0, 0, 0, 0], 39.0),
-    ([1, 0, 0, 0, 0, 0, 0, 0, 0, 1], 50.3),
-    ([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], 58.6),
-    ([1, 0, 1, 0, 0, 0, 1, 0, 0, 1], 82.9),
-    ([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], 100.0),
-])
-def test_ndcg_mpa_table_3(row, expected):
-  m = metrics_from_relevance(np.array([row], bool), np.array([4]), ndcg_ks=(10,))
-  assert round(100 * m["ndcg_at_10"], 1) == expected
+def test_all_lone_gives_nan_for_every_cut_off():
+  # guards: the new cut-offs also leave lone queries out (NaN when no query has a relevant item)
+  m = metrics_from_relevance(np.zeros((2, 3), bool), np.array([0, 0]), precision_ks=(2,),
+                             map_ks=(2,), map_min_r_ks=(2,))
+  assert m["num_lone_queries"] == 2
+  for key in ("precision_at_2", "map_at_2", "map_at_2_min_r"):
+    assert math.isnan(m[key]), key
+
+
+# MPA paper (003_*.txt), Table 3: one query with R = 4 relevant references, the first 10 ranked
+# results as listed; columns Recall@10, Precision@10, MAP@R, MAP@10, nDCG@10 (x 100).
+TABLE_3 = [
+    ([1, 0, 0, 0, 0, 0, 0, 0, 0, 0], 100, 10, 25.0, 10.0, 39.0),
+    ([1, 0, 0, 0, 0, 0, 0, 0, 0, 1], 100, 20, 25.0, 12.0, 50.3),
+    ([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], 100, 20, 41.7, 16.7, 58.6),
+    ([1, 0, 1, 0, 0, 0, 1, 0, 0, 1], 100, 40, 41.7, 25.0, 82.9),
+    ([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], 100, 40, 100.0, 40.0, 100.0),
+]
+# Not in the table: the same sums divided by min(10, R) = 4 (a perfect ranking scores 100).
+MAP_10_MIN_R = [25.0, 30.0, 41.7, 62.4, 100.0]
+
+
+@pytest.mark.parametrize("i", range(len(TABLE_3)))
+def test_mpa_table_3_every_column(i):
+  # guards: every Table 3 column, incl. Precision@10 and MAP@10 divided by k (issue 12)
+  row, recall, precision, map_r, map_10, ndcg = TABLE_3[i]
+  m = metrics_from_relevance(np.array([row], bool), np.array([4]), recall_ks=(10,),
+                             precision_ks=(10,), ndcg_ks=(10,), map_ks=(10,),
+                             map_min_r_ks=(10,))
+  got = {key: round(100 * m[key], 1) for key in m if key not in ("num_queries",
+                                                                 "num_lone_queries")}
+  assert got["recall_at_10"] == recall
+  assert got["precision_at_10"] == precision
+  assert got["map_at_r"] == map_r
+  assert got["map_at_10"] == map_10
+  assert got["ndcg_at_10"] == ndcg
+  assert got["map_at_10_min_r"] == MAP_10_MIN_R[i]
+
+
+def test_mpa_table_3_rows_as_one_batch():
+  # guards: the per-query values average correctly when the five rankings are evaluated together
+  rel = np.array([t[0] for t in TABLE_3], bool)
+  m = metrics_from_relevance(rel, np.full(5, 4), precision_ks=(10,), map_ks=(10,), ndcg_ks=(10,))
+  for key, col in (("precision_at_10", 2), ("map_at_r", 3), ("map_at_10", 4), ("ndcg_at_10", 5)):
+    assert 100 * m[key] == pytest.approx(np.mean([t[col] for t in TABLE_3]), abs=0.05), key
 
 
 def test_recall_beyond_searched_depth_uses_first_rank():
@@ -55,7 +96,7 @@ def test_recall_beyond_searched_depth_uses_first_rank():
 # ----------------------------------------------------------------------------- oracle
 
 
-def oracle(q, lq, g, lg, same, recall_ks, ndcg_ks, map_ks):
+def oracle(q, lq, g, lg, same, recall_ks, precision_ks, ndcg_ks, map_ks, map_min_r_ks):
   """Per-query Python loops over a full ranking (distance, then index), from the formulas."""
   sums, n_ok, lone = {}, 0, 0
   for i in range(len(q)):
@@ -72,12 +113,18 @@ def oracle(q, lq, g, lg, same, recall_ks, ndcg_ks, map_ks):
     vals["map_at_r"] = sum(sum(rel[:p + 1]) / (p + 1) for p in range(r) if rel[p]) / r
     for k in recall_ks:
       vals[f"recall_at_{k}"] = float(any(rel[:k]))
+    for k in precision_ks:
+      vals[f"precision_at_{k}"] = sum(rel[:k]) / k
     for k in ndcg_ks:
       dcg = sum(rel[p] / math.log2(p + 2) for p in range(k))
       idcg = sum(1 / math.log2(p + 2) for p in range(min(k, r)))
       vals[f"ndcg_at_{k}"] = dcg / idcg
-    for k in map_ks:
-      vals[f"map_at_{k}"] = sum(sum(rel[:p + 1]) / (p + 1) for p in range(k) if rel[p]) / min(k, r)
+    for k in map_ks + map_min_r_ks:
+      ap = sum(sum(rel[:p + 1]) / (p + 1) for p in range(k) if rel[p])
+      if k in map_ks:
+        vals[f"map_at_{k}"] = ap / k
+      if k in map_min_r_ks:
+        vals[f"map_at_{k}_min_r"] = ap / min(k, r)
     for key, v in vals.items():
       sums[key] = sums.get(key, 0.0) + v
   out = {key: v / n_ok for key, v in sums.items()}
@@ -95,7 +142,8 @@ def clustered(n=40, classes=9, dim=6, seed=0):
   return x, labels
 
 
-KS = dict(recall_ks=(1, 3, 20), ndcg_ks=(4,), map_ks=(3,))
+KS = dict(recall_ks=(1, 3, 20), precision_ks=(2, 9), ndcg_ks=(4,), map_ks=(3, 9),
+          map_min_r_ks=(3, 9))
 
 
 def assert_same(got, want):
@@ -109,6 +157,7 @@ def test_same_set_matches_oracle():
   got = retrieval_metrics(x, y, **KS, **BLOCKS)
   assert got["num_lone_queries"] == 2
   assert 0 < got["map_at_r"] < 1 and 0 < got["recall_at_3"] < 1
+  assert got["map_at_9"] < got["map_at_9_min_r"]  # k > R for most queries: the two differ
   assert_same(got, oracle(x, y, x, y, True, **KS))
 
 
@@ -146,6 +195,10 @@ def test_bad_input():
     retrieval_metrics(np.zeros((0, 3), np.float32), np.zeros((0,), int))
   with pytest.raises(ValueError, match="recall_ks"):
     retrieval_metrics(x, y, recall_ks=(1, 40))  # 39 references per query
+  with pytest.raises(ValueError, match="precision_ks"):
+    retrieval_metrics(x, y, precision_ks=(40,))
+  with pytest.raises(ValueError, match="map_min_r_ks"):
+    retrieval_metrics(x, y, map_min_r_ks=(0,))
   with pytest.raises(ValueError, match="together"):
     retrieval_metrics(x, y, gallery_embeddings=x)
   with pytest.raises(ValueError, match="integer"):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import base_config, shrink
+from dmljax.configs import base_config, shrink
 from dmljax import models
 
 

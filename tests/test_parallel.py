@@ -19,7 +19,7 @@ def _setup():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs.common import base_config, shrink  # pylint: disable=g-import-not-at-top
+  from dmljax.configs import base_config, shrink  # pylint: disable=g-import-not-at-top
   from dmljax import frameworks, models, optim, state as state_lib, train  # pylint: disable=g-import-not-at-top
   c = shrink(base_config())
   c.framework = "standard"

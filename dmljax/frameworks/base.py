@@ -13,8 +13,9 @@ In-step (traced once, inside the single jitted train step):
 
 Host-side (plain Python, between steps; may call jitted helpers):
 
-* ``init(rng) -> (extra_params, framework_state)``: learnable parameters beside the model (e.g.
-  ``{"proxies": [R, D]}``) and framework arrays (dict of arrays, all checkpointed).
+* ``init(rng, model_params, batch_stats) -> (extra_params, framework_state)``: learnable
+  parameters beside the model (e.g. ``{"proxies": [R, D]}``) and framework arrays (dict of
+  arrays, all checkpointed; they may hold copies of the model, e.g. CCP's per-projection best).
 * ``validate()``: raise ``ValueError`` for bad settings before anything compiles.
 * ``on_start(state, ctx) -> state``: once, on a fresh run (never on resume: its effect is in
   the checkpoint), e.g. CCP's first proxies from a k-center pool.
@@ -70,8 +71,11 @@ class Framework:
   def validate(self) -> None:
     pass
 
-  def init(self, rng):
-    del rng
+  def init(self, rng, model_params, batch_stats):
+    """``(extra_params, framework_state)`` for a fresh run; the model's initial params and
+    BatchNorm statistics are given so framework state can hold copies of them (shapes must not
+    depend on anything set later: a resumed run restores into this structure)."""
+    del rng, model_params, batch_stats
     return {}, {}
 
   def loss(self, params, embeddings, labels, state, rng):

@@ -2,30 +2,37 @@
 
 Training is a sequence of *projections*. Projection ``k`` minimises (inside the jitted step)::
 
-    proxy_weight * pair_loss(batch -> proxies) + in_batch_weight * pair_loss(batch, batch)
+    proxy_weight * proxy_loss(batch -> proxies) + in_batch_weight * in_batch_loss(batch, batch)
       + lam_k / 2 * ||theta_model - theta_anchor||^2
 
 with ``P`` learnable proxies per class, ``lam_0 = 0`` (no proximal term in the first projection,
 the authors' code) and ``lam_k = config.ccp.lam`` afterwards. The proximal term covers the model
-(backbone + head) only, never the proxies. The loss is
-:func:`dmljax.losses.objectives.ccp_objective`; any pair loss of the library can be used
-(``config.loss.name``, its hyperparameters in ``config.loss.kwargs``; default contrastive).
+(backbone + head) only, never the proxies. The sample-to-proxy loss is ``config.loss`` (any pair
+loss of the library: C1, C2, MS, triplet...); the in-batch term is its own loss,
+``config.ccp.in_batch_loss`` with ``config.ccp.in_batch_kwargs`` (contrastive for every CCP
+variant in the authors' code), so MS-CCP does not silently reuse multi-similarity in-batch. The
+loss is :func:`dmljax.losses.objectives.ccp_objective`.
 
-Host side, after every validation evaluation (MAP@R): a projection ends when the projection has
-gone ``config.ccp.patience`` evaluations without beating its own best MAP@R (an early-stopping
-counter restarted each projection, as a Keras ``EarlyStopping`` callback per fit would be) or after
-``config.ccp.max_projection_steps`` steps. Then:
+Host side, after every validation evaluation (MAP@R): a projection ends when it has gone
+``config.ccp.patience`` evaluations without beating its own best MAP@R (an early-stopping
+counter restarted each projection, as the authors' per-fit Keras ``EarlyStopping`` callback).
+``config.ccp.max_projection_steps`` (0 = off, the default: the paper ends projections by
+patience alone) can cap a projection's length. Then:
 
-1. the model (params + BatchNorm statistics) and the proxies are reset to the best snapshot so far
-   (``config.ccp.restore_best``; Algorithm 1 continues from the converged ``theta*``, and the
-   authors restore the best weights); the anchor becomes the best model params;
+1. the next projection's starting point is chosen by ``config.ccp.start_from``:
+   ``"projection_best"`` (default; the best weights of the projection that just ended, what the
+   authors' callback restores), ``"converged"`` (Algorithm 1: ``theta* <- theta``, the weights
+   the projection ended with) or ``"run_best"`` (the best weights of the whole run; a projection
+   that never beats it is discarded). Model params, BatchNorm statistics and proxies all come
+   from that solution, and the anchor becomes its model params;
 2. a pool of ``b = pool_size`` embeddings per class is drawn (``b`` passes of the one-per-class
-   sampler, embedded in inference mode with the anchor weights);
+   sampler, embedded in inference mode with the starting weights);
 3. greedy k-center (:func:`dmljax.kernels.kcenter.greedy_kcenter`, one jitted kernel over all
-   classes) picks ``P`` new proxies per class, seeded with the previous (converged) proxies;
-4. the Adam moments of the proxies are reset (``config.ccp.reset_proxy_opt_state``): they were
-   accumulated for the old proxies. The model's moments and the step count are kept, so the
-   learning rate schedule and bias correction continue.
+   classes) picks ``P`` new proxies per class, seeded with the proxies of that same solution;
+4. the optimizer state is kept (the paper and the authors' code: one Adam through the run).
+   With ``config.ccp.reset_proxy_opt_state`` the proxies' Adam state (moments *and* their own
+   step count, see :mod:`dmljax.optim`) is reset, so their next steps are those of a freshly
+   started Adam, never larger.
 
 The very first proxies (before step 0) come from the same pool with no seeds (the authors' code:
 the first seed set is empty). With ``config.ccp.alternate = False`` the proxies are never
@@ -46,6 +53,8 @@ from dmljax.frameworks.standard import loss_kwargs
 from dmljax.parallel import to_host
 from dmljax.state import copy_tree
 
+START_MODES = ("projection_best", "converged", "run_best")
+
 
 def _greedy_kcenter(*args, **kwargs):
   from dmljax.kernels.kcenter import greedy_kcenter  # pylint: disable=g-import-not-at-top
@@ -62,6 +71,9 @@ class CCPFramework(Framework):
     cc = config.ccp
     self.pair_loss = losses.get_loss(config.loss.name)
     self.kwargs = loss_kwargs(config)
+    self.batch_loss = losses.get_loss(cc.in_batch_loss)
+    kw = cc.get("in_batch_kwargs", None)
+    self.batch_kwargs = {} if kw is None else dict(kw.to_dict() if hasattr(kw, "to_dict") else kw)
     self.per_class = int(cc.proxies_per_class)
     self.pool_size = int(cc.pool_size)
     self.lam = float(cc.lam)
@@ -72,19 +84,26 @@ class CCPFramework(Framework):
     if name not in losses.PAIR_LOSSES:
       raise ValueError(f"ccp needs a pair loss as its sample-to-proxy loss, got {name!r}; "
                        f"valid: {sorted(losses.PAIR_LOSSES)} (set --config.loss.name).")
+    if cc.in_batch_loss not in losses.PAIR_LOSSES:
+      raise ValueError(f"ccp.in_batch_loss must be a pair loss, got {cc.in_batch_loss!r}; "
+                       f"valid: {sorted(losses.PAIR_LOSSES)} (set --config.ccp.in_batch_loss).")
+    if cc.start_from not in START_MODES:
+      raise ValueError(f"Unknown ccp.start_from {cc.start_from!r}; valid: {list(START_MODES)} "
+                       "(set --config.ccp.start_from).")
     if self.per_class < 1:
       raise ValueError(f"ccp.proxies_per_class must be >= 1, got {self.per_class}.")
     if self.pool_size < self.per_class:
       raise ValueError(f"ccp.pool_size ({self.pool_size}) must be >= ccp.proxies_per_class "
                        f"({self.per_class}): k-center picks the proxies from the pool.")
-    if cc.patience < 1 or cc.max_projection_steps < 1:
-      raise ValueError("ccp.patience and ccp.max_projection_steps must be >= 1.")
+    if cc.patience < 1 or cc.max_projection_steps < 0:
+      raise ValueError(f"ccp.patience must be >= 1 (got {cc.patience}) and "
+                       f"ccp.max_projection_steps >= 0 (0 = no cap; got {cc.max_projection_steps}).")
     if self.lam < 0:
       raise ValueError(f"ccp.lam must be >= 0, got {self.lam}.")
 
   # --------------------------------------------------------------------------- state
 
-  def init(self, rng):
+  def init(self, rng, model_params, batch_stats):
     del rng  # the proxies are set from the k-center pool in on_start
     r = self.num_classes * self.per_class
     extra = {"proxies": jnp.zeros((r, self.embedding_dim), jnp.float32)}
@@ -95,6 +114,10 @@ class CCPFramework(Framework):
         "proj_evals_since_best": jnp.asarray(0, jnp.int32),
         "proj_start_step": jnp.asarray(0, jnp.int32),
     }
+    if self.config.ccp.start_from == "projection_best":
+      # Snapshot of the running projection's best solution (set in on_start / after_eval).
+      fstate["proj_best"] = {"params": copy_tree({"model": model_params, **extra}),
+                             "batch_stats": copy_tree(batch_stats)}
     return extra, fstate
 
   # --------------------------------------------------------------------------- in-step loss
@@ -106,9 +129,9 @@ class CCPFramework(Framework):
     batch_weight = float(cc.in_batch_weight)
     data_loss, parts = losses.objectives.ccp_objective(
         embeddings, labels, params["proxies"], fs["proxy_labels"],
-        proxy_loss=self.pair_loss, batch_loss=self.pair_loss if batch_weight > 0 else None,
+        proxy_loss=self.pair_loss, batch_loss=self.batch_loss if batch_weight > 0 else None,
         proxy_weight=float(cc.proxy_weight), batch_weight=batch_weight,
-        proxy_loss_kwargs=self.kwargs, batch_loss_kwargs=self.kwargs)
+        proxy_loss_kwargs=self.kwargs, batch_loss_kwargs=self.batch_kwargs)
     # No proximal term in the first projection (there is no previous solution yet).
     lam = jnp.where(fs["projection"] > 0, self.lam, 0.0)
     prox = losses.objectives.proximal(params["model"], state.anchor, lam)
@@ -136,6 +159,11 @@ class CCPFramework(Framework):
     proxies, _, _ = self._new_proxies(ctx, state.params["model"], state.batch_stats, 0, None)
     params = dict(state.params, proxies=ctx.replicate(proxies))
     best = dict(state.best, params=copy_tree(params))
+    if self.config.ccp.start_from == "projection_best":
+      # The best solution of the running projection (its starting point until an evaluation).
+      fs = dict(state.framework, proj_best={"params": copy_tree(params),
+                                            "batch_stats": copy_tree(state.batch_stats)})
+      state = state.replace(framework=fs)
     # Re-init the optimizer state of the proxies (they were zeros when it was created).
     opt_state = ctx.tx.init(params)
     state = state.replace(params=params, best=best, opt_state=opt_state)
@@ -150,27 +178,30 @@ class CCPFramework(Framework):
     step = int(host["step"])
     proj_best = float(host["proj_best_metric"])
     since = int(host["proj_evals_since_best"])
-    if metric > proj_best:
+    improved = metric > proj_best
+    if improved:
       proj_best, since = metric, 0
     else:
       since += 1
+    if improved and cc.start_from == "projection_best":
+      fs["proj_best"] = {"params": copy_tree(state.params),
+                         "batch_stats": copy_tree(state.batch_stats)}
     steps_in_proj = step - int(host["proj_start_step"])
-    end = bool(cc.alternate) and (since >= cc.patience or steps_in_proj >= cc.max_projection_steps)
+    capped = cc.max_projection_steps > 0 and steps_in_proj >= cc.max_projection_steps
+    end = bool(cc.alternate) and (since >= cc.patience or capped)
     fs["proj_best_metric"] = jnp.asarray(proj_best, jnp.float32)
     fs["proj_evals_since_best"] = jnp.asarray(since, jnp.int32)
     # Logged at every evaluation so that CCP and the never-re-initialised ablation can be
     # compared: collapsing proxies (the paper's Fig. 2a) drive the spread towards 0.
-    events = {"ccp/proxy_spread": self._proxy_spread(to_host(state.params["proxies"]))}
+    events = {"ccp/proxy_spread": self.proxy_spread(state.params["proxies"])}
     if not end:
       return state.replace(framework=ctx.replicate(fs)), events
 
     projection = int(host["projection"])
-    if cc.restore_best:
-      params = copy_tree(state.best["params"])
-      batch_stats = copy_tree(state.best["batch_stats"])
-    else:
-      params, batch_stats = state.params, state.batch_stats
-    converged = to_host(params["proxies"])
+    start = self._start_point(state, fs)
+    params = copy_tree(start["params"])
+    batch_stats = copy_tree(start["batch_stats"])
+    converged = params["proxies"]  # the proxies of the solution the next projection starts from
     new_proxies, points, mask = self._new_proxies(
         ctx, params["model"], batch_stats, projection + 1, converged)
     events.update(self._radius_events(points, mask, converged, new_proxies))
@@ -183,24 +214,35 @@ class CCPFramework(Framework):
               proj_best_metric=jnp.asarray(-jnp.inf, jnp.float32),
               proj_evals_since_best=jnp.asarray(0, jnp.int32),
               proj_start_step=jnp.asarray(step, jnp.int32))
+    if cc.start_from == "projection_best":
+      fs["proj_best"] = {"params": copy_tree(params), "batch_stats": copy_tree(batch_stats)}
     old_state = state
     state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
                           anchor=copy_tree(params["model"]), framework=ctx.replicate(fs))
     events.update({"ccp/projection": projection + 1, "ccp/projection_steps": steps_in_proj})
     if ctx.plot is not None:
-      ctx.plot(old_state.replace(params=dict(old_state.best["params"]),
-                                 batch_stats=old_state.best["batch_stats"]),
+      ctx.plot(old_state.replace(params=dict(start["params"]),
+                                 batch_stats=start["batch_stats"]),
                f"projection_{projection:03d}", new_proxies)
     return state, events
 
-  def _proxy_spread(self, proxies) -> float:
-    """Mean Euclidean distance between two proxies of the same class (0 when P = 1)."""
+  def _start_point(self, state, fs):
+    """``{"params", "batch_stats"}`` of the solution the next projection starts from."""
+    mode = self.config.ccp.start_from
+    if mode == "converged":
+      return {"params": state.params, "batch_stats": state.batch_stats}
+    if mode == "run_best":
+      return state.best
+    return fs["proj_best"]
+
+  def proxy_spread(self, proxies) -> float:
+    """Mean Euclidean distance between two proxies of the same class (0 when P = 1).
+
+    Computed on device from the per-class Gram matrices (``[C, P, P]``, never ``[C, P, P, D]``).
+    """
     if self.per_class < 2:
       return 0.0
-    x = np.reshape(np.asarray(proxies, np.float64), (self.num_classes, self.per_class, -1))
-    d = np.sqrt(np.maximum(((x[:, :, None, :] - x[:, None, :, :]) ** 2).sum(-1), 0.0))
-    p = self.per_class
-    return float(d.sum() / (self.num_classes * p * (p - 1)))
+    return float(_proxy_spread(proxies, self.num_classes, self.per_class))
 
   def _radius_events(self, points, mask, old, new):
     """Covering radius of the pool by the converged and by the new proxies (CCP's quantity)."""
@@ -211,3 +253,17 @@ class CCPFramework(Framework):
     r_new = covering_radius(points, mask, jnp.reshape(new, (c, p, d)), cmask)
     return {"ccp/pool_radius_converged_proxies": float(np.mean(np.asarray(r_old))),
             "ccp/pool_radius_new_proxies": float(np.mean(np.asarray(r_new)))}
+
+
+@jax.jit
+def _spread_sum(x):
+  gram = jnp.einsum("cpd,cqd->cpq", x, x, precision=jax.lax.Precision.HIGHEST)
+  sq = jnp.diagonal(gram, axis1=1, axis2=2)
+  d2 = jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2.0 * gram, 0.0)
+  off = ~jnp.eye(x.shape[1], dtype=bool)
+  return jnp.sum(jnp.where(off, jnp.sqrt(jnp.where(off, d2, 1.0)), 0.0))
+
+
+def _proxy_spread(proxies, num_classes: int, per_class: int):
+  x = jnp.reshape(jnp.asarray(proxies, jnp.float32), (num_classes, per_class, -1))
+  return _spread_sum(x) / (num_classes * per_class * (per_class - 1))

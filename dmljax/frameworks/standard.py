@@ -41,7 +41,8 @@ class StandardFramework(Framework):
     if self.use_proxies and self.per_class < 1:
       raise ValueError(f"standard.proxies_per_class must be >= 1, got {self.per_class}.")
 
-  def init(self, rng):
+  def init(self, rng, model_params, batch_stats):
+    del model_params, batch_stats
     if not self.use_proxies:
       return {}, {}
     r = self.num_classes * self.per_class

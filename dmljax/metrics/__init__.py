@@ -1,6 +1,7 @@
 """Evaluation metrics: retrieval (one exact kNN pass), clustering (k-means), embedding geometry.
 
-* :func:`retrieval_metrics`: P@1, R-precision, MAP@R, Recall@k, nDCG@k, MAP@k (``retrieval.py``).
+* :func:`retrieval_metrics`: P@1, R-precision, MAP@R, Recall@k, Precision@k, nDCG@k, MAP@k
+  (the MPA paper's, divided by k) and MAP@k divided by min(k, R) (``retrieval.py``).
 * :func:`clustering_metrics`: NMI and pairwise F1 of k-means clusters (``clustering.py``).
 * :mod:`dmljax.metrics.geometry`: class and proxy covering radii (``geometry.py``).
 """

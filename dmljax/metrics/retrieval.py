@@ -1,4 +1,5 @@
-"""Retrieval metrics from one exact kNN pass: P@1, R-precision, MAP@R, Recall@k, nDCG@k, MAP@k.
+"""Retrieval metrics from one exact kNN pass: P@1, R-precision, MAP@R, Recall@k, Precision@k,
+nDCG@k, MAP@k (two normalisations).
 
 Ranking: references are ordered by squared Euclidean distance to the query, ties by the smaller
 reference index (:mod:`dmljax.kernels.knn`). A reference is *relevant* to a query when it has the
@@ -10,21 +11,27 @@ mode (In-shop) ``R`` = number of gallery items of the query's class. A query wit
 With ``rel_i`` = 1 if the i-th ranked reference is relevant (i = 1, 2, ...) and
 ``P@i = (1/i) sum_{j<=i} rel_j``, per query:
 
-* ``precision_at_1`` = rel_1.
+* ``precision_at_1`` = rel_1 (always reported).
 * ``r_precision`` = (1/R) sum_{i<=R} rel_i.
 * ``map_at_r`` = (1/R) sum_{i<=R} P@i rel_i (Musgrave et al. 2020, "A metric learning reality
   check"; the CCP supplement), what PML's ``mean_average_precision_at_r`` computes.
 * ``recall_at_{k}`` = 1 if some relevant reference is among the first k, else 0 (the DML
   "Recall@K", which is a hit rate, not the IR recall).
+* ``precision_at_{k}`` = P@k = (1/k) sum_{i<=k} rel_i (``precision_ks``). When k > R it can reach
+  at most R / k (MPA paper, Table 3: 40 for R = 4, k = 10).
 * ``ndcg_at_{k}`` = DCG@k / IDCG@k with binary relevance, DCG@k = sum_{i<=k} rel_i / log2(i + 1),
   and the ideal ranking holding min(k, R) relevant items first (MPA paper, Table 3).
-* ``map_at_{k}`` = (1 / min(k, R)) sum_{i<=k} P@i rel_i: average precision cut at k and normalised
-  by the most relevant items the first k can hold, so a perfect ranking scores 1. (PML's
-  ``mean_average_precision`` with ``k`` divides by R instead, which caps it at k / R when k < R.)
+* ``map_at_{k}`` = (1/k) sum_{i<=k} P@i rel_i (``map_ks``): the MPA paper's MAP@k (its Table 3,
+  MAP@10 column), average precision cut at k and divided by k, so it too is capped at R / k when
+  k > R (a perfect ranking with R = 4 scores 0.4 at k = 10).
+* ``map_at_{k}_min_r`` = (1 / min(k, R)) sum_{i<=k} P@i rel_i (``map_min_r_ks``): the same sum
+  divided by the most relevant items the first k can hold, so a perfect ranking scores 1 whatever
+  R is. (PML's ``mean_average_precision`` is a third variant: it divides by the number of relevant
+  items actually found in the first k, so one hit at rank 1 alone scores 1.)
 
 Every value is the mean over non-lone queries (a fraction in [0, 1]; NaN if every query is lone).
 
-Only the first ``K = max(R_max, ndcg ks, map ks, k)`` neighbours are searched (PML's
+Only the first ``K = max(R_max, precision/ndcg/map ks, k)`` neighbours are searched (PML's
 ``k="max_bin_count"``): every metric above is decided inside them, except Recall@k for k > K, which
 needs only the rank of each query's nearest relevant reference; that rank is counted exactly, by
 two more blocked passes over just the queries with no relevant reference among their first K.
@@ -62,16 +69,18 @@ def _check_ks(name: str, ks) -> tuple[int, ...]:
 
 
 def metrics_from_relevance(relevant: np.ndarray, num_relevant: np.ndarray, *,
-                           recall_ks: Sequence[int] = (1,), ndcg_ks: Sequence[int] = (),
-                           map_ks: Sequence[int] = (),
+                           recall_ks: Sequence[int] = (1,), precision_ks: Sequence[int] = (),
+                           ndcg_ks: Sequence[int] = (), map_ks: Sequence[int] = (),
+                           map_min_r_ks: Sequence[int] = (),
                            first_rank: Optional[np.ndarray] = None) -> dict[str, float]:
   """All metrics of the module docstring from ranked relevance flags.
 
   Args:
     relevant: ``[Q, K]`` bool, ``relevant[q, i]`` = the (i+1)-th ranked reference of query q is
-      relevant. ``K`` must be at least max(R), the ndcg ks and the map ks.
+      relevant. ``K`` must be at least max(R) and every precision, ndcg and map k.
     num_relevant: ``[Q]`` int, R of each query; 0 marks a lone query.
-    recall_ks, ndcg_ks, map_ks: cut-offs.
+    recall_ks, precision_ks, ndcg_ks, map_ks, map_min_r_ks: cut-offs (keys ``recall_at_{k}``,
+      ``precision_at_{k}``, ``ndcg_at_{k}``, ``map_at_{k}`` and ``map_at_{k}_min_r``).
     first_rank: optional ``[Q]`` int, 1-based rank of each query's nearest relevant reference,
       needed only for recall ks larger than K (only read where row ``relevant[q]`` has no hit).
 
@@ -81,9 +90,11 @@ def metrics_from_relevance(relevant: np.ndarray, num_relevant: np.ndarray, *,
   relevant = np.asarray(relevant, bool)
   num_relevant = np.asarray(num_relevant, np.int64)
   q, k_max = relevant.shape
-  recall_ks, ndcg_ks, map_ks = (_check_ks(n, v) for n, v in (
-      ("recall_ks", recall_ks), ("ndcg_ks", ndcg_ks), ("map_ks", map_ks)))
-  need = max((int(num_relevant.max(initial=0)), 1) + ndcg_ks + map_ks)
+  recall_ks, precision_ks, ndcg_ks, map_ks, map_min_r_ks = (_check_ks(n, v) for n, v in (
+      ("recall_ks", recall_ks), ("precision_ks", precision_ks), ("ndcg_ks", ndcg_ks),
+      ("map_ks", map_ks), ("map_min_r_ks", map_min_r_ks)))
+  need = max((int(num_relevant.max(initial=0)), 1) + precision_ks + ndcg_ks + map_ks
+             + map_min_r_ks)
   if k_max < need:
     raise ValueError(f"relevant has {k_max} columns but the metrics need {need}.")
   ok = num_relevant > 0
@@ -109,23 +120,31 @@ def metrics_from_relevance(relevant: np.ndarray, num_relevant: np.ndarray, *,
         raise ValueError(f"recall_at_{k} needs first_rank: relevant has only {k_max} columns.")
       hit = any_hit | ((np.asarray(first_rank) >= 1) & (np.asarray(first_rank) <= k))
     out[f"recall_at_{k}"] = mean(hit.astype(np.float64))
+  for k in precision_ks:
+    out[f"precision_at_{k}"] = mean(rel[:, :k].sum(1) / k)
   discount = 1.0 / np.log2(pos + 1.0)
   ideal = np.cumsum(discount)
   for k in ndcg_ks:
     dcg = (rel[:, :k] * discount[:k]).sum(1)
     idcg = ideal[np.minimum(k, num_relevant.clip(1)) - 1]
     out[f"ndcg_at_{k}"] = mean(dcg / idcg)
+
+  def ap_sum(k):  # sum_{i<=k} P@i rel_i per query
+    return (precision_at[:, :k] * rel[:, :k]).sum(1)
+
   for k in map_ks:
-    ap = (precision_at[:, :k] * rel[:, :k]).sum(1) / np.minimum(k, num_relevant.clip(1))
-    out[f"map_at_{k}"] = mean(ap)
+    out[f"map_at_{k}"] = mean(ap_sum(k) / k)
+  for k in map_min_r_ks:
+    out[f"map_at_{k}_min_r"] = mean(ap_sum(k) / np.minimum(k, num_relevant.clip(1)))
   out["num_queries"] = int(q)
   out["num_lone_queries"] = int((~ok).sum())
   return out
 
 
 def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_labels=None,
-                      recall_ks: Sequence[int] = (1,), ndcg_ks: Sequence[int] = (),
-                      map_ks: Sequence[int] = (), k: Optional[int] = None,
+                      recall_ks: Sequence[int] = (1,), precision_ks: Sequence[int] = (),
+                      ndcg_ks: Sequence[int] = (), map_ks: Sequence[int] = (),
+                      map_min_r_ks: Sequence[int] = (), k: Optional[int] = None,
                       query_block: Optional[int] = knn_lib.QUERY_BLOCK,
                       ref_block: int = knn_lib.REF_BLOCK, group: Optional[int] = knn_lib.GROUP,
                       mesh=None) -> dict[str, float]:
@@ -137,7 +156,9 @@ def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_la
     gallery_embeddings: ``[N, D]`` references (query/gallery mode); None = same-set mode, where
       the queries are the references and each query's own row is excluded.
     gallery_labels: ``[N]`` labels of the gallery (given together with it).
-    recall_ks, ndcg_ks, map_ks: cut-offs of Recall@k, nDCG@k and MAP@k.
+    recall_ks, precision_ks, ndcg_ks: cut-offs of Recall@k, Precision@k and nDCG@k.
+    map_ks: cut-offs of MAP@k as the MPA paper defines it (divided by k).
+    map_min_r_ks: cut-offs of MAP@k divided by min(k, R) (keys ``map_at_{k}_min_r``).
     k: search at least this many neighbours (default: what the metrics need, as PML's
       ``"max_bin_count"``). It changes no value, only how deep the single pass goes.
     query_block, ref_block, group: kNN block sizes (:func:`dmljax.kernels.knn.knn`; None:
@@ -146,7 +167,8 @@ def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_la
 
   Returns:
     dict with ``precision_at_1``, ``r_precision``, ``map_at_r``, ``recall_at_{k}``,
-    ``ndcg_at_{k}``, ``map_at_{k}`` (fractions in [0, 1], means over non-lone queries),
+    ``precision_at_{k}``, ``ndcg_at_{k}``, ``map_at_{k}``, ``map_at_{k}_min_r`` (fractions in
+    [0, 1], means over non-lone queries),
     ``num_queries`` (all queries) and ``num_lone_queries``.
 
   Raises:
@@ -167,12 +189,13 @@ def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_la
     if refs.shape[1] != queries.shape[1]:
       raise ValueError(f"gallery_embeddings have dimension {refs.shape[1]}, embeddings "
                        f"{queries.shape[1]}; they must match.")
-  recall_ks, ndcg_ks, map_ks = (_check_ks(n, v) for n, v in (
-      ("recall_ks", recall_ks), ("ndcg_ks", ndcg_ks), ("map_ks", map_ks)))
+  cut_offs = {"recall_ks": recall_ks, "precision_ks": precision_ks, "ndcg_ks": ndcg_ks,
+              "map_ks": map_ks, "map_min_r_ks": map_min_r_ks}
+  cut_offs = {n: _check_ks(n, v) for n, v in cut_offs.items()}
+  recall_ks, precision_ks, ndcg_ks, map_ks, map_min_r_ks = cut_offs.values()
   available = refs.shape[0] - int(same)
-  asked = {f"recall_ks {recall_ks}": max(recall_ks, default=0),
-           f"ndcg_ks {ndcg_ks}": max(ndcg_ks, default=0),
-           f"map_ks {map_ks}": max(map_ks, default=0), f"k={k}": k or 0}
+  asked = {f"{n} {v}": max(v, default=0) for n, v in cut_offs.items()}
+  asked[f"k={k}"] = k or 0
   for what, v in asked.items():
     if v > available:
       raise ValueError(f"{what} asks for {v} neighbours but each query has only {available} "
@@ -188,7 +211,8 @@ def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_la
   if not (num_relevant > 0).any():
     warnings.warn("No query has a relevant reference: every metric is NaN.")
 
-  depth = max((int(num_relevant.max()), 1, k or 0) + ndcg_ks + map_ks)
+  depth = max((int(num_relevant.max()), 1, k or 0) + precision_ks + ndcg_ks + map_ks
+              + map_min_r_ks)
   depth = min(depth, available)
   res = knn_lib.knn(queries, None if same else refs, k=depth, query_block=query_block,
                     ref_block=ref_block, group=group, mesh=mesh)
@@ -201,5 +225,6 @@ def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_la
       first_rank[todo] = knn_lib.first_relevant_rank(
           queries[todo], q_lab[todo], todo, refs, r_lab, same_set=same,
           query_block=query_block, ref_block=ref_block, mesh=mesh)
-  return metrics_from_relevance(relevant, num_relevant, recall_ks=recall_ks, ndcg_ks=ndcg_ks,
-                                map_ks=map_ks, first_rank=first_rank)
+  return metrics_from_relevance(relevant, num_relevant, recall_ks=recall_ks,
+                                precision_ks=precision_ks, ndcg_ks=ndcg_ks, map_ks=map_ks,
+                                map_min_r_ks=map_min_r_ks, first_rank=first_rank)

@@ -1,8 +1,10 @@
-"""Shared defaults of every dmljax config (imported by the other config files).
+"""Shared defaults of every dmljax config, shipped with the package.
 
-Not a runnable config by itself: ``get_config`` of the other files call :func:`base_config` and
-change what differs. ``small=True`` (``--config=configs/NAME.py:small``) shrinks a config for
-tests and smoke runs (tiny model, few steps).
+Not a runnable config by itself: ``get_config`` of the files in ``configs/`` (or of a copy of one
+anywhere on disk) call :func:`base_config` and change what differs, so a config file only needs
+``dmljax`` to be installed, not the repository. :func:`shrink` makes the ``small`` variant
+(``--config=configs/NAME.py:small``) for tests and smoke runs (tiny model, few steps).
+:func:`glyphs_base` is the model, data and schedule of the glyphs configs.
 """
 import ml_collections
 
@@ -59,13 +61,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.ccp.proxies_per_class = 4
   c.ccp.pool_size = 8
   c.ccp.lam = 2e-4
-  c.ccp.patience = 3
-  c.ccp.max_projection_steps = 10_000
+  c.ccp.patience = 3                # a projection ends after 3 evaluations without improving
+  c.ccp.max_projection_steps = 0    # 0 = off: projections end by patience alone (the paper)
   c.ccp.proxy_weight = 1.0
   c.ccp.in_batch_weight = 0.1
+  # The in-batch term is its own loss: contrastive for every CCP variant (the authors' code),
+  # whatever config.loss (the sample-to-proxy loss) is.
+  c.ccp.in_batch_loss = "contrastive"
+  c.ccp.in_batch_kwargs = ml_collections.ConfigDict({"pos_margin": 0.0, "neg_margin": 1.0})
   c.ccp.alternate = True            # False: a single proxy problem ("Loss-Proxy" ablation)
-  c.ccp.restore_best = True
-  c.ccp.reset_proxy_opt_state = True
+  # What projection k+1 starts from: "projection_best" (the best weights of projection k, as the
+  # authors' per-fit early-stopping callback restores), "converged" (Algorithm 1: the weights
+  # projection k ended with) or "run_best" (the best of the whole run so far).
+  c.ccp.start_from = "projection_best"
+  # Zero the proxies' Adam moments (and their own step count) at re-initialisation. Off: the
+  # paper and the authors' code keep one optimizer state through the whole run.
+  c.ccp.reset_proxy_opt_state = False
 
   c.standard = ml_collections.ConfigDict()
   c.standard.use_proxies = False    # pair losses: against learnable proxies instead of in-batch
@@ -83,6 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 500
   c.checkpoint.max_to_keep = 2
   c.checkpoint.save_best = False
+
+  # Non-finite loss or gradient: the update is skipped (and counted); after this many consecutive
+  # skipped steps the run stops with an error naming the last good checkpoint.
+  c.max_consecutive_nonfinite = 20
+  # Rows printed beside the trained model in the final table, measured in the same run:
+  # "untrained" (the initial network, evaluated before step 1) and "pixels" (raw pixels,
+  # flattened and L2-normalised; only sensible for small images).
+  c.baselines = ("untrained", "pixels")
 
   c.num_devices = 0                  # devices of the data mesh; 0 = all (of all processes)
   c.plot_projections = False         # PNG per projection (2-D embeddings only)
@@ -102,4 +121,21 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.ccp.proxies_per_class = 2
   c.checkpoint.every_steps = 20
   c.eval_batch_size = 128
+  return c
+
+
+def glyphs_base() -> ml_collections.ConfigDict:
+  """Model, data and schedule shared by the glyphs configs (class-disjoint 80 / 26 / 26)."""
+  c = base_config()
+  c.dataset.name = "glyphs"
+  c.model.widths = (32, 64, 128)
+  c.model.embedding_dim = 64
+  c.batch_size = 32
+  c.sampler.m = 4
+  c.total_steps = 1500
+  c.eval_every_steps = 50
+  c.patience_evals = 8
+  c.ccp.proxies_per_class = 4
+  c.ccp.pool_size = 8
+  c.checkpoint.every_steps = 250
   return c

@@ -1,0 +1,58 @@
+"""What the command-line tools share: one clear message per error, tracebacks on request.
+
+A configuration or data error (``ValueError`` and its subclasses, missing files, a training run
+that diverged, a corrupt checkpoint, ...) is printed as one line, ``PROG: error: MESSAGE``, and the
+process exits with status 2; anything else is reported as an internal error with its type, exit
+status 1. ``--verbose`` on the command line or ``DMLJAX_VERBOSE=1`` in the environment shows the
+full traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Optional, Sequence
+
+
+class DmljaxError(Exception):
+  """Base of dmljax's own user-facing errors (the message says what is wrong and the fix)."""
+
+
+class TrainingDiverged(DmljaxError, RuntimeError):
+  """Too many consecutive non-finite losses or gradients (see ``config.max_consecutive_nonfinite``)."""
+
+
+class ConfigChanged(DmljaxError, ValueError):
+  """A resumed run's config differs from the checkpoint's in a way that breaks exact resumption."""
+
+
+# Error types whose message is meant for the user as it is.
+USER_ERRORS = (DmljaxError, ValueError, OSError, KeyError)
+
+
+def verbose_requested(argv: Optional[Sequence[str]] = None) -> bool:
+  argv = sys.argv if argv is None else argv
+  return (os.environ.get("DMLJAX_VERBOSE", "") not in ("", "0")
+          or any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv))
+
+
+def message(exc: BaseException) -> str:
+  """The one-line text for ``exc`` (KeyError's repr quoting removed)."""
+  text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+  return " ".join(str(text).split()) if "\n" not in str(text) else str(text).strip()
+
+
+def report(prog: str, exc: BaseException, argv: Optional[Sequence[str]] = None) -> int:
+  """Prints ``exc`` for the user; returns the exit status (2 user error, 1 internal)."""
+  if verbose_requested(argv):
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+  if isinstance(exc, USER_ERRORS):
+    print(f"{prog}: error: {message(exc)}", file=sys.stderr)
+    status = 2
+  else:
+    print(f"{prog}: internal error ({type(exc).__name__}): {message(exc)}", file=sys.stderr)
+    status = 1
+  if not verbose_requested(argv):
+    print(f"{prog}: (run with --verbose or DMLJAX_VERBOSE=1 for the traceback)", file=sys.stderr)
+  sys.stderr.flush()
+  return status
