@@ -70,6 +70,12 @@ def test_end_to_end(reference):
     assert np.isfinite(result[k]) and 0.0 <= result[k] <= 1.0, k
   assert result["step"] == 30
   assert result["train_step_traces"] == 1                      # compiled once, no recompiles
+  # Guards issue 12: the final table shows the trivial baselines measured in the same run.
+  for k in ("untrained/val/map_at_r", "untrained/test/map_at_r", "pixels/test/map_at_r"):
+    assert 0.0 <= result[k] <= 1.0, k
+  rows = [l.split()[:2] for l in result["table"].splitlines() if l.strip()][1:]
+  assert rows == [["trained", "val"], ["trained", "test"], ["untrained", "val"],
+                  ["untrained", "test"], ["pixels", "val"], ["pixels", "test"]]
   for f in ("metrics.jsonl", "config.json", "final_metrics.json"):
     assert os.path.isfile(os.path.join(workdir, f)), f
   assert os.listdir(os.path.join(workdir, "tensorboard"))
