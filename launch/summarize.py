@@ -12,7 +12,9 @@ import sys
 import numpy as np
 
 KEYS = ("test/map_at_r", "test/precision_at_1", "test/r_precision",
-        "val/map_at_r", "val/precision_at_1")
+        "val/map_at_r", "val/precision_at_1",
+        "untrained/test/map_at_r", "untrained/test/precision_at_1",
+        "pixels/test/map_at_r", "pixels/test/precision_at_1")
 
 
 def _ccp_events(workdir):
@@ -21,7 +23,10 @@ def _ccp_events(workdir):
   path = os.path.join(workdir, "metrics.jsonl")
   with open(path) as f:
     for line in f:
-      rec = json.loads(line)
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
       if "ccp/proxy_spread" in rec:
         spread = rec["ccp/proxy_spread"]
       if "ccp/pool_radius_converged_proxies" in rec:
