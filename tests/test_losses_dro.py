@@ -1,5 +1,6 @@
 """DRO pair weighting (Qi et al.): naive per-pair oracles, the LS / MS recovery identities,
-jit / vmap, degenerate batches and input checks."""
+numerics at the paper's gammas and batch sizes (float64 references), jit / vmap, degenerate
+batches and input checks."""
 import math
 
 import jax
@@ -31,16 +32,18 @@ def _pairs(labels, ref_labels=None):
           for j in range(len(ref_labels))]
 
 
-def _naive_base(x, i, j, pos, base, refs=None, m=0.2, lam=0.5, alpha=2.0, beta=50.0):
-  """One pair's base loss, from the paper's formula (float64)."""
+def _naive_base(x, i, j, pos, base, refs=None, m=0.2, lam=0.5, alpha=2.0, beta=50.0,
+                form="plain"):
+  """One pair's base loss, from the paper's formula (float64); ``form="scaled"`` multiplies the
+  binomial sides by 2/alpha and 2/beta (the authors' runs)."""
   r = x if refs is None else refs
   s = float(np.dot(np.asarray(x[i], np.float64), np.asarray(r[j], np.float64)))
   if base == "margin":
     y = 1.0 if pos else -1.0
     return max(m + y * (lam - s), 0.0)
-  if pos:
-    return math.log1p(math.exp(-alpha * (s - lam)))
-  return math.log1p(math.exp(beta * (s - lam)))
+  scale = alpha if pos else beta
+  v = math.log1p(math.exp((-alpha if pos else beta) * (s - lam)))
+  return 2.0 / scale * v if form == "scaled" else v
 
 
 def _naive_losses(x, labels, base, **kw):
@@ -62,39 +65,81 @@ def _num_grad(f, x, eps=1e-6):
 # ----------------------------------------------------------------------------- base losses
 
 
-@pytest.mark.parametrize("base", ["margin", "binomial"])
-def test_base_losses_match_formula(base):
+@pytest.mark.parametrize("base,form", [("margin", "plain"), ("binomial", "plain"),
+                                       ("binomial", "scaled")])
+def test_base_losses_match_formula(base, form):
   x = _emb(1)
   pairs = core.check_inputs(x, LABELS)
-  got, active = dro.base_pair_losses(pairs, base)
+  got, active = dro.base_pair_losses(pairs, base, binomial_form=form)
   want = np.zeros((B, B), np.float32)
-  for i, j, _, l in _naive_losses(x, LABELS, base):
+  for i, j, _, l in _naive_losses(x, LABELS, base, form=form):
     want[i, j] = float(l)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(active, (want > 0) & ~np.eye(B, dtype=bool))
 
 
+def test_scaled_binomial_in_a_weighting_matches_per_pair_loop():
+  # Guards binomial_form="scaled" end to end (value and gradient of a DRO loss built on it).
+  x = _emb(41)
+  kw = dict(alpha=3.0, beta=40.0, threshold=0.4)
+  f = lambda e: dro.dro_topk(e, LABELS, k=7, base="binomial", binomial_form="scaled", **kw)
+  naive_kw = dict(alpha=3.0, beta=40.0, lam=0.4, form="scaled")
+  g = lambda e: _naive_topk(e, 7, "binomial", **naive_kw)
+  np.testing.assert_allclose(f(x), g(x), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(f)(x), _num_grad(g, x), rtol=1e-4, atol=1e-5)
+  # The default is unchanged: the plain form, which differs from the scaled one here.
+  plain = dro.dro_topk(x, LABELS, k=7, base="binomial", **kw)
+  np.testing.assert_allclose(plain, _naive_topk(x, 7, "binomial", alpha=3.0, beta=40.0, lam=0.4),
+                             rtol=1e-5)
+  assert abs(float(plain) - float(f(x))) > 1e-3
+
+
 # ----------------------------------------------------------------------------- top-K
 
 
-def _naive_topk(x, k, base="margin", pn=False):
-  terms = [(l, pos) for _, _, pos, l in _naive_losses(x, LABELS, base) if l > 0]
+def _naive_topk(x, k, base="margin", pn=False, normalize="k", **base_kw):
+  """Top-K (or top-K-PN: K//2 positive and K - K//2 negative pairs) from sorted per-pair losses:
+  the paper's 1/K for ``normalize="k"``, the mean over the selected nonzero losses for
+  ``"nonzero"``."""
+  terms = [(l, pos) for _, _, pos, l in _naive_losses(x, LABELS, base, **base_kw) if l > 0]
   if pn:
-    ps = sorted([t for t in terms if t[1]], key=lambda t: -t[0])[:k // 2]
-    ns = sorted([t for t in terms if not t[1]], key=lambda t: -t[0])[:k - k // 2]
+    kp, kn = k // 2, k - k // 2
+    ps = sorted([t[0] for t in terms if t[1]], reverse=True)[:kp]
+    ns = sorted([t[0] for t in terms if not t[1]], reverse=True)[:kn]
     chosen = ps + ns
+    if normalize == "k":
+      return sum(chosen) / k
   else:
-    chosen = sorted(terms, key=lambda t: -t[0])[:k]
-  return sum(t[0] for t in chosen) / max(len(chosen), 1)
+    chosen = sorted([t[0] for t in terms], reverse=True)[:k]
+    if normalize == "k":
+      return sum(chosen) / k
+  return sum(chosen) / max(len(chosen), 1)
 
 
-@pytest.mark.parametrize("base,k", [("margin", 5), ("binomial", 7), ("margin", 1000)])
-def test_topk_matches_naive(base, k):
+# k = 1000 and k = 29 exceed the number of nonzero-loss pairs (< 30 here): there "k" and
+# "nonzero" differ (guards the paper's 1/K normalisation, which used to be 1/#nonzero).
+@pytest.mark.parametrize("base,k", [("margin", 5), ("binomial", 7), ("margin", 29),
+                                    ("margin", 1000)])
+@pytest.mark.parametrize("normalize", ["k", "nonzero"])
+def test_topk_matches_naive(base, k, normalize):
   x = _emb(2)
-  f = lambda e: dro.dro_topk(e, LABELS, k=k, base=base)
-  g = lambda e: _naive_topk(e, k, base)
+  f = lambda e: dro.dro_topk(e, LABELS, k=k, base=base, normalize=normalize)
+  g = lambda e: _naive_topk(e, k, base, normalize=normalize)
   np.testing.assert_allclose(f(x), g(x), rtol=1e-5)
   np.testing.assert_allclose(jax.grad(f)(x), _num_grad(g, x), rtol=1e-4, atol=1e-5)
+
+
+def test_topk_default_normalisation_is_one_over_k():
+  # Guards the default: with fewer nonzero losses than K the sum is still divided by K (paper).
+  x = _emb(2)
+  pairs = core.check_inputs(x, LABELS)
+  losses, active = dro.base_pair_losses(pairs, "margin")
+  n = int(np.asarray(active).sum())
+  assert n < 29
+  total = float(np.asarray(losses)[np.asarray(active)].sum())
+  np.testing.assert_allclose(dro.dro_topk(x, LABELS, k=29), total / 29, rtol=1e-5)
+  np.testing.assert_allclose(dro.dro_topk(x, LABELS, k=29, normalize="nonzero"), total / n,
+                             rtol=1e-5)
 
 
 def test_topk_default_k_is_twice_batch():
@@ -102,11 +147,13 @@ def test_topk_default_k_is_twice_batch():
   np.testing.assert_allclose(dro.dro_topk(x, LABELS), dro.dro_topk(x, LABELS, k=2 * B))
 
 
-@pytest.mark.parametrize("base,k", [("margin", 6), ("binomial", 5)])
-def test_topk_pn_matches_naive(base, k):
+# k = 20: K+ = 10 exceeds the 6 positive pairs, so "k" and "nonzero" differ (guards the 1/K).
+@pytest.mark.parametrize("base,k", [("margin", 6), ("binomial", 5), ("margin", 20)])
+@pytest.mark.parametrize("normalize", ["k", "nonzero"])
+def test_topk_pn_matches_naive(base, k, normalize):
   x = _emb(4)
-  f = lambda e: dro.dro_topk_pn(e, LABELS, k=k, base=base)
-  g = lambda e: _naive_topk(e, k, base, pn=True)
+  f = lambda e: dro.dro_topk_pn(e, LABELS, k=k, base=base, normalize=normalize)
+  g = lambda e: _naive_topk(e, k, base, pn=True, normalize=normalize)
   np.testing.assert_allclose(f(x), g(x), rtol=1e-5)
   np.testing.assert_allclose(jax.grad(f)(x), _num_grad(g, x), rtol=1e-4, atol=1e-5)
 
@@ -120,7 +167,18 @@ def test_topk_pn_balances_sides():
   pos_sorted = np.sort(np.asarray(losses)[np.asarray(pairs.pos)])[::-1]
   neg_sorted = np.sort(np.asarray(losses)[np.asarray(pairs.neg)])[::-1]
   want = (pos_sorted[:2].sum() + neg_sorted[:2].sum()) / 4
-  np.testing.assert_allclose(dro.dro_topk_pn(x, LABELS, k=4, base="binomial"), want, rtol=1e-5)
+  np.testing.assert_allclose(dro.dro_topk_pn(x, LABELS, k=4, base="binomial", normalize="nonzero"),
+                             want, rtol=1e-5)
+  # Default: the paper's average over the K = 4 selected pairs (1/K, whatever is nonzero).
+  np.testing.assert_allclose(dro.dro_topk_pn(x, LABELS, k=4, base="binomial"),
+                             (pos_sorted[:2].sum() + neg_sorted[:2].sum()) / 4, rtol=1e-5)
+  xs = _emb(4)          # K = 20: 10 positive slots but 6 positive pairs; still divided by 20
+  pairs = core.check_inputs(xs, LABELS)
+  losses, active = dro.base_pair_losses(pairs, "margin")
+  lp = np.sort(np.asarray(losses)[np.asarray(pairs.pos & active)])[::-1][:10]
+  ln = np.sort(np.asarray(losses)[np.asarray(pairs.neg & active)])[::-1][:10]
+  np.testing.assert_allclose(dro.dro_topk_pn(xs, LABELS, k=20), (lp.sum() + ln.sum()) / 20,
+                             rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- KL
@@ -362,6 +420,148 @@ def test_grouped_kl_zero_loss_pairs_drop_out():
                              _naive_grouped(x, 0.1, 0.1, False), rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- numerics
+# Float64 references of the paper's formulas (vectorised: the batches here are the paper's), and
+# the settings of its tables: gamma in {0.1, 0.01, 0.001} (Tables 2 and 4) and below, B = 80
+# (16 classes x 5) and B = 640 (In-Shop).
+
+PAPER_GAMMAS = (0.1, 0.01, 0.001, 1e-4)
+
+
+def _ref64(x, labels, base="margin", m=0.2, lam=0.5, alpha=2.0, beta=50.0):
+  """Per-pair losses ``l``, their derivatives ``dl/dS``, the positive mask and the active mask."""
+  x = np.asarray(x, np.float64)
+  s = x @ x.T
+  valid = ~np.eye(len(labels), dtype=bool)
+  pos = (labels[:, None] == labels[None, :]) & valid
+  if base == "margin":
+    y = np.where(pos, 1.0, -1.0)
+    t = m + y * (lam - s)
+    l, dl = np.maximum(t, 0.0), np.where(t > 0, -y, 0.0)
+  else:
+    a = np.where(pos, -alpha, beta)
+    u = a * (s - lam)
+    l, dl = np.logaddexp(0.0, u), a / (1.0 + np.exp(-u))
+  l, dl = np.where(valid, l, 0.0), np.where(valid, dl, 0.0)
+  return l, dl, pos, valid & (l > 0)
+
+
+def _ref_kl(l, act, gamma, add_one=False):
+  """gamma log mean exp(l / gamma) over ``act`` (+ one zero loss) and the softmax weights."""
+  n = act.sum() + add_one
+  if n == 0:
+    return 0.0, np.zeros_like(l)
+  top = max(l[act].max() if act.any() else 0.0, 0.0 if add_one else -np.inf)
+  e = np.where(act, np.exp(np.where(act, l - top, 0.0) / gamma), 0.0)
+  total = e.sum() + (math.exp(-top / gamma) if add_one else 0.0)
+  return top + gamma * math.log(total / n), e / total
+
+
+def _ref_topk(l, act, k):
+  """Sum of the k largest active losses and the 0/1 selection."""
+  order = np.argsort(-np.where(act, l, -1.0), axis=None)[:k]
+  sel = np.zeros(l.size, bool)
+  sel[order] = act.reshape(-1)[order]
+  sel = sel.reshape(l.shape)
+  return float(l[sel].sum()), sel.astype(np.float64)
+
+
+def _ref_value_and_weights(name, l, pos, act, gamma, add_one=False, k=None):
+  """Value of each weighting and the per-pair weights p_ij of its gradient (float64)."""
+  if name == "dro_kl":
+    return _ref_kl(l, act, gamma)
+  if name == "dro_grouped_kl":
+    total, w = 0.0, np.zeros_like(l)
+    for i in range(l.shape[0]):
+      for side in (pos[i], ~pos[i]):
+        v, wi = _ref_kl(l[i], act[i] & side, gamma, add_one)
+        total, w[i] = total + v, w[i] + wi
+    return total / l.shape[0], w
+  if name == "dro_topk":
+    v, sel = _ref_topk(l, act, k)
+    return v / k, sel / k
+  if name == "dro_topk_pn":
+    vp, sp = _ref_topk(l, act & pos, k // 2)
+    vn, sn = _ref_topk(l, act & ~pos, k - k // 2)
+    return (vp + vn) / k, (sp + sn) / k
+  raise ValueError(name)
+
+
+def _ref_grad(x, w, dl):
+  """d/dx of sum_ij w_ij l_ij(S_ij) with S = x x^T and the weights held fixed."""
+  g = w * dl
+  x = np.asarray(x, np.float64)
+  return g @ x + g.T @ x
+
+
+@pytest.mark.parametrize("gamma", PAPER_GAMMAS)
+def test_grouped_kl_gradient_finite_and_exact_at_paper_setting(gamma):
+  # Guards the NaN gradients of grouped KL at gamma <= 0.01 (B = 80, D = 128): a masked-out pair
+  # loss used to overflow in the exponential before being masked.
+  labels = np.repeat(np.arange(16), 5).astype(np.int32)
+  x = _emb(50, b=80, d=128)
+  v, g = jax.value_and_grad(lambda e: dro.dro_grouped_kl(e, labels, gamma=gamma))(x)
+  assert np.isfinite(v) and np.all(np.isfinite(g))
+  l, dl, pos, act = _ref64(x, labels)
+  want, w = _ref_value_and_weights("dro_grouped_kl", l, pos, act, gamma)
+  want_g = _ref_grad(x, w, dl) / 80
+  np.testing.assert_allclose(v, want, rtol=2e-6)
+  np.testing.assert_allclose(g, want_g, atol=1e-4 * np.abs(want_g).max())
+
+
+@pytest.mark.parametrize("gamma", PAPER_GAMMAS)
+def test_kl_normaliser_exact_over_400k_pairs(gamma):
+  # Guards the KL normaliser at B = 640: the log1p form cancelled and the weights summed to
+  # 1 +- 6e-4 here; the max-shifted log-sum-exp makes them sum to 1 to float32 precision.
+  labels = np.repeat(np.arange(128), 5).astype(np.int32)
+  x = _emb(51, b=640, d=8)
+  pairs = core.check_inputs(x, labels)
+  losses, active = dro.base_pair_losses(pairs, "binomial")  # every pair has a loss > 0
+  assert int(np.asarray(active).sum()) == 640 * 639
+  w = jax.grad(lambda l: dro._kl_robust(l, active, gamma))(losses)
+  l, _, _, act = _ref64(x, labels, "binomial")
+  want, w_want = _ref_kl(l, act, gamma)
+  assert abs(np.asarray(w, np.float64).sum() - 1.0) < 1e-6
+  np.testing.assert_allclose(w, w_want, atol=1e-6 * w_want.max())
+  np.testing.assert_allclose(dro.dro_kl(x, labels, gamma=gamma, base="binomial"), want,
+                             rtol=1e-6)
+
+
+SPREAD = {
+    "dro_topk": dict(k=9),
+    "dro_topk_pn": dict(k=9),
+    "dro_kl": {},
+    "dro_kl_sampled": dict(num_samples=32, rng=jax.random.PRNGKey(2)),
+    "dro_grouped_kl": dict(add_one=True),
+}
+
+
+@pytest.mark.parametrize("gamma", PAPER_GAMMAS)
+@pytest.mark.parametrize("name", sorted(SPREAD))
+def test_every_weighting_finite_and_exact_with_losses_up_to_50(name, gamma):
+  # Guards finite values and gradients of every weighting for gamma down to 1e-4 when the pair
+  # losses span 0..~50 (embeddings of norm up to 9.5), against the float64 formulas.
+  labels = np.repeat(np.arange(4), 3).astype(np.int32)
+  x = _emb(52, b=12) * np.linspace(1.0, 9.5, 12, dtype=np.float32)[:, None]
+  kw = dict(SPREAD[name])
+  if name != "dro_topk" and name != "dro_topk_pn":
+    kw["gamma"] = gamma
+  fn = lambda e: getattr(dro, name)(e, labels, **kw)
+  v, g = jax.value_and_grad(fn)(x)
+  assert np.isfinite(v) and np.all(np.isfinite(g)), (name, gamma)
+  l, dl, pos, act = _ref64(x, labels)
+  assert 45 < l.max() < 55 and (l[~np.eye(12, dtype=bool)] == 0).any()
+  if name == "dro_kl_sampled":  # a mean of drawn losses
+    assert 0 < float(v) <= l.max() * (1 + 1e-6)
+    return
+  want, w = _ref_value_and_weights(name, l, pos, act, gamma, add_one=kw.get("add_one", False),
+                                   k=kw.get("k"))
+  scale = 12 if name == "dro_grouped_kl" else 1
+  want_g = _ref_grad(x, w, dl) / scale
+  np.testing.assert_allclose(v, want, rtol=2e-6)
+  np.testing.assert_allclose(g, want_g, atol=1e-4 * np.abs(want_g).max())
+
+
 # ----------------------------------------------------------------------------- shared behaviour
 
 
@@ -464,6 +664,12 @@ def test_bad_inputs_raise():
     dro.dro_kl_sampled(x, LABELS, rng=jax.random.PRNGKey(0), num_samples=0)
   with pytest.raises(ValueError, match="base"):
     dro.dro_topk(x, LABELS, base="contrastive")
+  with pytest.raises(ValueError, match="normalize"):
+    dro.dro_topk(x, LABELS, normalize="mean")
+  with pytest.raises(ValueError, match="normalize"):
+    dro.dro_topk_pn(x, LABELS, normalize="nonzero_pairs")
+  with pytest.raises(ValueError, match="binomial_form"):
+    dro.dro_kl(x, LABELS, base="binomial", binomial_form="ms")
   with pytest.raises(ValueError, match="margin"):
     dro.dro_kl(x, LABELS, margin=-0.1)
   with pytest.raises(ValueError, match="reduction"):

@@ -95,6 +95,20 @@ def naive_contrastive(x, y, refs=None, ry=None, mask=None, pos_margin=0.0, neg_m
   return red(pos) + red(neg)
 
 
+def naive_contrastive_xbm(x, y, refs=None, ry=None, mask=None, margin=0.5, pos_eps=1e-5,
+                          reduction="mean"):
+  """XBM's contrastive (CCP's C1), anchor by anchor: 1 - s for positives below 1 - pos_eps, s for
+  negatives above the margin; the anchors' sums averaged over the B batch rows."""
+  per_anchor = [0.0] * len(x)
+  for i, _, r, same in _pairs(x, y, refs, ry, mask):
+    s = float(np.dot(x[i], r))
+    if same and s < 1 - pos_eps:
+      per_anchor[i] += 1 - s
+    elif not same and s > margin:
+      per_anchor[i] += s
+  return sum(per_anchor) if reduction == "sum" else sum(per_anchor) / len(x)
+
+
 def naive_triplet_margin(x, y, refs=None, ry=None, mask=None, margin=0.05, swap=False,
                          smooth_loss=False, squared=False, reduction="mean_nonzero"):
   base = x if refs is None else refs
@@ -256,6 +270,7 @@ def naive_circle(x, y, refs=None, ry=None, mask=None, m=0.4, gamma=80.0, frozen=
 
 NAIVE = {
     "contrastive": naive_contrastive,
+    "contrastive_xbm": naive_contrastive_xbm,
     "triplet_margin": naive_triplet_margin,
     "lifted_structure": naive_lifted_structure,
     "generalized_lifted_structure": naive_generalized_lifted_structure,
@@ -273,7 +288,10 @@ NAIVE = {
 CASES = [
     ("contrastive", {}),
     ("contrastive", dict(pos_margin=0.2, neg_margin=0.9, power=2.0)),  # C2 / PROFS eq. 3.1 form
-    ("contrastive", dict(distance="dot", pos_margin=1.0, neg_margin=0.3, reduction="sum")),  # C1
+    # The hinge form on similarities (C1 itself is contrastive_xbm, whose negative term is s).
+    ("contrastive", dict(distance="dot", pos_margin=1.0, neg_margin=0.3, reduction="sum")),
+    ("contrastive_xbm", {}),  # CCP's C1 (XBM's implementation, margin 0.5)
+    ("contrastive_xbm", dict(margin=0.1, reduction="sum")),
     ("triplet_margin", dict(margin=0.3)),
     ("triplet_margin", dict(margin=0.3, squared=True, reduction="mean")),  # PROFS eq. 3.2
     ("triplet_margin", dict(margin=0.3, swap=True, smooth_loss=True)),
@@ -518,6 +536,7 @@ def test_bad_shapes_and_labels_raise(name):
     ("contrastive", dict(pos_margin=-0.1), "pos_margin"),
     ("contrastive", dict(power=0.5), "power"),
     ("contrastive", dict(distance="cosine"), "distance"),
+    ("contrastive_xbm", dict(pos_eps=-1e-5), "pos_eps"),
     ("triplet_margin", dict(margin=-0.05), "margin"),
     ("triplet_margin", dict(squared=True, distance="dot"), "squared"),
     ("lifted_structure", dict(neg_margin=-1.0), "neg_margin"),
@@ -544,6 +563,41 @@ def test_registry_lists_every_pair_loss():
   from dmljax import losses
   assert set(pair.__all__) == set(NAIVE)
   assert all(losses.PAIR_LOSSES[n] is getattr(pair, n) for n in pair.__all__)
+  # C1 can be named in configs (CCP checks PAIR_LOSSES; get_loss reads LOSSES).
+  assert losses.get_loss("contrastive_xbm") is losses.PAIR_LOSSES["contrastive_xbm"]
+
+
+# ----------------------------------------------------------------------------- C1 (XBM)
+
+
+def test_contrastive_xbm_matches_xbm_definition_with_memory():
+  # Guards C1 as XBM computes it: negative term s (not s - margin), near-duplicate positives
+  # dropped, sum over all anchors divided by the number of batch rows (not of references).
+  x = _unit(np.random.default_rng(7).normal(size=(4, 3)))
+  y = np.array([0, 0, 1, 1])
+  mem = np.concatenate([x[:1], _unit(np.random.default_rng(8).normal(size=(6, 3)))])
+  mem_y = np.array([0, 0, 1, 2, 0, 1, 2])  # slot 0: an exact copy of x[0] (s = 1, dropped)
+  mask = np.array([True, True, True, True, True, True, False])
+  kw = dict(ref_embeddings=jnp.asarray(mem, jnp.float32), ref_labels=mem_y, ref_mask=mask)
+  f = lambda e: pair.contrastive_xbm(e, y, **kw)  # noqa: E731
+  val, g = jax.value_and_grad(f)(jnp.asarray(x, jnp.float32))
+  want = naive_contrastive_xbm(x, y, mem, mem_y, mask)
+  s = x @ mem.T
+  assert (s[:, :6][y[:, None] != mem_y[None, :6]] > 0.5).any()  # some negative is above margin
+  _close(val, want, atol=1e-6)
+  _close(g, _fd_grad(lambda t: naive_contrastive_xbm(t.reshape(4, 3), y, mem, mem_y, mask),
+                     x.ravel()).reshape(4, 3))
+  # Written out: the hinge form misses 0.5 per negative above the margin (divided by B = 4).
+  hinge = pair.contrastive(x, y, distance="dot", pos_margin=1.0, neg_margin=0.5,
+                           reduction="sum", **kw) / 4
+  n_above = int(((s > 0.5) & (y[:, None] != mem_y[None, :]) & mask[None, :]).sum())
+  dup = 1 - float(s[0, 0])  # the duplicate's ~0 positive term, which XBM leaves out
+  _close(val, float(hinge) + 0.5 * n_above / 4 - dup / 4, atol=1e-6)
+  # Without references the self-pairs (s = 1) are excluded and the divisor is B as well.
+  _close(pair.contrastive_xbm(x, y), naive_contrastive_xbm(x, y), atol=1e-6)
+  per = pair.contrastive_xbm(x, y, reduction="none", **kw)
+  assert per.shape == (4,)
+  _close(jnp.sum(per), naive_contrastive_xbm(x, y, mem, mem_y, mask, reduction="sum"), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- optional: PML

@@ -50,6 +50,7 @@ from dmljax.losses import core
 
 __all__ = [
     "contrastive",
+    "contrastive_xbm",
     "triplet_margin",
     "lifted_structure",
     "generalized_lifted_structure",
@@ -188,11 +189,12 @@ def contrastive(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref
     ``(pos_margin, neg_margin) = (m+, m-)``, e.g. ``(0, 0.3841)`` on CUB, ``(0.2652, 0.5409)`` on
     Cars196, ``(0.2858, 0.5130)`` on In-shop and SOP (CCP supplement), averaged over non-zero terms.
   * CCP **C1**, Hadsell's contrastive loss as implemented by XBM (the CCP supplement says C1
-    adopts XBM's implementation, margin 0.5): cosine similarity, positive term ``1 - s``,
-    negative term ``[s - 0.5]_+``, summed over all pairs and divided by the batch size:
+    adopts XBM's implementation, margin 0.5), is :func:`contrastive_xbm`, not a setting of this
+    function: XBM's negative term is ``s`` itself wherever ``s > 0.5`` (not the hinge
+    ``[s - 0.5]_+``), and it drops positive pairs with ``s >= 1 - 1e-5``.
     ``contrastive(..., distance="dot", pos_margin=1.0, neg_margin=0.5, reduction="sum") / B``
-    on unit-norm embeddings. (XBM also drops positive pairs with ``s >= 1 - 1e-5``, i.e.
-    duplicates; here they simply contribute ~0.)
+    has the same gradient except at those near-duplicate positives, but a value lower by
+    ``0.5 x (number of negatives above the margin) / B``.
   * PROFS eq. (3.1), ``y d^2 + (1 - y) [eps - d]_+^2`` averaged over all pairs: ``power=2``,
     ``pos_margin=0``, ``neg_margin=eps`` and ``reduction="sum"`` divided by the number of pairs
     (``reduction="mean"`` instead averages each part separately, as PML's ``MeanReducer``).
@@ -228,6 +230,48 @@ def contrastive(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref
     # Long reference sets (cross-batch memory): reduce block by block, see the helper.
     return _blockwise_split_reduce(terms, p.emb, p.ref, p.pos, p.neg, reduction)
   return _split_reduce(*terms(p.emb, p.ref), p.pos, p.neg, reduction)
+
+
+def contrastive_xbm(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
+                    margin: float = 0.5, pos_eps: float = 1e-5, reduction: str = "mean") -> Array:
+  """Contrastive loss as XBM's authors implement it (Wang et al. 2020): CCP's **C1**.
+
+  On the similarity ``s`` (cosine on unit-norm embeddings), for each anchor ``i`` (a batch row)::
+
+      loss_i = sum_{j in P(i), s_ij < 1 - pos_eps} (1 - s_ij) + sum_{j in N(i), s_ij > margin} s_ij
+
+  and the loss is ``(1/B) sum_i loss_i``: summed over all pairs and divided by the number of
+  batch rows ``B``, also when the references are a memory bank or proxies (XBM's ``C1-XBM`` and
+  CCP's ``C1-CCP``, margin 0.5 on every dataset). Two details set it apart from
+  :func:`contrastive` with ``distance="dot"``: a negative above the margin contributes ``s``, not
+  ``s - margin`` (the value jumps by ``margin`` as a pair crosses it; the gradient is the same),
+  and positives within ``pos_eps`` of similarity 1 (duplicates, or a sample and its own copy in
+  the memory) are left out, value and gradient. As in every pair loss here, self-pairs are
+  excluded when there are no references, and ``ref_mask`` removes empty memory slots.
+
+  Registered as ``"contrastive_xbm"`` in ``dmljax.losses.LOSSES`` / ``PAIR_LOSSES``, so the
+  frameworks can name it (``C1-CCP``: the ``ccp`` framework with this loss; ``C1-XBM``: the
+  loss against a cross-batch memory).
+
+  Args:
+    embeddings: ``[B, D]``; labels: ``[B]`` int. References as in :mod:`dmljax.losses.core`.
+    margin: negatives count only above this similarity (any real value; XBM and CCP use 0.5).
+    pos_eps: positives count only below similarity ``1 - pos_eps`` (>= 0).
+    reduction: over the per-anchor sums ``loss_i``: ``"mean"`` (default, XBM's ``/ B``),
+      ``"sum"``, ``"mean_nonzero"`` (over anchors with a nonzero sum) or ``"none"`` (``[B]``).
+
+  Returns:
+    The loss (0 when no pair contributes).
+  """
+  core.check_reduction(reduction)
+  core.check_range("pos_eps", pos_eps, low=0.0)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  s = core.dot_similarity(p.emb, p.ref)
+  pos_kept = p.pos & (s < 1.0 - pos_eps)
+  neg_kept = p.neg & (s > margin)
+  terms = jnp.where(pos_kept, 1.0 - s, jnp.where(neg_kept, s, 0.0))
+  per_anchor = jnp.sum(terms, axis=1)
+  return core.reduce(per_anchor, jnp.ones(per_anchor.shape, bool), reduction)
 
 
 def triplet_margin(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
