@@ -55,7 +55,7 @@ def bench_step(framework_name, num_classes, per_class, reps):
   fw = frameworks.get_framework(c, num_classes=num_classes, embedding_dim=128)
   tx = optim.make_optimizer(c.optim, 1000)
   v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)), train=False)
-  extra, fs = fw.init(jax.random.PRNGKey(1))
+  extra, fs = fw.init(jax.random.PRNGKey(1), v["params"], v["batch_stats"])
   if "proxies" in extra:  # random unit proxies for both (CCP would take them from k-center)
     extra["proxies"] = jax.random.normal(jax.random.PRNGKey(2), extra["proxies"].shape) * 0.1
   if framework_name == "ccp":
@@ -74,7 +74,7 @@ def bench_step(framework_name, num_classes, per_class, reps):
   box = [st]
 
   def run():
-    box[0], m = step(box[0], x, y)
+    box[0], m = step(box[0], x, y, {})
     jax.block_until_ready(m["loss"])
 
   return run

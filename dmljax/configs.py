@@ -57,37 +57,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 0
   c.optim.lr_multipliers = ml_collections.ConfigDict({"proxies": 1.0})
 
-  c.ccp = ml_collections.ConfigDict()
-  c.ccp.proxies_per_class = 4
-  c.ccp.pool_size = 8
-  c.ccp.lam = 2e-4
-  c.ccp.patience = 3                # a projection ends after 3 evaluations without improving
-  c.ccp.max_projection_steps = 0    # 0 = off: projections end by patience alone (the paper)
-  c.ccp.proxy_weight = 1.0
-  c.ccp.in_batch_weight = 0.1
-  # The in-batch term is its own loss: contrastive for every CCP variant (the authors' code),
-  # whatever config.loss (the sample-to-proxy loss) is.
-  c.ccp.in_batch_loss = "contrastive"
-  c.ccp.in_batch_kwargs = ml_collections.ConfigDict({"pos_margin": 0.0, "neg_margin": 1.0})
-  c.ccp.alternate = True            # False: a single proxy problem ("Loss-Proxy" ablation)
-  # What projection k+1 starts from: "projection_best" (the best weights of projection k, as the
-  # authors' per-fit early-stopping callback restores), "converged" (Algorithm 1: the weights
-  # projection k ended with) or "run_best" (the best of the whole run so far).
-  c.ccp.start_from = "projection_best"
-  # Zero the proxies' Adam moments (and their own step count) at re-initialisation. Off: the
-  # paper and the authors' code keep one optimizer state through the whole run.
-  c.ccp.reset_proxy_opt_state = False
-
-  c.standard = ml_collections.ConfigDict()
-  c.standard.use_proxies = False    # pair losses: against learnable proxies instead of in-batch
-  c.standard.proxies_per_class = 1
+  # One block per framework (config.ccp, config.standard, ...), defined beside its code.
+  from dmljax.frameworks import FRAMEWORKS  # pylint: disable=g-import-not-at-top
+  for cls in FRAMEWORKS.values():
+    if cls.config_key:
+      c[cls.config_key] = cls.default_config()
 
   c.total_steps = 2000
   c.eval_every_steps = 50
   c.patience_evals = 12             # overall early stopping (paper: 60 evaluations)
   c.log_every_steps = 25
   c.eval_batch_size = 256           # must be divisible by the device count
+  # Evaluation metrics (validation during training and the final table): MAP@R, R-precision and
+  # P@1 always, plus these cut-offs; clustering adds k-means NMI and pairwise F1.
   c.recall_ks = (1,)
+  c.precision_ks = ()
+  c.map_ks = ()
+  c.ndcg_ks = ()
+  c.clustering = False
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True

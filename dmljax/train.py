@@ -1,24 +1,40 @@
 """``train_and_evaluate(config, workdir)``: the dmljax training loop.
 
-Sections: setup (workdir, mesh, checks) -> data -> model -> framework -> state / resume ->
-compiled functions -> loop (train step, logging, evaluation + framework hooks, checkpoints,
-SIGTERM) -> final (restore the best parameters, evaluate validation and test, print a table).
+The module reads top to bottom as a run does, and each part can be called on its own:
+
+* **input** (:func:`create_input`, :func:`make_sampler`): the data set's splits and the host
+  sampler of training batches (the framework's, or ``config.sampler``);
+* **state** (:func:`create_state`): model variables, the framework's parameters and arrays, the
+  optimizer state, in one :class:`~dmljax.state.TrainState`;
+* **step** (:func:`make_train_step`, :func:`jit_train_step`): one jitted step over the mesh; a
+  non-finite loss or gradient is never applied;
+* **evaluation** (:class:`Evaluator`): inference-mode embedding in fixed-size batches and the
+  retrieval (and optionally clustering) metrics of a split;
+* **checkpointing** (:func:`restore_or_start`): Orbax restore with the config fingerprint check,
+  or a fresh start (framework ``on_start``, the untrained baseline);
+* **the loop** (:func:`train_and_evaluate`): steps, logging, evaluations and framework hooks,
+  periodic / SIGTERM checkpoints, then the best parameters on validation and test beside the
+  trivial baselines.
+
+The trainer knows no framework by name: what differs between methods is behind the contract of
+:mod:`dmljax.frameworks.base`.
 
 Exact resumption: every random choice is a function of the seed and the step (per-step keys
-``fold_in(rng, step)``, samplers deterministic in ``(seed, step)``, the CCP pool sampler in
-``(seed, projection)``), evaluations happen at fixed steps, and all framework / early-stopping
-state is part of the checkpointed :class:`~dmljax.state.TrainState`. A checkpoint is written only
-after a step's evaluation and hooks, so a run restarted from any checkpoint replays exactly the
-computation of an uninterrupted run.
+``fold_in(rng, step)``, samplers deterministic in ``(seed, step)``), evaluations happen at fixed
+steps, and all framework / early-stopping state is part of the checkpointed
+:class:`~dmljax.state.TrainState`. A checkpoint is written only after a step's evaluation and
+hooks, so a run restarted from any checkpoint replays exactly the computation of an
+uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
@@ -35,9 +51,71 @@ from dmljax import parallel
 from dmljax import state as state_lib
 
 SAMPLERS = ("m_per_class",)
+BASELINES = ("untrained", "pixels")
 
 
-# ============================================================================= compiled pieces
+# ============================================================================= input
+
+
+@dataclasses.dataclass
+class Input:
+  """The splits of a run (images and labels as numpy) and the training classes."""
+  train: Any
+  val: Any
+  test: Any
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  num_classes: int
+
+  def split(self, name: str):
+    return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def create_input(config) -> Input:
+  """Loads ``config.dataset`` and picks its train / val / test splits (ValueError if absent)."""
+  from dmljax.data import load_dataset  # pylint: disable=g-import-not-at-top
+  dc = config.dataset
+  ds = load_dataset(dc.name, seed=dc.seed, cache_dir=dc.cache_dir or None, **dict(dc.options))
+  for s in (dc.train_split, dc.val_split, dc.test_split):
+    if s not in ds.splits:
+      raise ValueError(f"Data set {dc.name!r} has no split {s!r}; splits: {sorted(ds.splits)}.")
+  train = ds.splits[dc.train_split]
+  labels = np.asarray(train.labels)
+  return Input(train=train, val=ds.splits[dc.val_split], test=ds.splits[dc.test_split],
+               train_images=np.asarray(train.images), train_labels=labels,
+               num_classes=int(np.max(labels)) + 1 if len(labels) else 0)
+
+
+def make_sampler(config, framework, labels):
+  """The framework's sampler, or the default one of ``config.sampler``."""
+  sampler = framework.make_sampler(labels)
+  if sampler is not None:
+    return sampler
+  from dmljax.data import samplers  # pylint: disable=g-import-not-at-top
+  sc = config.sampler
+  if sc.name not in SAMPLERS:
+    raise ValueError(f"Unknown sampler {sc.name!r}; valid: {list(SAMPLERS)} "
+                     "(set --config.sampler.name).")
+  return samplers.MPerClassSampler(labels, sc.m, config.batch_size, config.seed)
+
+
+# ============================================================================= state
+
+
+def create_state(config, model, framework, tx, data: Input) -> state_lib.TrainState:
+  """The initial train state (host arrays; replicate it on the mesh)."""
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, fw_rng, train_rng = jax.random.split(rng, 3)
+  dummy = jnp.zeros((1,) + tuple(data.train_images.shape[1:]), data.train_images.dtype)
+  variables = jax.jit(lambda r, x: model.init(r, _prepare_images(x), train=False))(init_rng, dummy)
+  batch_stats = variables.get("batch_stats", {})
+  extra, fstate = framework.init(fw_rng, variables["params"], batch_stats)
+  return state_lib.create_train_state(
+      rng=train_rng, model_params=variables["params"], batch_stats=batch_stats,
+      extra_params=extra, framework_state=fstate, tx=tx)
+
+
+# ============================================================================= step
 
 
 def _prepare_images(images):
@@ -55,14 +133,14 @@ def _variables(model_params, batch_stats):
 
 
 def make_train_step(model, framework, tx) -> tuple[Callable, list]:
-  """The (un-jitted) train step ``(state, images, labels) -> (state, metrics)``.
+  """The (un-jitted) train step ``(state, images, labels, extras) -> (state, metrics)``.
 
   Returns the function and a one-element list counting how often it is traced (the tests
   assert it is traced once).
   """
   traces = [0]
 
-  def train_step(state, images, labels):
+  def train_step(state, images, labels, extras):
     traces[0] += 1
     rng = jax.random.fold_in(state.rng, state.step)
     images = _prepare_images(images)
@@ -75,7 +153,7 @@ def make_train_step(model, framework, tx) -> tuple[Callable, list]:
         new_bs = mutated["batch_stats"]
       else:
         emb, new_bs = model.apply(_variables(params["model"], None), images, train=True), {}
-      loss, (metrics, fstate) = framework.loss(params, emb, labels, state, rng)
+      loss, (metrics, fstate) = framework.loss(params, emb, labels, state, rng, extras)
       return loss, (metrics, fstate, new_bs)
 
     (loss, (metrics, fstate, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -93,11 +171,10 @@ def make_train_step(model, framework, tx) -> tuple[Callable, list]:
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    nonfinite_steps=tracker["nonfinite_steps"],
                    nonfinite_streak=tracker["nonfinite_streak"])
-    new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params),
-        batch_stats=keep(new_bs, state.batch_stats),
-        opt_state=keep(opt_state, state.opt_state), framework=keep(fstate, state.framework),
-        tracker=tracker)
+    stepped = framework.after_update(state, state.replace(
+        step=state.step + 1, params=params, batch_stats=new_bs, opt_state=opt_state,
+        framework=fstate))
+    new_state = keep(stepped, state).replace(step=state.step + 1, tracker=tracker)
     return new_state, metrics
 
   return train_step, traces
@@ -112,7 +189,7 @@ def _all_finite(tree) -> jax.Array:
 def jit_train_step(step_fn, mesh):
   """jit with the batch sharded over ``data``, the state replicated and donated."""
   rep, bat = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return jax.jit(step_fn, in_shardings=(rep, bat, bat), out_shardings=(rep, rep),
+  return jax.jit(step_fn, in_shardings=(rep, bat, bat, bat), out_shardings=(rep, rep),
                  donate_argnums=(0,))
 
 
@@ -146,6 +223,187 @@ def embed_images(embed_fn, mesh, model_params, batch_stats, images: np.ndarray,
     x = parallel.global_batch(images[chunk], mesh)
     out.append(parallel.to_host(embed_fn(model_params, batch_stats, x)))
   return np.concatenate(out, axis=0)[:n]
+
+
+# ============================================================================= host helpers
+
+
+
+
+# ============================================================================= evaluation
+
+
+class Evaluator:
+  """Embeds splits in inference mode and computes their metrics, the same way everywhere
+  (validation during training, the final table, the frameworks' ``ctx.evaluate``).
+
+  Metrics: retrieval (``config.recall_ks``, ``precision_ks``, ``map_ks``, ``ndcg_ks``; MAP@R,
+  R-precision and P@1 always) and, with ``config.clustering``, NMI and pairwise F1 of k-means.
+  Embeddings that are not finite raise :class:`dmljax.cli.TrainingDiverged`.
+  """
+
+  def __init__(self, config, model, mesh, data: Input):
+    self.config, self.mesh, self.data = config, mesh, data
+    self.embed_fn = make_embed_fn(model, mesh)
+    self.checkpointer = None  # named in the divergence message once there is one
+    self.step = 0
+
+  def embed(self, model_params, batch_stats, images, indices=None) -> np.ndarray:
+    idx = np.arange(len(images)) if indices is None else np.asarray(indices)
+    return embed_images(self.embed_fn, self.mesh, model_params, batch_stats, images, idx,
+                        self.config.eval_batch_size)
+
+  def embed_train(self, model_params, batch_stats, indices) -> np.ndarray:
+    return self.embed(model_params, batch_stats, self.data.train_images, indices)
+
+  def metrics(self, embeddings, labels) -> dict[str, float]:
+    """The configured metrics of one set of embeddings (same-set retrieval)."""
+    from dmljax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    c = self.config
+    m = metrics_lib.retrieval_metrics(
+        embeddings, labels, recall_ks=tuple(c.recall_ks), precision_ks=tuple(c.precision_ks),
+        map_ks=tuple(c.map_ks), ndcg_ks=tuple(c.ndcg_ks))
+    if c.clustering:
+      m.update(metrics_lib.clustering_metrics(embeddings, labels, seed=c.seed))
+    return {k: float(v) for k, v in m.items()}
+
+  def evaluate(self, model_params, batch_stats, split) -> dict[str, float]:
+    """Metrics of ``split`` (a name, ``"val"`` / ``"test"``, or a split object)."""
+    split = self.data.split(split) if isinstance(split, str) else split
+    emb = self.embed(model_params, batch_stats, np.asarray(split.images))
+    if not np.all(np.isfinite(emb)):
+      # Finite losses can still leave weights that overflow in inference mode.
+      bad = int(np.sum(~np.all(np.isfinite(emb), axis=1)))
+      raise cli.TrainingDiverged(_diverged(
+          self.config, self.checkpointer,
+          f"the model's embeddings of {bad} of {len(emb)} evaluation images are not finite at "
+          f"step {self.step}"))
+    return self.metrics(emb, np.asarray(split.labels))
+
+  def pixel_baseline(self) -> dict[str, float]:
+    """Raw pixels, flattened and L2-normalised, on the validation and test splits."""
+    size = int(np.prod(np.shape(self.data.val.images)[1:]))
+    if size > PIXEL_BASELINE_MAX_VALUES:
+      logging.warning("Pixel baseline skipped: images of %d values (more than %d); remove "
+                      "'pixels' from config.baselines to silence this.", size,
+                      PIXEL_BASELINE_MAX_VALUES)
+      return {}
+    out = {}
+    for name in ("val", "test"):
+      split = self.data.split(name)
+      m = self.metrics(pixel_embeddings(split.images), np.asarray(split.labels))
+      out.update({f"pixels/{name}/{k}": v for k, v in m.items()})
+    return out
+
+
+def pixel_embeddings(images: np.ndarray) -> np.ndarray:
+  """The raw-pixel baseline: images flattened to float32 and L2-normalised."""
+  x = np.asarray(images, np.float32).reshape(len(images), -1)
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+PIXEL_BASELINE_MAX_VALUES = 16384  # 128 x 128 grey; larger images: set config.baselines
+
+
+# ============================================================================= checkpointing
+
+
+# Keys whose change cannot alter what a resumed run computes (logging, retention, paths, device
+# count: results do not depend on it). Any other change breaks exact resumption.
+RESUME_SAFE_KEYS = ("progress", "log_every_steps", "plot_projections", "checkpoint.max_to_keep",
+                    "checkpoint.save_best", "checkpoint.every_steps", "dataset.cache_dir",
+                    "max_consecutive_nonfinite", "baselines", "num_devices", "eval_batch_size")
+SAMPLER_KEYS = ("seed", "batch_size", "sampler.name", "sampler.m")
+
+
+def config_dict(config) -> dict:
+  """The config as plain JSON data (tuples as lists): what a checkpoint records."""
+  return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+  """``{key: (saved, current)}`` for every key whose change breaks exact resumption."""
+  a, b = _flatten(saved), _flatten(current)
+  return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+          if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in RESUME_SAFE_KEYS}
+
+
+def config_fingerprint(cfg: dict) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save_config(config, workdir):
+  if jax.process_index() == 0:
+    _write_atomic(os.path.join(workdir, "config.json"),
+                  config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+TABLE_METRICS = ("map_at_r", "r_precision", "precision_at_1")
+
+
+def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factory, evaluator,
+                     sampler, mesh, allow_config_change: bool = False):
+  """Resumes from the newest intact checkpoint, or starts fresh.
+
+  Resuming checks the config against the checkpoint's (:func:`config_changes`) and raises
+  :class:`dmljax.cli.ConfigChanged` for a change that breaks exact resumption unless
+  ``allow_config_change``; the checkpointed sampler is continued unless its settings changed.
+  A fresh start runs the framework's ``on_start`` and measures the untrained baseline.
+
+  Returns:
+    ``(state, host, sampler, ctx, logger, resumed)``; ``ctx_factory(logger)`` builds the
+    frameworks' :class:`~dmljax.frameworks.HostContext`.
+  """
+  restored = checkpointer.restore(state) if checkpointer is not None else None
+  cfg_now, changed = config_dict(config), {}
+  if restored is not None:
+    host = restored[1]
+    changed = config_changes(host["config"], cfg_now) if "config" in host else {}
+    if changed and not allow_config_change:
+      listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+      checkpointer.close()
+      raise cli.ConfigChanged(
+          f"the config differs from the one {workdir} was trained with, which breaks exact "
+          f"resumption: {listing}. Run with the old values, use a new --workdir, or pass "
+          "--allow_config_change to continue with the new values.")
+  logger = _Logger(workdir, None if restored is None else int(restored[1]["step"]))
+  ctx = ctx_factory(logger)
+  if restored is not None:
+    state, host = restored
+    state = parallel.replicate(state, mesh)
+    if changed:
+      logging.warning("Continuing %s with changed config keys: %s", workdir, sorted(changed))
+    if host.get("sampler") and not set(changed) & set(SAMPLER_KEYS):
+      # Continue with the checkpointed sampler; its labels fingerprint makes a data set that
+      # changed under the run fail here instead of silently drawing other batches.
+      sampler = type(sampler).from_state_dict(ctx.train_labels, host["sampler"])
+    if jax.process_index() == 0:
+      print(f"Resumed from step {host['step']} of {workdir}", flush=True)
+  else:
+    state = parallel.replicate(framework.on_start(state, ctx), mesh)
+    host = {"step": 0, "done": False,
+            "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else {}}
+    if "untrained" in config.baselines:
+      # The untrained network (after the framework's start, e.g. CCP's first proxies: the model
+      # is still the initial one), measured before step 1 and kept with the checkpoints.
+      host["baselines"] = {
+          f"untrained/{name}/{k}": v for name in ("val", "test")
+          for k, v in evaluator.evaluate(state.params["model"], state.batch_stats, name).items()}
+  host["sampler"] = _jsonable(host.get("sampler", {}))
+  host["config"], host["config_fingerprint"] = cfg_now, config_fingerprint(cfg_now)
+  _save_config(config, workdir)
+  return state, host, sampler, ctx, logger, restored is not None
 
 
 # ============================================================================= host helpers
@@ -215,61 +473,6 @@ class _Logger:
       self.writer.close()
 
 
-def _make_sampler(config, labels):
-  from dmljax.data import samplers  # pylint: disable=g-import-not-at-top
-  sc = config.sampler
-  if sc.name not in SAMPLERS:
-    raise ValueError(f"Unknown sampler {sc.name!r}; valid: {list(SAMPLERS)} "
-                     "(set --config.sampler.name).")
-  return samplers.MPerClassSampler(labels, sc.m, config.batch_size, config.seed)
-
-
-def _num_classes(labels) -> int:
-  return int(np.max(labels)) + 1 if len(labels) else 0
-
-
-# Keys whose change cannot alter what a resumed run computes (logging, retention, paths, device
-# count: results do not depend on it). Any other change breaks exact resumption.
-RESUME_SAFE_KEYS = ("progress", "log_every_steps", "plot_projections", "checkpoint.max_to_keep",
-                    "checkpoint.save_best", "checkpoint.every_steps", "dataset.cache_dir",
-                    "max_consecutive_nonfinite", "baselines", "num_devices", "eval_batch_size")
-SAMPLER_KEYS = ("seed", "batch_size", "sampler.name", "sampler.m")
-
-
-def config_dict(config) -> dict:
-  """The config as plain JSON data (tuples as lists): what a checkpoint records."""
-  return json.loads(json.dumps(config.to_dict(), default=str))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
-  """``{key: (saved, current)}`` for every key whose change breaks exact resumption."""
-  a, b = _flatten(saved), _flatten(current)
-  return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
-          if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in RESUME_SAFE_KEYS}
-
-
-def config_fingerprint(cfg: dict) -> str:
-  import hashlib  # pylint: disable=g-import-not-at-top
-  return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _save_config(config, workdir):
-  if jax.process_index() == 0:
-    _write_atomic(os.path.join(workdir, "config.json"),
-                  config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-TABLE_METRICS = ("map_at_r", "r_precision", "precision_at_1")
 
 
 def _print_table(final: dict[str, float]):
@@ -290,40 +493,28 @@ def _print_table(final: dict[str, float]):
   return text
 
 
-def pixel_embeddings(images: np.ndarray) -> np.ndarray:
-  """The raw-pixel baseline: images flattened to float32 and L2-normalised."""
-  x = np.asarray(images, np.float32).reshape(len(images), -1)
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-PIXEL_BASELINE_MAX_VALUES = 16384  # 128 x 128 grey; larger images: set config.baselines
-
-
-def _make_plotter(config, workdir, model_embed: Callable, train_images, train_labels, rng_seed):
-  """PNG of the training embeddings (subset) and the proxies, for 2-D embeddings."""
+def _make_plotter(config, workdir, framework, embed_train: Callable, train_labels):
+  """PNG of the training embeddings (subset) and the framework's points, for 2-D embeddings."""
   if not config.plot_projections or config.model.embedding_dim != 2 or jax.process_index():
     return None
   os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-  sub = np.random.default_rng(rng_seed).permutation(len(train_labels))[:1500]
+  sub = np.random.default_rng(config.seed).permutation(len(train_labels))[:1500]
 
-  def plot(state, name, new_proxies):
+  def plot(state, name, extra_points=None):
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    emb = model_embed(state.params["model"], state.batch_stats, sub)
+    emb = embed_train(state.params["model"], state.batch_stats, sub)
     lab = train_labels[sub]
     fig, ax = plt.subplots(figsize=(6, 6))
     cmap = plt.get_cmap("tab10" if lab.max() < 10 else "tab20")
     ax.scatter(emb[:, 0], emb[:, 1], c=cmap(lab % cmap.N), s=4, alpha=0.5)
-    if "proxies" in state.params:
-      prox = parallel.to_host(state.params["proxies"])
-      plab = parallel.to_host(state.framework["proxy_labels"])
-      ax.scatter(prox[:, 0], prox[:, 1], c=cmap(plab % cmap.N), marker="s", s=60,
-                 edgecolors="k", label="converged proxies")
-      if new_proxies is not None:
-        newp = np.asarray(new_proxies)
-        ax.scatter(newp[:, 0], newp[:, 1], c=cmap(plab % cmap.N), marker="o", s=60,
-                   edgecolors="k", label="next proxies (k-center)")
+    points = {**framework.plot_points(state), **(extra_points or {})}
+    for marker, (legend, (pts, cls)) in zip(("s", "o", "^", "D", "v"), points.items()):
+      pts, cls = np.asarray(pts), np.asarray(cls)
+      ax.scatter(pts[:, 0], pts[:, 1], c=cmap(cls % cmap.N), marker=marker, s=60,
+                 edgecolors="k", label=legend)
+    if points:
       ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"{name} (step {int(parallel.to_host(state.step))})")
     ax.set_aspect("equal")
@@ -333,271 +524,20 @@ def _make_plotter(config, workdir, model_embed: Callable, train_images, train_la
   return plot
 
 
-# ============================================================================= main entry
+def _progress_enabled(config) -> bool:
+  return bool(config.progress) and jax.process_index() == 0
 
 
-def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False
-                       ) -> dict[str, Any]:
-  """Trains and evaluates the model described by ``config``; returns the final metrics.
-
-  Args:
-    config: a ConfigDict as built by ``configs/*.py``.
-    workdir: run directory (checkpoints, metrics.jsonl, tensorboard/, config.json, plots/).
-      An existing checkpoint there is resumed automatically.
-    allow_config_change: resume even if ``config`` differs from the checkpoint's config in keys
-      that break exact resumption (:data:`RESUME_SAFE_KEYS` may always change), continuing with
-      the new values; otherwise such a change raises :class:`dmljax.cli.ConfigChanged`.
-
-  Returns:
-    ``{"val/<metric>": ..., "test/<metric>": ..., "untrained/val/<metric>": ...,
-    "pixels/test/<metric>": ..., "step": ..., "best_step": ..., "nonfinite_steps": ...,
-    "train_step_traces": ...}``, or ``{"preempted": True, "step": ...}`` after a SIGTERM.
-
-  Raises:
-    dmljax.cli.TrainingDiverged: ``config.max_consecutive_nonfinite`` steps in a row had a
-      non-finite loss or gradient (none of them was applied).
-  """
-  # ------------------------------------------------------------------- setup
-  os.makedirs(workdir, exist_ok=True)
-  if config.num_devices < 0 or config.num_devices > jax.device_count():
-    raise ValueError(f"config.num_devices={config.num_devices} but there are "
-                     f"{jax.device_count()} devices; use 0 (all) or 1..{jax.device_count()}.")
-  mesh = parallel.make_mesh(jax.devices()[:config.num_devices] if config.num_devices else None)
-  parallel.check_batch_size(config.batch_size, mesh)
-  parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-  if config.eval_every_steps < 1 or config.total_steps < 1:
-    raise ValueError("config.total_steps and config.eval_every_steps must be >= 1.")
-  if config.max_consecutive_nonfinite < 1:
-    raise ValueError("config.max_consecutive_nonfinite must be >= 1, got "
-                     f"{config.max_consecutive_nonfinite}.")
-  unknown = sorted(set(config.baselines) - {"untrained", "pixels"})
-  if unknown:
-    raise ValueError(f"Unknown config.baselines {unknown}; valid: 'untrained', 'pixels'.")
-
-  # ------------------------------------------------------------------- data
-  from dmljax.data import load_dataset  # pylint: disable=g-import-not-at-top
-  from dmljax.data import samplers as samplers_lib  # pylint: disable=g-import-not-at-top
-  from dmljax.metrics import retrieval_metrics  # pylint: disable=g-import-not-at-top
-  dc = config.dataset
-  ds = load_dataset(dc.name, seed=dc.seed, cache_dir=dc.cache_dir or None, **dict(dc.options))
-  for s in (dc.train_split, dc.val_split, dc.test_split):
-    if s not in ds.splits:
-      raise ValueError(f"Data set {dc.name!r} has no split {s!r}; splits: {sorted(ds.splits)}.")
-  train, val, test = ds.splits[dc.train_split], ds.splits[dc.val_split], ds.splits[dc.test_split]
-  train_images, train_labels = np.asarray(train.images), np.asarray(train.labels)
-  num_classes = _num_classes(train_labels)
-  sampler = _make_sampler(config, train_labels)  # m > class size fails here
-  pool_sampler = samplers_lib.OnePerClassSampler(train_labels, config.seed + 1)
-
-  # ------------------------------------------------------------------- model + framework
-  model = models.get_model(config.model)
-  framework = frameworks.get_framework(config, num_classes=num_classes,
-                                       embedding_dim=config.model.embedding_dim)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
-
-  # ------------------------------------------------------------------- state
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, fw_rng, train_rng = jax.random.split(rng, 3)
-  dummy = jnp.zeros((1,) + tuple(train_images.shape[1:]), train_images.dtype)
-  variables = jax.jit(lambda r, x: model.init(r, _prepare_images(x), train=False))(init_rng, dummy)
-  extra, fstate = framework.init(fw_rng, variables["params"], variables.get("batch_stats", {}))
-  state = state_lib.create_train_state(
-      rng=train_rng, model_params=variables["params"],
-      batch_stats=variables.get("batch_stats", {}), extra_params=extra,
-      framework_state=fstate, tx=tx)
-  state = parallel.replicate(state, mesh)
-
-  # ------------------------------------------------------------------- compiled functions
-  step_fn, traces = make_train_step(model, framework, tx)
-  train_step = jit_train_step(step_fn, mesh)
-  embed_fn = make_embed_fn(model, mesh)
-
-  def embed_split(model_params, batch_stats, images, indices=None):
-    idx = np.arange(len(images)) if indices is None else indices
-    return embed_images(embed_fn, mesh, model_params, batch_stats, images, idx,
-                        config.eval_batch_size)
-
-  def evaluate(model_params, batch_stats, split) -> dict[str, float]:
-    emb = embed_split(model_params, batch_stats, np.asarray(split.images))
-    if not np.all(np.isfinite(emb)):
-      # Finite losses can still leave weights that overflow in inference mode.
-      bad = int(np.sum(~np.all(np.isfinite(emb), axis=1)))
-      raise cli.TrainingDiverged(_diverged(
-          config, checkpointer,
-          f"the model's embeddings of {bad} of {len(emb)} evaluation images are not finite at "
-          f"step {int(parallel.to_host(state.step))}"))
-    m = retrieval_metrics(emb, np.asarray(split.labels), recall_ks=tuple(config.recall_ks))
-    return {k: float(v) for k, v in m.items()}
-
-  def embed_pool(model_params, batch_stats, pool_index):
-    # Pool ``pool_index``: b distinct samples per class (fewer, masked, for small classes);
-    # rows are in class order (labels are contiguous 0..C-1).
-    idx, mask = pool_sampler.pool(pool_index, framework.pool_size)
-    emb = embed_split(model_params, batch_stats, train_images, idx.reshape(-1))
-    return emb.reshape(idx.shape + (emb.shape[-1],)), np.asarray(mask, bool)
-
-  # ------------------------------------------------------------------- resume
-  checkpointer = None
-  if config.checkpoint.enabled:
-    checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                                         save_best=config.checkpoint.save_best)
-  restored = checkpointer.restore(state) if checkpointer else None
-  cfg_now, changed = config_dict(config), {}
-  if restored is not None:
-    host = restored[1]
-    changed = config_changes(host["config"], cfg_now) if "config" in host else {}
-    if changed and not allow_config_change:
-      listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-      checkpointer.close()
-      raise cli.ConfigChanged(
-          f"the config differs from the one {workdir} was trained with, which breaks exact "
-          f"resumption: {listing}. Run with the old values, use a new --workdir, or pass "
-          "--allow_config_change to continue with the new values.")
-  logger = _Logger(workdir, None if restored is None else int(restored[1]["step"]))
-  plot = _make_plotter(config, workdir,
-                       lambda p, bs, idx: embed_split(p, bs, train_images, idx),
-                       train_images, train_labels, config.seed)
-  ctx = frameworks.HostContext(
-      config=config, tx=tx, num_classes=num_classes, embed_pool=embed_pool,
-      replicate=lambda t: parallel.replicate(t, mesh), log=logger.log, plot=plot)
-  if restored is not None:
-    state, host = restored
-    state = parallel.replicate(state, mesh)
-    if changed:
-      logging.warning("Continuing %s with changed config keys: %s", workdir, sorted(changed))
-    if host.get("sampler") and not set(changed) & set(SAMPLER_KEYS):
-      # Continue with the checkpointed sampler; its labels fingerprint makes a data set that
-      # changed under the run fail here instead of silently drawing other batches.
-      sampler = type(sampler).from_state_dict(train_labels, host["sampler"])
-    if jax.process_index() == 0:
-      print(f"Resumed from step {host['step']} of {workdir}", flush=True)
+def _progress(config, step, rate, vals, state, framework):
+  if not _progress_enabled(config):
+    return
+  extra = framework.progress(state)
+  line = (f"step {step}/{config.total_steps} | {rate:.1f} steps/s | "
+          f"loss {float(vals['loss']):.4f}{' | ' + extra if extra else ''}")
+  if sys.stdout.isatty():
+    print("\r" + line.ljust(78), end="", flush=True)
   else:
-    state = framework.on_start(state, ctx)
-    state = parallel.replicate(state, mesh)
-    host = {"step": 0, "done": False, "sampler": sampler.state_dict() if hasattr(
-        sampler, "state_dict") else {}}
-    if "untrained" in config.baselines:
-      # The untrained network (after the framework's start, e.g. CCP's first proxies: the model
-      # is still the initial one), measured before step 1 and kept with the checkpoints.
-      host["baselines"] = {f"untrained/{name}/{k}": v for name, split in (("val", val),
-                                                                           ("test", test))
-                           for k, v in evaluate(state.params["model"], state.batch_stats,
-                                                split).items()}
-  host["sampler"] = _jsonable(host.get("sampler", {}))
-  host["config"], host["config_fingerprint"] = cfg_now, config_fingerprint(cfg_now)
-  _save_config(config, workdir)
-
-  def save(step):
-    if checkpointer is not None:
-      checkpointer.save(step, state, dict(host, step=step))
-
-  # ------------------------------------------------------------------- loop
-  step = int(host["step"])
-  preempt = ckpt_lib.PreemptionFlag().install()
-  pi, pc = jax.process_index(), jax.process_count()
-  t0, t_steps, last, pending = time.time(), 0, {}, None
-  try:
-    while not host["done"] and step < config.total_steps:
-      idx = np.asarray(sampler.batch(step, process_index=pi, process_count=pc))
-      images, labels = parallel.global_batch(
-          (train_images[idx], train_labels[idx].astype(np.int32)), mesh)
-      state, last = train_step(state, images, labels)
-      step += 1
-      t_steps += 1
-      # The previous step's health, read while this one runs (no stall of the pipeline).
-      if pending is not None:
-        _check_finite(config, pending, step - 1, checkpointer, workdir)
-      pending = last
-
-      if step % config.log_every_steps == 0 or step == config.total_steps:
-        vals = parallel.to_host(last)
-        rate = t_steps / max(time.time() - t0, 1e-9)
-        logger.log(step, dict(vals, steps_per_second=rate))
-        _progress(config, step, rate, vals, state)
-        t0, t_steps = time.time(), 0
-
-      if step % config.eval_every_steps == 0 or step == config.total_steps:
-        _check_finite(config, pending, step, checkpointer, workdir)
-        state, stop = _eval_and_hooks(state, step, evaluate, val, framework, ctx, config,
-                                      logger, checkpointer)
-        host["done"] = bool(stop or step >= config.total_steps)
-        t0, t_steps = time.time(), 0  # steps/s counts training only
-
-      if preempt.is_set:
-        host["step"] = step
-        save(step)
-        logging.warning("Signal %s received: saved step %d, exiting.", preempt.received, step)
-        logger.close()
-        if checkpointer is not None:
-          checkpointer.close()
-        return {"preempted": True, "step": step}
-      if (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
-          and not host["done"]):
-        _check_finite(config, pending, step, checkpointer, workdir)
-        host["step"] = step
-        save(step)
-    _check_finite(config, pending, step, checkpointer, workdir)
-  except BaseException:
-    logger.close()
-    if checkpointer is not None:
-      checkpointer.close()
-    raise
-  finally:
-    preempt.uninstall()
-
-  # ------------------------------------------------------------------- final
-  host["done"], host["step"] = True, step
-  save(step)  # final checkpoint (a restart from here only re-runs the final evaluation)
-  if _progress_enabled(config):
-    print(flush=True)
-  best = state.best
-  tracker = parallel.to_host(state.tracker)
-  final: dict[str, Any] = {"step": step, "best_step": int(tracker["best_step"]),
-                           "nonfinite_steps": int(tracker["nonfinite_steps"]),
-                           "train_step_traces": traces[0]}
-  for name, split in (("val", val), ("test", test)):
-    for k, v in evaluate(best["params"]["model"], best["batch_stats"], split).items():
-      final[f"{name}/{k}"] = v
-  final.update(host.get("baselines", {}))
-  if "pixels" in config.baselines:
-    final.update(_pixel_baseline(config, val, test))
-  final["table"] = _print_table(final)
-  logger.log(step, {k: v for k, v in final.items() if isinstance(v, (int, float))},
-             kind="final")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump({k: v for k, v in final.items() if k != "table"}, f, indent=2, sort_keys=True)
-  logger.close()
-  if checkpointer is not None:
-    checkpointer.close()
-  return final
-
-
-def _eval_and_hooks(state, step, evaluate, val, framework, ctx, config, logger, checkpointer):
-  """Validation MAP@R, best-params bookkeeping, the framework's hook, overall early stopping."""
-  metrics = evaluate(state.params["model"], state.batch_stats, val)
-  metric = metrics["map_at_r"]
-  tr = parallel.to_host(state.tracker)
-  improved = metric > float(tr["best_metric"])
-  tracker = {
-      **tr,
-      "best_metric": np.float32(metric if improved else tr["best_metric"]),
-      "best_step": np.int32(step if improved else tr["best_step"]),
-      "evals_since_best": np.int32(0 if improved else tr["evals_since_best"] + 1),
-      "num_evals": np.int32(tr["num_evals"] + 1),
-  }
-  best = state.best
-  if improved:
-    best = {"params": state_lib.copy_tree(state.params),
-            "batch_stats": state_lib.copy_tree(state.batch_stats)}
-    if checkpointer is not None:
-      checkpointer.save_best(step, best["params"], best["batch_stats"])
-  state = state.replace(tracker=ctx.replicate(tracker), best=best)
-  state, events = framework.after_eval(state, ctx, metric)
-  logger.log(step, {**{f"val/{k}": v for k, v in metrics.items()},
-                    "val/best_map_at_r": float(tracker["best_metric"]), **events}, kind="eval")
-  stop = int(tracker["evals_since_best"]) >= config.patience_evals
-  return state, stop
+    print(line, flush=True)
 
 
 def _check_finite(config, metrics, step, checkpointer, workdir):
@@ -626,39 +566,199 @@ def _diverged(config, checkpointer, what: str, more: str = "") -> str:
           f"learning rate or clip gradients{more}.")
 
 
-def _pixel_baseline(config, val, test) -> dict[str, float]:
-  """Raw pixels, flattened and L2-normalised, on the validation and test splits."""
-  from dmljax.metrics import retrieval_metrics  # pylint: disable=g-import-not-at-top
-  size = int(np.prod(np.shape(val.images)[1:]))
-  if size > PIXEL_BASELINE_MAX_VALUES:
-    logging.warning("Pixel baseline skipped: images of %d values (more than %d); remove "
-                    "'pixels' from config.baselines to silence this.", size,
-                    PIXEL_BASELINE_MAX_VALUES)
-    return {}
-  out = {}
-  for name, split in (("val", val), ("test", test)):
-    m = retrieval_metrics(pixel_embeddings(split.images), np.asarray(split.labels),
-                          recall_ks=tuple(config.recall_ks))
-    out.update({f"pixels/{name}/{k}": float(v) for k, v in m.items()})
-  return out
 
 
-def _progress_enabled(config) -> bool:
-  return bool(config.progress) and jax.process_index() == 0
+# ============================================================================= the loop
 
 
-def _progress(config, step, rate, vals, state):
-  if not _progress_enabled(config):
-    return
-  proj = ""
-  if "projection" in state.framework:
-    proj = f" | projection {int(parallel.to_host(state.framework['projection']))}"
-  line = (f"step {step}/{config.total_steps} | {rate:.1f} steps/s | "
-          f"loss {float(vals['loss']):.4f}{proj}")
-  if sys.stdout.isatty():
-    print("\r" + line.ljust(78), end="", flush=True)
-  else:
-    print(line, flush=True)
+def _check_config(config, mesh):
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+  if config.eval_every_steps < 1 or config.total_steps < 1:
+    raise ValueError("config.total_steps and config.eval_every_steps must be >= 1.")
+  if config.max_consecutive_nonfinite < 1:
+    raise ValueError("config.max_consecutive_nonfinite must be >= 1, got "
+                     f"{config.max_consecutive_nonfinite}.")
+  unknown = sorted(set(config.baselines) - set(BASELINES))
+  if unknown:
+    raise ValueError(f"Unknown config.baselines {unknown}; valid: {list(BASELINES)}.")
+
+
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False
+                       ) -> dict[str, Any]:
+  """Trains and evaluates the model described by ``config``; returns the final metrics.
+
+  Args:
+    config: a ConfigDict as built by ``configs/*.py``.
+    workdir: run directory (checkpoints, metrics.jsonl, tensorboard/, config.json, plots/).
+      An existing checkpoint there is resumed automatically.
+    allow_config_change: resume even if ``config`` differs from the checkpoint's config in keys
+      that break exact resumption (:data:`RESUME_SAFE_KEYS` may always change), continuing with
+      the new values; otherwise such a change raises :class:`dmljax.cli.ConfigChanged`.
+
+  Returns:
+    ``{"val/<metric>": ..., "test/<metric>": ..., "untrained/val/<metric>": ...,
+    "pixels/test/<metric>": ..., "step": ..., "best_step": ..., "nonfinite_steps": ...,
+    "train_step_traces": ...}``, or ``{"preempted": True, "step": ...}`` after a SIGTERM.
+
+  Raises:
+    dmljax.cli.TrainingDiverged: ``config.max_consecutive_nonfinite`` steps in a row had a
+      non-finite loss or gradient (none of them was applied), or evaluation embeddings were not
+      finite.
+  """
+  # ------------------------------------------------------------------- setup
+  os.makedirs(workdir, exist_ok=True)
+  if config.num_devices < 0 or config.num_devices > jax.device_count():
+    raise ValueError(f"config.num_devices={config.num_devices} but there are "
+                     f"{jax.device_count()} devices; use 0 (all) or 1..{jax.device_count()}.")
+  mesh = parallel.make_mesh(jax.devices()[:config.num_devices] if config.num_devices else None)
+  _check_config(config, mesh)
+
+  # ------------------------------------------------------------------- input, model, state
+  data = create_input(config)
+  model = models.get_model(config.model)
+  framework = frameworks.get_framework(config, num_classes=data.num_classes,
+                                       embedding_dim=config.model.embedding_dim)
+  sampler = make_sampler(config, framework, data.train_labels)  # m > class size fails here
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  state = parallel.replicate(create_state(config, model, framework, tx, data), mesh)
+
+  # ------------------------------------------------------------------- compiled functions
+  step_fn, traces = make_train_step(model, framework, tx)
+  train_step = jit_train_step(step_fn, mesh)
+  evaluator = Evaluator(config, model, mesh, data)
+
+  # ------------------------------------------------------------------- resume or start
+  checkpointer = None
+  if config.checkpoint.enabled:
+    checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                         save_best=config.checkpoint.save_best)
+  evaluator.checkpointer = checkpointer
+  plot = _make_plotter(config, workdir, framework, evaluator.embed_train, data.train_labels)
+
+  def ctx_factory(logger):
+    return frameworks.HostContext(
+        config=config, tx=tx, num_classes=data.num_classes, train_labels=data.train_labels,
+        embed=evaluator.embed_train, evaluate=evaluator.evaluate,
+        replicate=lambda t: parallel.replicate(t, mesh), log=logger.log, plot=plot)
+
+  state, host, sampler, ctx, logger = restore_or_start(
+      config, workdir, checkpointer, state, framework, ctx_factory, evaluator, sampler, mesh,
+      allow_config_change)[:5]
+
+  def save(step):
+    if checkpointer is not None:
+      checkpointer.save(step, state, dict(host, step=step))
+
+  def close():
+    logger.close()
+    if checkpointer is not None:
+      checkpointer.close()
+
+  # ------------------------------------------------------------------- loop
+  step = int(host["step"])
+  preempt = ckpt_lib.PreemptionFlag().install()
+  pi, pc = jax.process_index(), jax.process_count()
+  t0, t_steps, last, pending = time.time(), 0, {}, None
+  try:
+    while not host["done"] and step < config.total_steps:
+      idx, extras = framework.sample(sampler, state, step, pi, pc)
+      idx = np.asarray(idx)
+      images, labels, extras = parallel.global_batch(
+          (data.train_images[idx], data.train_labels[idx].astype(np.int32), extras), mesh)
+      state, last = train_step(state, images, labels, extras)
+      step += 1
+      t_steps += 1
+      evaluator.step = step
+      # The previous step's health, read while this one runs (no stall of the pipeline).
+      if pending is not None:
+        _check_finite(config, pending, step - 1, checkpointer, workdir)
+      pending = last
+
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        vals = parallel.to_host(last)
+        rate = t_steps / max(time.time() - t0, 1e-9)
+        logger.log(step, dict(vals, steps_per_second=rate))
+        _progress(config, step, rate, vals, state, framework)
+        t0, t_steps = time.time(), 0
+
+      if step % config.eval_every_steps == 0 or step == config.total_steps:
+        _check_finite(config, pending, step, checkpointer, workdir)
+        state, stop = _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger,
+                                      checkpointer)
+        host["done"] = bool(stop or step >= config.total_steps)
+        t0, t_steps = time.time(), 0  # steps/s counts training only
+
+      if preempt.is_set:
+        host["step"] = step
+        save(step)
+        logging.warning("Signal %s received: saved step %d, exiting.", preempt.received, step)
+        close()
+        return {"preempted": True, "step": step}
+      if (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
+          and not host["done"]):
+        _check_finite(config, pending, step, checkpointer, workdir)
+        host["step"] = step
+        save(step)
+    _check_finite(config, pending, step, checkpointer, workdir)
+  except BaseException:
+    close()
+    raise
+  finally:
+    preempt.uninstall()
+
+  # ------------------------------------------------------------------- final
+  host["done"], host["step"] = True, step
+  save(step)  # final checkpoint (a restart from here only re-runs the final evaluation)
+  if _progress_enabled(config):
+    print(flush=True)
+  best = state.best
+  tracker = parallel.to_host(state.tracker)
+  final: dict[str, Any] = {"step": step, "best_step": int(tracker["best_step"]),
+                           "nonfinite_steps": int(tracker["nonfinite_steps"]),
+                           "train_step_traces": traces[0]}
+  for name in ("val", "test"):
+    for k, v in evaluator.evaluate(best["params"]["model"], best["batch_stats"], name).items():
+      final[f"{name}/{k}"] = v
+  final.update(host.get("baselines", {}))
+  if "pixels" in config.baselines:
+    final.update(evaluator.pixel_baseline())
+  final["table"] = _print_table(final)
+  logger.log(step, {k: v for k, v in final.items() if isinstance(v, (int, float))},
+             kind="final")
+  if jax.process_index() == 0:
+    _write_atomic(os.path.join(workdir, "final_metrics.json"),
+                  json.dumps({k: v for k, v in final.items() if k != "table"}, indent=2,
+                             sort_keys=True))
+  close()
+  return final
+
+
+def _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger, checkpointer):
+  """Validation metrics, best-params bookkeeping, the framework's hook, overall early stopping."""
+  metrics = evaluator.evaluate(state.params["model"], state.batch_stats, "val")
+  metric = metrics["map_at_r"]
+  tr = parallel.to_host(state.tracker)
+  improved = metric > float(tr["best_metric"])
+  tracker = {
+      **tr,
+      "best_metric": np.float32(metric if improved else tr["best_metric"]),
+      "best_step": np.int32(step if improved else tr["best_step"]),
+      "evals_since_best": np.int32(0 if improved else tr["evals_since_best"] + 1),
+      "num_evals": np.int32(tr["num_evals"] + 1),
+  }
+  best = state.best
+  if improved:
+    best = {"params": state_lib.copy_tree(state.params),
+            "batch_stats": state_lib.copy_tree(state.batch_stats)}
+    if checkpointer is not None:
+      checkpointer.save_best(step, best["params"], best["batch_stats"])
+  state = state.replace(tracker=ctx.replicate(tracker), best=best)
+  state, events = framework.after_eval(state, ctx, metrics)
+  logger.log(step, {**{f"val/{k}": v for k, v in metrics.items()},
+                    "val/best_map_at_r": float(tracker["best_metric"]), **events}, kind="eval")
+  stop = int(tracker["evals_since_best"]) >= config.patience_evals
+  return state, stop
 
 
 def _jsonable(x):

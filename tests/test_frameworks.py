@@ -37,12 +37,16 @@ def _setup(**ccp):
   tx = optim.make_optimizer(c.optim, 100)
   calls = []
 
-  def embed_pool(model_params, batch_stats, index):
+  def embed_pool(ctx, model_params, batch_stats, index):
+    del ctx, batch_stats
     calls.append((jax.tree.map(np.asarray, model_params), index))
     return _pool(index)
 
+  if hasattr(fw, "embed_pool"):
+    fw.embed_pool = embed_pool   # deterministic pools instead of embedded training images
   mesh = parallel.make_mesh(jax.devices()[:1])
-  ctx = frameworks.HostContext(config=c, tx=tx, num_classes=C, embed_pool=embed_pool,
+  ctx = frameworks.HostContext(config=c, tx=tx, num_classes=C, train_labels=np.arange(C),
+                               embed=None, evaluate=None,
                                replicate=lambda t: parallel.replicate(t, mesh),
                                log=lambda *a, **k: None)
   model_params = {"w": jnp.ones((2, 2)), "b": jnp.zeros((2,))}
@@ -112,7 +116,7 @@ def test_ccp_start_projection_end_by_patience_reinit_anchor():
   st = _advance(st, 10)
   st = _mark_best(st)
   best_params = jax.tree.map(np.asarray, st.params)
-  st, ev = fw.after_eval(st, ctx, 0.5)                      # improves: projection continues
+  st, ev = fw.after_eval(st, ctx, {"map_at_r": 0.5})  # improves: projection continues
   assert int(st.framework["projection"]) == 0 and "ccp/projection" not in ev
   # The spread logged at every evaluation: mean distance between two proxies of one class.
   px = np.asarray(st.params["proxies"], np.float64).reshape(C, P, D)
@@ -120,10 +124,10 @@ def test_ccp_start_projection_end_by_patience_reinit_anchor():
                    for k in range(C) for i in range(P) for j in range(P) if i != j])
   np.testing.assert_allclose(ev["ccp/proxy_spread"], naive, rtol=1e-6)
   st = _advance(st, 10)                                      # worse weights, not the best
-  st, _ = fw.after_eval(st, ctx, 0.4)
+  st, _ = fw.after_eval(st, ctx, {"map_at_r": 0.4})
   assert int(st.framework["projection"]) == 0
   st = _advance(st, 10)
-  st, ev = fw.after_eval(st, ctx, 0.45)                     # 2nd eval without improvement
+  st, ev = fw.after_eval(st, ctx, {"map_at_r": 0.45})  # 2nd eval without improvement
   assert int(st.framework["projection"]) == 1
   assert ev["ccp/projection"] == 1 and ev["ccp/projection_steps"] == 30
   assert int(st.framework["proj_start_step"]) == 30
@@ -151,10 +155,10 @@ def test_ccp_projection_end_by_max_steps_and_opt_state_reset():
   st = st.replace(opt_state=jax.tree.map(lambda x: x + 1.0 if x.dtype == jnp.float32 else x,
                                          st.opt_state))
   st = _mark_best(_advance(st, 20))
-  st, _ = fw.after_eval(st, ctx, 0.1)
+  st, _ = fw.after_eval(st, ctx, {"map_at_r": 0.1})
   assert int(st.framework["projection"]) == 0
   st = _mark_best(_advance(st, 5))
-  st, _ = fw.after_eval(st, ctx, 0.2)   # improving, but 25 steps reached
+  st, _ = fw.after_eval(st, ctx, {"map_at_r": 0.2})   # improving, but 25 steps reached
   assert int(st.framework["projection"]) == 1
   adam = [s for s in st.opt_state if isinstance(s, dict) and "proxies" in s][0]
   assert float(jnp.abs(adam["proxies"].mu).max()) == 0.0          # proxies' moments reset
@@ -173,10 +177,10 @@ def test_ccp_default_keeps_optimizer_state_and_has_no_step_cap():
                                          st.opt_state))
   for i in range(5):                     # improving every time, 10,000 steps each: never ends
     st = _mark_best(_advance(st, 10_000))
-    st, _ = fw.after_eval(st, ctx, 0.1 * (i + 1))
+    st, _ = fw.after_eval(st, ctx, {"map_at_r": 0.1 * (i + 1)})
   assert int(st.framework["projection"]) == 0
-  st, _ = fw.after_eval(_advance(st, 1), ctx, 0.0)
-  st, _ = fw.after_eval(_advance(st, 1), ctx, 0.0)   # patience 2: ends now
+  st, _ = fw.after_eval(_advance(st, 1), ctx, {"map_at_r": 0.0})
+  st, _ = fw.after_eval(_advance(st, 1), ctx, {"map_at_r": 0.0})   # patience 2: ends now
   assert int(st.framework["projection"]) == 1
   adam = [s for s in st.opt_state if isinstance(s, dict) and "proxies" in s][0]
   assert float(jnp.min(adam["proxies"].mu)) == 1.0   # moments kept through re-initialisation
@@ -194,22 +198,22 @@ def test_ccp_start_from_modes(mode):
   c, fw, ctx, st, calls = _setup(start_from=mode, patience=2)
   st = fw.on_start(st, ctx)
   st = _mark_best(_advance(st, 10))
-  st, _ = fw.after_eval(st, ctx, 0.5)              # projection 0's best, also the run's best
+  st, _ = fw.after_eval(st, ctx, {"map_at_r": 0.5})              # projection 0's best, also the run's best
   best0 = _snapshot(st)
-  st, _ = fw.after_eval(_advance(st, 10), ctx, 0.4)
+  st, _ = fw.after_eval(_advance(st, 10), ctx, {"map_at_r": 0.4})
   st = _advance(st, 10)
   end0 = _snapshot(st)
-  st, _ = fw.after_eval(st, ctx, 0.45)             # projection 0 ends
+  st, _ = fw.after_eval(st, ctx, {"map_at_r": 0.45})             # projection 0 ends
   assert int(st.framework["projection"]) == 1
   start1 = {"projection_best": best0, "converged": end0, "run_best": best0}[mode]
 
   st = _advance(st, 10)
-  st, _ = fw.after_eval(st, ctx, 0.3)              # projection 1's best, below the run's best
+  st, _ = fw.after_eval(st, ctx, {"map_at_r": 0.3})              # projection 1's best, below the run's best
   best1 = _snapshot(st)
-  st, _ = fw.after_eval(_advance(st, 10), ctx, 0.2)
+  st, _ = fw.after_eval(_advance(st, 10), ctx, {"map_at_r": 0.2})
   st = _advance(st, 10)
   end1 = _snapshot(st)
-  st, _ = fw.after_eval(st, ctx, 0.1)              # projection 1 ends
+  st, _ = fw.after_eval(st, ctx, {"map_at_r": 0.1})              # projection 1 ends
   assert int(st.framework["projection"]) == 2
   start2 = {"projection_best": best1, "converged": end1, "run_best": best0}[mode]
 
@@ -240,6 +244,7 @@ def test_ccp_in_batch_term_is_its_own_loss():
   c.loss.kwargs = {}
   c.lock()
   fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+  fw.embed_pool = lambda ctx, model_params, batch_stats, index: _pool(index)
   st = fw.on_start(st, ctx)
   rng = np.random.default_rng(3)
   emb = jnp.asarray(rng.normal(size=(6, D)), jnp.float32)
@@ -282,7 +287,7 @@ def test_ccp_without_alternation_never_reinitialises():
   proxies = np.asarray(st.params["proxies"])
   for i in range(6):
     st = _advance(st, 200)
-    st, _ = fw.after_eval(st, ctx, 0.1)
+    st, _ = fw.after_eval(st, ctx, {"map_at_r": 0.1})
   assert int(st.framework["projection"]) == 0 and len(calls) == 1
   np.testing.assert_allclose(np.asarray(st.params["proxies"]), proxies + 6 * 0.5)
 

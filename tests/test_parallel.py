@@ -39,7 +39,7 @@ def _setup():
 
   def init_state():
     v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
-    extra, fs = fw.init(jax.random.PRNGKey(1))
+    extra, fs = fw.init(jax.random.PRNGKey(1), v["params"], v["batch_stats"])
     return state_lib.create_train_state(rng=jax.random.PRNGKey(2), model_params=v["params"],
                                         batch_stats=v["batch_stats"], extra_params=extra,
                                         framework_state=fs, tx=tx)
@@ -67,7 +67,7 @@ def run_steps(mesh):
     x, y = images[s][pi * per:(pi + 1) * per], labels[s][pi * per:(pi + 1) * per]
     if mesh is not None:
       x, y = parallel.global_batch((x, y), mesh)
-    state, metrics = step(state, x, y)
+    state, metrics = step(state, x, y, {})
     losses.append(float(parallel.to_host(metrics["loss"])))
   params = parallel.to_host(state.params)
   flat = np.concatenate([np.ravel(p) for p in jax.tree.leaves(params)])

@@ -44,8 +44,8 @@ class _NanAfter(StandardFramework):
   """The contrastive loss, made NaN from step 15 on (a run that diverges mid-way)."""
   name = "nan_after"
 
-  def loss(self, params, embeddings, labels, state, rng):
-    value, aux = super().loss(params, embeddings, labels, state, rng)
+  def loss(self, params, embeddings, labels, state, rng, extras=None):
+    value, aux = super().loss(params, embeddings, labels, state, rng, extras)
     return jnp.where(state.step >= 15, jnp.nan, value), aux
 
 
@@ -56,8 +56,8 @@ def test_nonfinite_step_is_skipped_and_counted():
     def __call__(self, x, train=False):
       return nn.Dense(4)(x.reshape(len(x), -1))
 
-  class Fw:
-    def loss(self, params, emb, labels, state, rng):
+  class Fw(frameworks.Framework):
+    def loss(self, params, emb, labels, state, rng, extras=None):
       value = jnp.sum(emb ** 2) * jnp.where(labels[0] < 0, jnp.nan, 1.0)
       return value, ({}, state.framework)
 
@@ -67,18 +67,19 @@ def test_nonfinite_step_is_skipped_and_counted():
   tx = optim.make_optimizer(base_config().optim, 10)
   st = state_lib.create_train_state(rng=jax.random.PRNGKey(1), model_params=params,
                                     batch_stats={}, extra_params={}, framework_state={}, tx=tx)
-  step_fn, _ = train.make_train_step(model, Fw(), tx)
+  step_fn, _ = train.make_train_step(model, Fw(base_config(), num_classes=1, embedding_dim=4),
+                                     tx)
   step_fn = jax.jit(step_fn)
   good, bad = jnp.zeros(4, jnp.int32), jnp.full(4, -1, jnp.int32)
-  st1, m1 = step_fn(st, x, good)
+  st1, m1 = step_fn(st, x, good, {})
   assert int(m1["nonfinite_steps"]) == 0
-  st2, m2 = step_fn(st1, x, bad)                    # NaN loss: nothing applied
+  st2, m2 = step_fn(st1, x, bad, {})                    # NaN loss: nothing applied
   assert int(st2.step) == 2 and int(m2["nonfinite_steps"]) == 1
   assert int(m2["nonfinite_streak"]) == 1
   for a, b in zip(jax.tree.leaves((st1.params, st1.opt_state)),
                   jax.tree.leaves((st2.params, st2.opt_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  st3, m3 = step_fn(st2, x, good)                    # a good step resets the streak
+  st3, m3 = step_fn(st2, x, good, {})                    # a good step resets the streak
   assert int(m3["nonfinite_streak"]) == 0 and int(m3["nonfinite_steps"]) == 1
   assert not np.array_equal(np.asarray(st3.params["model"]["Dense_0"]["kernel"]),
                             np.asarray(st2.params["model"]["Dense_0"]["kernel"]))

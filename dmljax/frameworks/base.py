@@ -1,29 +1,54 @@
 """The framework plug-in contract.
 
-A framework decides *what is minimised* and *what happens between evaluations*; the trainer
-(:mod:`dmljax.train`) owns everything else (data, model, optimizer, mesh, checkpoints, logging).
+A framework decides *what is minimised*, *how batches are built* and *what happens between
+evaluations*; the trainer (:mod:`dmljax.train`) owns everything else (data, model, optimizer,
+mesh, evaluation, checkpoints, logging) and knows no framework by name.
 
-In-step (traced once, inside the single jitted train step):
+Configuration: a framework with settings names its block (``config_key``, e.g. ``"ccp"``) and
+builds it in :meth:`Framework.default_config`; :func:`dmljax.configs.base_config` collects the
+blocks of every registered framework, so a framework's defaults live beside its code.
 
-* ``loss(params, embeddings, labels, state, rng) -> (loss, (metrics, framework_state))``:
-  ``embeddings`` ``[B, D]`` are the global batch's (pairs span devices), ``state`` the
-  :class:`~dmljax.state.TrainState` before the step (anchor, framework arrays, step). Returning the
-  framework state lets stateful methods (a cross-batch memory, PROFS representatives) update it
-  inside the same compiled step; ``metrics`` is a dict of scalars to log.
+Host-side, before training (plain Python; may call jitted helpers):
 
-Host-side (plain Python, between steps; may call jitted helpers):
-
+* ``validate()``: raise ``ValueError`` for bad settings before anything compiles.
+* ``make_sampler(labels)``: the host sampler of training batches (deterministic in
+  ``(seed, step)``, with ``state_dict`` / ``from_state_dict``), or ``None`` for the trainer's
+  default (``config.sampler``). The trainer checkpoints it.
 * ``init(rng, model_params, batch_stats) -> (extra_params, framework_state)``: learnable
   parameters beside the model (e.g. ``{"proxies": [R, D]}``) and framework arrays (dict of
   arrays, all checkpointed; they may hold copies of the model, e.g. CCP's per-projection best).
-* ``validate()``: raise ``ValueError`` for bad settings before anything compiles.
+  Shapes must not depend on anything set later: a resumed run restores into this structure.
 * ``on_start(state, ctx) -> state``: once, on a fresh run (never on resume: its effect is in
   the checkpoint), e.g. CCP's first proxies from a k-center pool.
-* ``after_eval(state, ctx, metric) -> (state, events)``: after every validation evaluation
-  (and after the trainer's own best-params bookkeeping), e.g. end a CCP projection. ``events``
-  is a dict of scalars to log.
 
-Everything a framework remembers must be in ``state`` (arrays) so a resumed run is exact.
+Per step:
+
+* host: ``sample(sampler, state, step, process_index, process_count) -> (indices, extras)``:
+  this process's part of the global batch (indices into the training set) and per-sample arrays
+  the step needs beside images and labels (``{}`` by default; e.g. PROFS's representative flags);
+* traced, inside the single jitted train step:
+  ``loss(params, embeddings, labels, state, rng, extras) -> (loss, (metrics, framework_state))``.
+  ``embeddings`` ``[B, D]`` are the global batch's (pairs span devices), ``state`` the
+  :class:`~dmljax.state.TrainState` before the step, ``rng`` the step's key (``fold_in(rng,
+  step)``), ``extras`` the sampler's arrays for the global batch. Returning the framework state
+  lets stateful methods (a cross-batch memory, stored representative embeddings) update it inside
+  the same compiled step; ``metrics`` is a dict of scalars to log;
+* traced: ``after_update(before, after) -> after``: any other change of the state once the
+  optimizer has stepped (e.g. moving the proximal anchor every M steps). Identity by default.
+  A step whose loss or gradient is not finite is skipped whole, this hook's changes included.
+
+Host-side, between evaluations:
+
+* ``after_eval(state, ctx, metrics) -> (state, events)``: after every validation evaluation
+  (``metrics`` the validation metrics, ``metrics["map_at_r"]`` the early-stopping criterion) and
+  after the trainer's own best-params bookkeeping, e.g. end a CCP projection. ``events`` is a
+  dict of scalars to log.
+* ``progress(state) -> str``: a few words for the progress line (e.g. ``"projection 2"``).
+* ``plot_points(state) -> {legend: (points [N, 2], classes [N])}``: what to draw over the
+  training embeddings in 2-D plots (e.g. proxies).
+
+Everything a framework remembers must be in ``state`` (arrays) or be a deterministic function of
+the config and the data, so a resumed run is exact.
 """
 from __future__ import annotations
 
@@ -31,63 +56,91 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
 
 @dataclasses.dataclass
 class HostContext:
-  """Services the trainer gives a framework's host-side hooks.
+  """Generic services the trainer gives a framework's host-side hooks.
 
   Attributes:
     config: the run's (locked) ConfigDict.
     tx: the optax optimizer (to re-initialise parts of its state).
-    num_classes: training classes.
-    embed_pool: ``(model_params, batch_stats, pool_index) -> (points [C, b, D], mask [C, b])``
-      (numpy): pool ``pool_index`` of the one-per-class sampler (``b = pool_size`` distinct
-      samples per class, deterministic in ``(seed, pool_index)``; ``mask`` is False for repeats
-      in classes smaller than ``b``), embedded in inference mode, rows in class order.
+    num_classes: training classes (labels are ``0..num_classes-1``).
+    train_labels: ``[N]`` numpy labels of the training split.
+    embed: ``(model_params, batch_stats, indices) -> [len(indices), D]`` numpy: training images
+      ``indices`` embedded in inference mode (fixed-size batches, one compile).
+    evaluate: ``(model_params, batch_stats, split) -> dict`` retrieval metrics of ``split``
+      (``"val"`` or ``"test"``) as the trainer computes them.
     replicate: places host arrays on the mesh (replicated).
     log: ``(step, dict) -> None`` writes scalars to metrics.jsonl / TensorBoard.
-    plot: optional ``(state, name, new_proxies) -> None`` for 2-D embedding plots.
+    plot: optional ``(state, name, extra_points) -> None`` writes a 2-D embedding plot, with
+      ``extra_points`` as in :meth:`Framework.plot_points` drawn on top.
   """
   config: Any
   tx: Any
   num_classes: int
-  embed_pool: Callable
+  train_labels: np.ndarray
+  embed: Callable
+  evaluate: Callable
   replicate: Callable
   log: Callable
   plot: Optional[Callable] = None
 
 
 class Framework:
-  """Base class: a framework with no extra parameters, no state and no hooks."""
+  """Base class: a framework with no settings, no extra parameters, no state and no hooks."""
 
   name = "base"
+  config_key: Optional[str] = None
 
   def __init__(self, config, *, num_classes: int, embedding_dim: int):
     self.config = config
     self.num_classes = int(num_classes)
     self.embedding_dim = int(embedding_dim)
 
+  @staticmethod
+  def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict()
+
   def validate(self) -> None:
     pass
 
+  def make_sampler(self, labels):
+    del labels
+    return None
+
   def init(self, rng, model_params, batch_stats):
-    """``(extra_params, framework_state)`` for a fresh run; the model's initial params and
-    BatchNorm statistics are given so framework state can hold copies of them (shapes must not
-    depend on anything set later: a resumed run restores into this structure)."""
     del rng, model_params, batch_stats
     return {}, {}
-
-  def loss(self, params, embeddings, labels, state, rng):
-    raise NotImplementedError
 
   def on_start(self, state, ctx: HostContext):
     del ctx
     return state
 
-  def after_eval(self, state, ctx: HostContext, metric: float):
-    del ctx, metric
+  def sample(self, sampler, state, step: int, process_index: int = 0, process_count: int = 1):
+    del state
+    return sampler.batch(step, process_index=process_index, process_count=process_count), {}
+
+  def loss(self, params, embeddings, labels, state, rng, extras=None):
+    raise NotImplementedError
+
+  def after_update(self, before, after):
+    del before
+    return after
+
+  def after_eval(self, state, ctx: HostContext, metrics):
+    del ctx, metrics
     return state, {}
+
+  def progress(self, state) -> str:
+    del state
+    return ""
+
+  def plot_points(self, state) -> dict:
+    del state
+    return {}
 
 
 def class_major_labels(num_classes: int, per_class: int):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from dmljax import losses
@@ -65,6 +66,31 @@ class CCPFramework(Framework):
   """CCP with any pair loss as the sample-to-proxy loss."""
 
   name = "ccp"
+  config_key = "ccp"
+
+  @staticmethod
+  def default_config():
+    c = ml_collections.ConfigDict()
+    c.proxies_per_class = 4
+    c.pool_size = 8                 # k-center pool: b samples per class (one-per-class passes)
+    c.lam = 2e-4
+    c.patience = 3                  # a projection ends after 3 evaluations without improving
+    c.max_projection_steps = 0      # 0 = off: projections end by patience alone (the paper)
+    c.proxy_weight = 1.0
+    c.in_batch_weight = 0.1
+    # The in-batch term is its own loss: contrastive for every CCP variant (the authors' code),
+    # whatever config.loss (the sample-to-proxy loss) is.
+    c.in_batch_loss = "contrastive"
+    c.in_batch_kwargs = ml_collections.ConfigDict({"pos_margin": 0.0, "neg_margin": 1.0})
+    c.alternate = True              # False: a single proxy problem ("Loss-Proxy" ablation)
+    # What projection k+1 starts from: "projection_best" (the best weights of projection k, as
+    # the authors' per-fit early-stopping callback restores), "converged" (Algorithm 1: the
+    # weights projection k ended with) or "run_best" (the best of the whole run so far).
+    c.start_from = "projection_best"
+    # Zero the proxies' Adam moments (and their own step count) at re-initialisation. Off: the
+    # paper and the authors' code keep one optimizer state through the whole run.
+    c.reset_proxy_opt_state = False
+    return c
 
   def __init__(self, config, *, num_classes, embedding_dim):
     super().__init__(config, num_classes=num_classes, embedding_dim=embedding_dim)
@@ -77,6 +103,7 @@ class CCPFramework(Framework):
     self.per_class = int(cc.proxies_per_class)
     self.pool_size = int(cc.pool_size)
     self.lam = float(cc.lam)
+    self._pool_sampler = None  # built from the training labels on first use (host side)
 
   def validate(self):
     cc = self.config.ccp
@@ -122,8 +149,8 @@ class CCPFramework(Framework):
 
   # --------------------------------------------------------------------------- in-step loss
 
-  def loss(self, params, embeddings, labels, state, rng):
-    del rng
+  def loss(self, params, embeddings, labels, state, rng, extras=None):
+    del rng, extras
     cc = self.config.ccp
     fs = state.framework
     batch_weight = float(cc.in_batch_weight)
@@ -142,9 +169,21 @@ class CCPFramework(Framework):
 
   # --------------------------------------------------------------------------- host hooks
 
+  def embed_pool(self, ctx: HostContext, model_params, batch_stats, pool_index):
+    """Pool ``pool_index``: ``b = pool_size`` distinct samples per class (``b`` passes of the
+    one-per-class sampler, deterministic in ``(seed, pool_index)``; ``mask`` False for repeats in
+    classes smaller than ``b``), embedded in inference mode; ``([C, b, D], [C, b])`` numpy, rows
+    in class order."""
+    if self._pool_sampler is None:
+      from dmljax.data.samplers import OnePerClassSampler  # pylint: disable=g-import-not-at-top
+      self._pool_sampler = OnePerClassSampler(ctx.train_labels, self.config.seed + 1)
+    idx, mask = self._pool_sampler.pool(pool_index, self.pool_size)
+    emb = ctx.embed(model_params, batch_stats, np.asarray(idx).reshape(-1))
+    return emb.reshape(idx.shape + (emb.shape[-1],)), np.asarray(mask, bool)
+
   def _new_proxies(self, ctx: HostContext, model_params, batch_stats, pool_index, seeds):
     """Embeds pool ``pool_index`` and picks P proxies per class by seeded greedy k-center."""
-    points, mask = ctx.embed_pool(model_params, batch_stats, pool_index)
+    points, mask = self.embed_pool(ctx, model_params, batch_stats, pool_index)
     c, p, d = self.num_classes, self.per_class, self.embedding_dim
     if seeds is None:
       seeds = jnp.zeros((c, p, d), jnp.float32)
@@ -168,11 +207,12 @@ class CCPFramework(Framework):
     opt_state = ctx.tx.init(params)
     state = state.replace(params=params, best=best, opt_state=opt_state)
     if ctx.plot is not None:
-      ctx.plot(state, "projection_000_start", None)
+      ctx.plot(state, "projection_000_start", {})
     return state
 
-  def after_eval(self, state, ctx: HostContext, metric: float):
+  def after_eval(self, state, ctx: HostContext, metrics):
     cc = self.config.ccp
+    metric = float(metrics["map_at_r"])
     fs = dict(state.framework)
     host = to_host({"step": state.step, **fs})
     step = int(host["step"])
@@ -221,10 +261,19 @@ class CCPFramework(Framework):
                           anchor=copy_tree(params["model"]), framework=ctx.replicate(fs))
     events.update({"ccp/projection": projection + 1, "ccp/projection_steps": steps_in_proj})
     if ctx.plot is not None:
+      plab = to_host(fs["proxy_labels"])
       ctx.plot(old_state.replace(params=dict(start["params"]),
                                  batch_stats=start["batch_stats"]),
-               f"projection_{projection:03d}", new_proxies)
+               f"projection_{projection:03d}",
+               {"next proxies (k-center)": (np.asarray(new_proxies), plab)})
     return state, events
+
+  def progress(self, state) -> str:
+    return f"projection {int(to_host(state.framework['projection']))}"
+
+  def plot_points(self, state) -> dict:
+    return {"converged proxies": (to_host(state.params["proxies"]),
+                                  to_host(state.framework["proxy_labels"]))}
 
   def _start_point(self, state, fs):
     """``{"params", "batch_stats"}`` of the solution the next projection starts from."""
