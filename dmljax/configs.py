@@ -53,8 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.momentum = 0.9             # sgd only
-  c.optim.schedule = "constant"
+  c.optim.schedule = "constant"     # constant | cosine | step
+  c.optim.decay_every_epochs = 0.0   # step schedule: x decay_factor every this many epochs
+  c.optim.decay_factor = 0.5
   c.optim.warmup_steps = 0
+  c.optim.freeze_trunk_epochs = 0.0  # proxy baselines: epochs training only the embedding layer
   c.optim.lr_multipliers = ml_collections.ConfigDict({"proxies": 1.0})
 
   # One block per framework (config.ccp, config.standard, ...), defined beside its code.

@@ -18,14 +18,15 @@ geometry the proxy losses rely on).
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
 
 
 def _path_keys(path) -> tuple[str, ...]:
@@ -80,13 +81,29 @@ def per_group(inner: optax.GradientTransformation) -> optax.GradientTransformati
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_schedule(oc, total_steps: int) -> optax.Schedule:
-  """Linear warm-up over ``oc.warmup_steps`` then constant or cosine decay to 0 at ``total_steps``."""
+def epochs_to_steps(epochs: float, steps_per_epoch: Optional[int]) -> int:
+  if not epochs:
+    return 0
+  if not steps_per_epoch:
+    raise ValueError("an epoch-based optim setting needs the training set size (steps per epoch).")
+  return max(1, int(math.ceil(float(epochs) * steps_per_epoch)))
+
+
+def make_schedule(oc, total_steps: int, steps_per_epoch: Optional[int] = None) -> optax.Schedule:
+  """Linear warm-up over ``oc.warmup_steps``, then constant, cosine decay to 0 at ``total_steps``,
+  or step decay (``x oc.decay_factor`` every ``oc.decay_every_epochs`` epochs: the MPA paper's
+  x0.5 every 20 epochs)."""
   if oc.schedule not in SCHEDULES:
     raise ValueError(f"Unknown optim.schedule {oc.schedule!r}; valid: {list(SCHEDULES)}.")
   lr, warm = float(oc.learning_rate), int(oc.warmup_steps)
   if oc.schedule == "constant":
     main = optax.constant_schedule(lr)
+  elif oc.schedule == "step":
+    every = epochs_to_steps(oc.decay_every_epochs, steps_per_epoch)
+    if every < 1:
+      raise ValueError("optim.schedule='step' needs optim.decay_every_epochs > 0.")
+    main = optax.exponential_decay(lr, transition_steps=every, decay_rate=float(oc.decay_factor),
+                                   staircase=True)
   else:
     main = optax.cosine_decay_schedule(lr, max(1, total_steps - warm))
   if warm <= 0:
@@ -94,14 +111,53 @@ def make_schedule(oc, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
 
 
-def make_optimizer(oc, total_steps: int) -> optax.GradientTransformation:
+class FreezeState(NamedTuple):
+  count: jax.Array
+
+
+def freeze_trunk(steps: int, trainable=("head",)) -> optax.GradientTransformation:
+  """Zeroes the updates of model parameters outside ``trainable`` during the first ``steps``.
+
+  The proxy baselines' "warm-up training of the embedding layer": for ``steps`` steps only the
+  embedding layer (Flax module ``head``) and the framework's own parameters (proxies) move. It is
+  placed after the moments, so the frozen trunk's Adam moments keep accumulating its gradients and
+  Adam's bias correction stays matched when the trunk starts moving (zeroing the gradients instead
+  would leave zero moments under a running step count, and a first trunk step larger than Adam's).
+  """
+  trainable = tuple(trainable)
+
+  def init_fn(params):
+    del params
+    return FreezeState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    frozen = state.count < steps
+
+    def gate(path, u):
+      keys = _path_keys(path)
+      if not keys or keys[0] != "model" or any(k in trainable for k in keys):
+        return u
+      return jnp.where(frozen, jnp.zeros_like(u), u)
+
+    return (jax.tree_util.tree_map_with_path(gate, updates),
+            FreezeState(count=optax.safe_increment(state.count)))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(oc, total_steps: int, steps_per_epoch: Optional[int] = None
+                   ) -> optax.GradientTransformation:
   """Builds the optimizer from ``config.optim``.
 
   Args:
     oc: ConfigDict with ``name`` (adam | adamw | sgd), ``learning_rate``, ``weight_decay``,
       ``grad_clip_norm`` (0 disables), ``b1``, ``b2``, ``eps``, ``momentum`` (sgd),
-      ``schedule``, ``warmup_steps`` and ``lr_multipliers`` (dict group -> factor).
+      ``schedule`` (+ ``decay_every_epochs``, ``decay_factor`` for ``"step"``),
+      ``warmup_steps``, ``lr_multipliers`` (dict group -> factor) and
+      ``freeze_trunk_epochs`` (warm-up of the embedding layer alone; 0 = off).
     total_steps: training length, for the cosine schedule.
+    steps_per_epoch: ``ceil(training samples / batch size)``, for the epoch-based settings.
 
   Returns:
     An ``optax.GradientTransformation`` over the full params dict.
@@ -127,9 +183,12 @@ def make_optimizer(oc, total_steps: int) -> optax.GradientTransformation:
       parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask))
     if oc.momentum:
       parts.append(per_group(optax.trace(decay=float(oc.momentum), nesterov=False)))
-  parts.append(optax.scale_by_learning_rate(make_schedule(oc, total_steps)))
+  parts.append(optax.scale_by_learning_rate(make_schedule(oc, total_steps, steps_per_epoch)))
   if oc.lr_multipliers:
     parts.append(scale_by_group(oc.lr_multipliers))
+  freeze = epochs_to_steps(oc.get("freeze_trunk_epochs", 0), steps_per_epoch)
+  if freeze:
+    parts.append(freeze_trunk(freeze))
   return optax.chain(*parts)
 
 

@@ -50,7 +50,7 @@ from dmljax import optim
 from dmljax import parallel
 from dmljax import state as state_lib
 
-SAMPLERS = ("m_per_class",)
+SAMPLERS = ("m_per_class", "random")
 BASELINES = ("untrained", "pixels")
 
 
@@ -96,6 +96,8 @@ def make_sampler(config, framework, labels):
   if sc.name not in SAMPLERS:
     raise ValueError(f"Unknown sampler {sc.name!r}; valid: {list(SAMPLERS)} "
                      "(set --config.sampler.name).")
+  if sc.name == "random":
+    return samplers.RandomSampler(labels, config.batch_size, config.seed)
   return samplers.MPerClassSampler(labels, sc.m, config.batch_size, config.seed)
 
 
@@ -267,8 +269,9 @@ class Evaluator:
       m.update(metrics_lib.clustering_metrics(embeddings, labels, seed=c.seed))
     return {k: float(v) for k, v in m.items()}
 
-  def evaluate(self, model_params, batch_stats, split) -> dict[str, float]:
-    """Metrics of ``split`` (a name, ``"val"`` / ``"test"``, or a split object)."""
+  def evaluate(self, model_params, batch_stats, split, on_embeddings=None) -> dict[str, float]:
+    """Metrics of ``split`` (a name, ``"val"`` / ``"test"``, or a split object);
+    ``on_embeddings(embeddings, split)``, if given, sees the (finite) embeddings first."""
     split = self.data.split(split) if isinstance(split, str) else split
     emb = self.embed(model_params, batch_stats, np.asarray(split.images))
     if not np.all(np.isfinite(emb)):
@@ -278,6 +281,8 @@ class Evaluator:
           self.config, self.checkpointer,
           f"the model's embeddings of {bad} of {len(emb)} evaluation images are not finite at "
           f"step {self.step}"))
+    if on_embeddings is not None:
+      on_embeddings(emb, split)
     return self.metrics(emb, np.asarray(split.labels))
 
   def pixel_baseline(self) -> dict[str, float]:
@@ -584,8 +589,8 @@ def _check_config(config, mesh):
     raise ValueError(f"Unknown config.baselines {unknown}; valid: {list(BASELINES)}.")
 
 
-def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False
-                       ) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
+                       on_final_embeddings: Optional[Callable] = None) -> dict[str, Any]:
   """Trains and evaluates the model described by ``config``; returns the final metrics.
 
   Args:
@@ -595,6 +600,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     allow_config_change: resume even if ``config`` differs from the checkpoint's config in keys
       that break exact resumption (:data:`RESUME_SAFE_KEYS` may always change), continuing with
       the new values; otherwise such a change raises :class:`dmljax.cli.ConfigChanged`.
+    on_final_embeddings: called as ``on_final_embeddings(name, embeddings, split)`` with the
+      best parameters' ``[N, D]`` numpy embeddings of the "val" and "test" splits at the final
+      evaluation, before ``final_metrics.json`` is written (``dmljax.protocol`` saves them).
 
   Returns:
     ``{"val/<metric>": ..., "test/<metric>": ..., "untrained/val/<metric>": ...,
@@ -620,7 +628,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   framework = frameworks.get_framework(config, num_classes=data.num_classes,
                                        embedding_dim=config.model.embedding_dim)
   sampler = make_sampler(config, framework, data.train_labels)  # m > class size fails here
-  tx = optim.make_optimizer(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, config.total_steps,
+                            steps_per_epoch=math.ceil(len(data.train_labels) / config.batch_size))
   state = parallel.replicate(create_state(config, model, framework, tx, data), mesh)
 
   # ------------------------------------------------------------------- compiled functions
@@ -718,7 +727,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                            "nonfinite_steps": int(tracker["nonfinite_steps"]),
                            "train_step_traces": traces[0]}
   for name in ("val", "test"):
-    for k, v in evaluator.evaluate(best["params"]["model"], best["batch_stats"], name).items():
+    hook = (None if on_final_embeddings is None else
+            lambda emb, split, name=name: on_final_embeddings(name, emb, split))
+    for k, v in evaluator.evaluate(best["params"]["model"], best["batch_stats"], name,
+                                   on_embeddings=hook).items():
       final[f"{name}/{k}"] = v
   final.update(host.get("baselines", {}))
   if "pixels" in config.baselines:

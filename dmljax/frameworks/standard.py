@@ -48,10 +48,19 @@ class StandardFramework(Framework):
     super().__init__(config, num_classes=num_classes, embedding_dim=embedding_dim)
     self.loss_fn = losses.get_loss(config.loss.name)  # ValueError listing the valid names
     self.kwargs = loss_kwargs(config)
-    self.takes_rng = "rng" in inspect.signature(self.loss_fn).parameters
     self.use_proxies = (config.loss.name in losses.PROXY_LOSSES
                         or bool(config.standard.use_proxies))
     self.per_class = int(config.standard.proxies_per_class)
+    params = inspect.signature(self.loss_fn).parameters
+    self.takes_rng = "rng" in params
+    if self.use_proxies and "centers_per_class" in params:
+      # SoftTriple / MPA read the proxies as centres per class: one setting, not two.
+      given = self.kwargs.get("centers_per_class")
+      if given is not None and int(given) != int(config.standard.proxies_per_class):
+        raise ValueError(f"loss.kwargs.centers_per_class={given} differs from "
+                         f"standard.proxies_per_class={config.standard.proxies_per_class}; set "
+                         "only --config.standard.proxies_per_class.")
+      self.kwargs["centers_per_class"] = int(config.standard.proxies_per_class)
 
   def validate(self):
     if self.use_proxies and self.per_class < 1:

@@ -1,0 +1,33 @@
+r"""ProxyAnchor (margin 0.1, alpha 32) on glyphs with the CCP supplement's baseline settings.
+
+  python -m dmljax.main --config=configs/glyphs_proxy_anchor.py --workdir=/tmp/dmljax/glyphs_proxy_anchor
+
+The CCP supplement's ProxyAnchor / ProxyNCA++ / SoftTriple protocol, on the glyphs schedule of
+configs/glyphs_ccp.py: one sample per class in a batch (32 classes x 1), one epoch of warm-up in
+which only the embedding layer and the proxies train (200 steps here), a x100 learning-rate
+multiplier for the proxies, one proxy per class, L2-normalised embeddings, and proxies
+L2-normalised inside the loss on every step. ``--config.loss.name=proxy_nca_pp
+--config.loss.kwargs.temperature=0.1`` (kwargs replaced, see below) gives the ProxyNCA++ row.
+
+RESULTS_PLACEHOLDER
+"""
+import ml_collections
+
+from dmljax.configs import glyphs_base, shrink
+
+
+def get_config(arg: str = ""):
+  c = glyphs_base()
+  c.framework = "standard"
+  c.loss.name = "proxy_anchor"
+  c.loss.kwargs = ml_collections.ConfigDict({"margin": 0.1, "alpha": 32.0})
+  c.standard.proxies_per_class = 1
+  c.model.normalization = "l2"
+  c.sampler.m = 1                        # 32 classes x 1 sample
+  c.optim.lr_multipliers.proxies = 100.0
+  c.optim.freeze_trunk_epochs = 1.0
+  if arg == "small":
+    shrink(c)
+  elif arg:
+    raise ValueError(f"Unknown variant {arg!r} of glyphs_proxy_anchor.py; valid: 'small'.")
+  return c
