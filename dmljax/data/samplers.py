@@ -415,3 +415,67 @@ class ClassRepresentativeSampler:
     _check_state(cls, state, labels, cls._STATE_KEYS)
     return cls(labels, batch_size=int(state["batch_size"]), m=int(state["m"]),
                hold_steps=int(state["hold_steps"]), seed=int(state["seed"]))
+
+
+_TAG_RANDOM = 6
+
+
+class RandomSampler:
+  """Uniformly random batches, as the SoftTriple and MPA papers sample ("random sampling").
+
+  Epoch ``e`` is a random permutation of all samples drawn from ``(seed, e)``; step ``s`` takes
+  the next ``batch_size`` entries of it, continuing into the next epoch's permutation at the end
+  (so every sample is drawn once per epoch, up to the batch that straddles two epochs). Batches
+  have no class structure: a class may appear once, several times or not at all.
+
+  Args:
+    labels: [N] integer labels of the split (only their count and fingerprint are used).
+    batch_size: global batch size, at most N.
+    seed: non-negative integer.
+  """
+
+  _STATE_KEYS = ("seed", "batch_size")
+
+  def __init__(self, labels, batch_size, seed=0):
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not len(labels):
+      raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}.")
+    if int(batch_size) != batch_size or not 1 <= batch_size <= len(labels):
+      raise ValueError(f"RandomSampler: batch_size must be in [1, {len(labels)}] (the number of "
+                       f"training samples), got {batch_size} (set --config.batch_size).")
+    self.batch_size, self.num = int(batch_size), len(labels)
+    self.seed = _check_seed(seed)
+    self._fingerprint = _labels_fingerprint(labels)
+    self._memo = {}
+
+  def _perm(self, epoch):
+    if epoch not in self._memo:
+      if len(self._memo) >= 2:
+        self._memo.pop(next(iter(self._memo)))
+      rng = np.random.default_rng([self.seed, _TAG_RANDOM, epoch])
+      self._memo[epoch] = rng.permutation(self.num)
+    return self._memo[epoch]
+
+  def global_batch(self, step):
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}.")
+    start = int(step) * self.batch_size
+    out, filled = np.empty(self.batch_size, np.int64), 0
+    while filled < self.batch_size:
+      epoch, offset = divmod(start + filled, self.num)
+      take = min(self.batch_size - filled, self.num - offset)
+      out[filled:filled + take] = self._perm(epoch)[offset:offset + take]
+      filled += take
+    return out
+
+  def batch(self, step, process_index=0, process_count=1):
+    return _slice(self.global_batch(step), process_index, process_count)
+
+  def state_dict(self):
+    return {"seed": np.int64(self.seed), "batch_size": np.int64(self.batch_size),
+            "labels_fingerprint": np.int64(self._fingerprint)}
+
+  @classmethod
+  def from_state_dict(cls, labels, state):
+    _check_state(cls, state, labels, cls._STATE_KEYS)
+    return cls(labels, batch_size=int(state["batch_size"]), seed=int(state["seed"]))
