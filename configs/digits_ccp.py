@@ -27,4 +27,6 @@ def get_config(arg: str = ""):
   c.checkpoint.every_steps = 200
   if arg == "small":
     shrink(c)
+  elif arg:
+    raise ValueError(f"Unknown variant {arg!r} of digits_ccp.py; valid: 'small'.")
   return c

@@ -27,4 +27,6 @@ def get_config(arg: str = ""):
   if arg == "small":
     shrink(c)
     c.model.embedding_dim = 2
+  elif arg:
+    raise ValueError(f"Unknown variant {arg!r} of digits_ccp_2d.py; valid: 'small'.")
   return c

@@ -14,4 +14,6 @@ def get_config(arg: str = ""):
   c.framework = "standard"
   if arg == "small":
     shrink(c)
+  elif arg:
+    raise ValueError(f"Unknown variant {arg!r} of glyphs_contrastive.py; valid: 'small'.")
   return c

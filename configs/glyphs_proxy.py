@@ -18,4 +18,6 @@ def get_config(arg: str = ""):
   c.ccp.alternate = False
   if arg == "small":
     shrink(c)
+  elif arg:
+    raise ValueError(f"Unknown variant {arg!r} of glyphs_proxy.py; valid: 'small'.")
   return c

@@ -1,0 +1,30 @@
+r"""C1-CCP on glyphs: CCP with XBM's contrastive loss (cosine, margin 0.5) as the C1 of the paper.
+
+  python -m dmljax.main --config=configs/glyphs_ccp_c1.py --workdir=/tmp/dmljax/glyphs_ccp_c1
+
+The same run as configs/glyphs_ccp.py (C2-CCP) with the sample-to-proxy and the in-batch terms
+both ``contrastive_xbm`` (positive pairs 1 - s, negative pairs s where s > 0.5, summed per anchor
+and divided by the batch size: XBM's implementation, which the CCP supplement says C1 adopts) on
+L2-normalised embeddings. The proxies are free parameters initialised from unit embeddings by
+k-center and not re-normalised, as in CCP. Its XBM counterpart is configs/glyphs_xbm_c1.py.
+
+RESULTS_PLACEHOLDER
+"""
+import ml_collections
+
+from dmljax.configs import glyphs_base, shrink
+
+
+def get_config(arg: str = ""):
+  c = glyphs_base()
+  c.framework = "ccp"
+  c.model.normalization = "l2"
+  c.loss.name = "contrastive_xbm"
+  c.loss.kwargs = ml_collections.ConfigDict({"margin": 0.5})
+  c.ccp.in_batch_loss = "contrastive_xbm"
+  c.ccp.in_batch_kwargs = ml_collections.ConfigDict({"margin": 0.5})
+  if arg == "small":
+    shrink(c)
+  elif arg:
+    raise ValueError(f"Unknown variant {arg!r} of glyphs_ccp_c1.py; valid: 'small'.")
+  return c
