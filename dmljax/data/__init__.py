@@ -7,6 +7,10 @@ ids. Registered names:
   * ``digits``: scikit-learn's 8x8 digits, class-disjoint (train 0-4, val 5-6, test 7-9).
   * ``digits_closed``: the same images, all classes in every split, split by image.
   * ``glyphs``: letters of three alphabets rendered from matplotlib's fonts, class-disjoint.
+
+The option ``protocol_fold=k`` (any data set) replaces the data set's own split by fold ``k`` of
+the 4-fold class-disjoint protocol of Musgrave et al. (:func:`splits.protocol_fold_dataset`;
+``python -m dmljax.protocol`` sets it through ``config.dataset.options``).
 """
 from dmljax.data import digits, glyphs, samplers, splits
 from dmljax.data.samplers import (ClassRepresentativeSampler, MPerClassSampler, OnePerClassSampler,
@@ -46,15 +50,21 @@ def load_dataset(name: str, *, seed: int = 0, cache_dir=None, **options) -> Data
       class split is fixed).
     cache_dir: where generated data are cached (glyphs only).
     **options: data-set specific keyword options (see each loader); unknown ones raise ValueError.
+      ``protocol_fold`` (int, every data set) is not the loader's: the loaded data set is
+      re-split as that fold of the 4-fold protocol (:func:`splits.protocol_fold_dataset`).
 
   Returns:
     A :class:`Dataset`.
   """
   if name not in DATASETS:
     raise ValueError(f"Unknown data set {name!r}; valid data sets: {sorted(DATASETS)}.")
+  fold = options.pop("protocol_fold", None)
   try:
-    return DATASETS[name](seed, cache_dir, **options)
+    dataset = DATASETS[name](seed, cache_dir, **options)
   except TypeError as e:  # unexpected keyword: report it as a configuration error
     if "unexpected keyword" not in str(e):
       raise
     raise ValueError(f"Bad option for data set {name!r}: {e}.") from e
+  if fold is None:
+    return dataset
+  return splits.protocol_fold_dataset(dataset, fold)

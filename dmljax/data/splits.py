@@ -4,7 +4,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Split", "Dataset", "class_disjoint_split", "stratified_split", "partition_classes"]
+__all__ = ["Split", "Dataset", "class_disjoint_split", "stratified_split", "partition_classes",
+           "PROTOCOL_NUM_FOLDS", "protocol_class_halves", "protocol_folds", "protocol_fold_dataset"]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -155,3 +156,100 @@ def partition_classes(class_ids: Sequence[int], fractions: Mapping[str, float], 
     raise ValueError(f"Too few classes ({len(class_ids)}) for fractions {dict(fractions)}.")
   bounds = np.concatenate([[0], np.cumsum(sizes)])
   return {n: sorted(perm[bounds[i]:bounds[i + 1]].tolist()) for i, n in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------- 4-fold protocol
+# The class-disjoint cross-validation of Musgrave et al., "A metric learning reality check"
+# (ECCV 2020), which CCP's tables follow. All classes sorted by id: the first half is train+val,
+# the second half test; train+val is cut into ``num_folds`` class folds that wrap around.
+
+PROTOCOL_NUM_FOLDS = 4
+
+
+def protocol_class_halves(class_ids: Sequence[int]) -> tuple[list, list]:
+  """``(train+val, test)`` class ids: the classes sorted by id, cut after the first half.
+
+  With an odd number of classes the test half holds the extra class (the reference code keeps
+  ``floor(C / 2)`` classes for train+val).
+  """
+  ids = sorted(set(int(c) for c in class_ids))
+  half = len(ids) // 2
+  return ids[:half], ids[half:]
+
+
+def protocol_folds(trainval_ids: Sequence[int], num_folds: int = PROTOCOL_NUM_FOLDS) -> list:
+  """The class folds over the train+val classes: one ``{"train": ids, "val": ids}`` per fold.
+
+  With ``n`` classes sorted by id, fold ``p`` takes ``n // num_folds`` validation classes and
+  the other ``n - n // num_folds`` for training. Its training classes start at sorted index
+  ``floor(p * n / num_folds)`` and run on, wrapping from the last class to the first; its
+  validation classes are the ones that follow. For 100 classes fold 0 trains on 0-74 and
+  validates on 75-99, fold 1 trains on 25-99 and validates on 0-24; for 98 classes the folds
+  start at 0, 24, 49 and 73 and validate on 24 classes each. The lists are sorted by id.
+  """
+  ids = sorted(set(int(c) for c in trainval_ids))
+  n = len(ids)
+  if num_folds < 2:
+    raise ValueError(f"The protocol needs at least 2 folds, got num_folds={num_folds}.")
+  if n < num_folds:
+    raise ValueError(f"{num_folds} class folds need at least {num_folds} train+val classes, got "
+                     f"{n}; use a data set with at least {2 * num_folds} classes.")
+  val_len = n // num_folds
+  train_len = n - val_len
+  folds = []
+  for p in range(num_folds):
+    start = p * n // num_folds
+    train = sorted(ids[(start + i) % n] for i in range(train_len))
+    val = sorted(ids[(start + train_len + i) % n] for i in range(val_len))
+    folds.append({"train": train, "val": val})
+  return folds
+
+
+def protocol_fold_dataset(dataset: Dataset, fold: int,
+                          num_folds: int = PROTOCOL_NUM_FOLDS) -> Dataset:
+  """``dataset`` re-split as fold ``fold`` of the protocol.
+
+  The class pool is the union of the classes of all of ``dataset``'s splits (images of every
+  split pooled under their original class ids, in split order), so the result does not depend
+  on how ``dataset`` was split. Its splits are ``train`` and ``val`` (the fold's classes) and
+  ``test`` (the second half of the classes, the same images in the same order for every fold).
+
+  ``info`` keeps the source's entries, with per-split arrays (e.g. glyphs' ``fonts``) regrouped
+  to the new splits; entries that describe the source's class split are replaced by
+  ``info["protocol"]``: ``{"fold", "num_folds", "train_classes", "val_classes",
+  "test_classes", "class_pool"}`` (original class ids).
+  """
+  num_folds = int(num_folds)
+  if not 0 <= int(fold) < num_folds:
+    raise ValueError(f"protocol fold {fold} is out of range; valid folds: 0..{num_folds - 1}.")
+  fold = int(fold)
+  names_in = list(dataset.splits)
+  images = np.concatenate([np.asarray(dataset.splits[n].images) for n in names_in])
+  labels = np.concatenate([
+      np.asarray(dataset.splits[n].class_ids)[np.asarray(dataset.splits[n].labels)]
+      for n in names_in]).astype(np.int64)
+  class_names = {}
+  for n in names_in:
+    s = dataset.splits[n]
+    class_names.update({int(c): name for c, name in zip(s.class_ids, s.class_names)})
+  pool = sorted(class_names)
+  trainval, test = protocol_class_halves(pool)
+  groups = dict(protocol_folds(trainval, num_folds)[fold], test=test)
+  new_splits = class_disjoint_split(images, labels, groups, class_names)
+
+  sizes = {n: len(dataset.splits[n]) for n in names_in}
+  info = {}
+  for key, value in dict(dataset.info).items():
+    if isinstance(value, Mapping) and set(value) == set(names_in):
+      aligned = all(np.ndim(value[n]) >= 1 and len(value[n]) == sizes[n] for n in names_in)
+      if aligned:
+        pooled = np.concatenate([np.asarray(value[n]) for n in names_in])
+        info[key] = {g: pooled[np.isin(labels, ids)] for g, ids in groups.items()}
+      continue  # a per-split description of the source's class split: replaced below
+    if key in ("train_classes", "val_classes", "test_classes"):
+      continue
+    info[key] = value
+  info["protocol"] = {"fold": fold, "num_folds": num_folds, "train_classes": groups["train"],
+                      "val_classes": groups["val"], "test_classes": groups["test"],
+                      "class_pool": pool}
+  return Dataset(name=dataset.name, splits=new_splits, image_shape=dataset.image_shape, info=info)
