@@ -37,9 +37,11 @@ def verbose_requested(argv: Optional[Sequence[str]] = None) -> bool:
 
 
 def message(exc: BaseException) -> str:
-  """The one-line text for ``exc`` (KeyError's repr quoting removed)."""
+  """The one-line text for ``exc`` (KeyError's repr quoting removed, also when wrapped)."""
+  while exc.args and isinstance(exc.args[0], BaseException):
+    exc = exc.args[0]  # ml_collections wraps a KeyError in an AttributeError
   text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-  return " ".join(str(text).split()) if "\n" not in str(text) else str(text).strip()
+  return " ".join(str(text).split())
 
 
 def report(prog: str, exc: BaseException, argv: Optional[Sequence[str]] = None) -> int:
