@@ -705,3 +705,124 @@ def test_contrastive_blocked_path_matches_naive(monkeypatch, reduction):
   value, grad = jax.value_and_grad(ours)(jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(value, naive(x), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(grad, _fd_grad(naive, x), rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- mined pair masks
+# (issue 11) Every pair loss takes ``pair_mask=`` ([B, R] bool), ANDed with its own positive and
+# negative masks. The oracle: the naive loops above with the masked pairs removed from the pair
+# enumeration itself (``_pairs`` filtered), plus loops of their own for the two losses whose
+# oracle does not enumerate pairs through ``_pairs`` (triplet, N-pair).
+
+_UNMASKED_PAIRS = _pairs
+_PM_RNG = np.random.default_rng(99)
+PAIR_MASK_BATCH = _PM_RNG.random((B, B)) < 0.7
+PAIR_MASK_REFS = _PM_RNG.random((B, R)) < 0.7
+PAIR_MASK_BATCH[0, 1] = PAIR_MASK_BATCH[3, 4] = True  # keep a positive pair in each mask
+
+
+def _masked_pairs(pm):
+  def pairs(x, y, refs, ry, mask):
+    for i, j, r, same in _UNMASKED_PAIRS(x, y, refs, ry, mask):
+      if pm[i][j]:
+        yield i, j, r, same
+  return pairs
+
+
+def naive_triplet_masked(x, y, refs, ry, mask, pm, tm=None, margin=0.05):
+  base, lab = (x, y) if refs is None else (refs, ry)
+  ok = [True] * len(base) if mask is None else list(mask)
+  terms = []
+  for a in range(len(x)):
+    for p in range(len(base)):
+      if not ok[p] or (refs is None and p == a) or lab[p] != y[a] or not pm[a][p]:
+        continue
+      for n in range(len(base)):
+        if not ok[n] or lab[n] == y[a] or not pm[a][n] or (tm is not None and not tm[a][p][n]):
+          continue
+        terms.append(max(_dist(x[a], base[p]) - _dist(x[a], base[n]) + margin, 0.0))
+  return _mean_nonzero(terms)
+
+
+def naive_npairs_masked(x, y, refs, ry, mask, pm):
+  base = x if refs is None else refs
+  ok = [True] * len(base) if mask is None else list(mask)
+
+  def kept(i, j):  # the pair (i, j) exists and is in the mask
+    return ok[j] and pm[i][j] and not (refs is None and i == j)
+
+  seen, anchors = set(), []  # (anchor index, index of its positive)
+  for i in range(len(x)):
+    if y[i] in seen:
+      continue
+    cand = [j for j in range(len(base)) if kept(i, j) and (y if refs is None else ry)[j] == y[i]]
+    if cand:
+      seen.add(y[i])
+      anchors.append((i, cand[0]))
+  losses = []
+  for i, j in anchors:
+    logits = {q: float(np.dot(x[i], base[q])) for _, q in anchors if kept(i, q)}
+    losses.append(_lse(list(logits.values())) - logits[j])
+  return _mean(losses)
+
+
+def _masked_naive(name, x, refs, pm, tm=None):
+  kw = dict(mask=REF_MASK) if refs is not None else {}
+  ry = REF_LABELS if refs is not None else None
+  if name == "triplet_margin":
+    return naive_triplet_masked(x, LABELS, refs, ry, kw.get("mask"), pm, tm)
+  if name == "npairs":
+    return naive_npairs_masked(x, LABELS, refs, ry, kw.get("mask"), pm)
+  extra = dict(frozen=(X, REFS if refs is not None else None)) if name == "circle" else {}
+  old = globals()["_pairs"]
+  globals()["_pairs"] = _masked_pairs(pm)
+  try:
+    return _call_naive(name, x, refs, extra, mask=REF_MASK)
+  finally:
+    globals()["_pairs"] = old
+
+
+@pytest.mark.parametrize("use_refs", [False, True], ids=["batch", "refs"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_pair_mask_matches_naive_loop_without_masked_pairs(name, use_refs):
+  refs = REFS if use_refs else None
+  pm = PAIR_MASK_REFS if use_refs else PAIR_MASK_BATCH
+
+  def unpack(theta):
+    return theta[:B * D].reshape(B, D), (theta[B * D:].reshape(R, D) if use_refs else None)
+
+  theta0 = np.concatenate([X.ravel()] + ([REFS.ravel()] if use_refs else []))
+  f = lambda t: _masked_naive(name, *unpack(t), pm)  # noqa: E731
+  want, g_want = f(theta0), _fd_grad(f, theta0)
+
+  def ours(a, r, mask):
+    return _ours(name, a, r if use_refs else None, dict(pair_mask=mask))
+
+  args = (jnp.asarray(X, jnp.float32), jnp.asarray(REFS, jnp.float32))
+  val, (gx, gr) = jax.value_and_grad(ours, argnums=(0, 1))(*args, jnp.asarray(pm))
+  assert want != 0.0 and abs(want - _call_naive(name, X, refs, {})) > 1e-6  # the mask matters
+  _close(val, want, atol=1e-6)
+  _close(gx, g_want[:B * D].reshape(B, D))
+  if use_refs:
+    _close(gr, g_want[B * D:].reshape(R, D))
+  # An all-True mask is the loss itself; an all-False one leaves no term (0, zero gradient).
+  full = ours(*args, np.ones(pm.shape, bool))
+  assert float(full) == float(ours(*args, None))
+  v0, g0 = jax.value_and_grad(ours)(*args, np.zeros(pm.shape, bool))
+  assert float(v0) == 0.0 and not np.any(np.asarray(g0))
+
+
+def test_triplet_mask_matches_naive_loop_and_shape_checks():
+  tm = _PM_RNG.random((B, B, B)) < 0.5
+  pm = PAIR_MASK_BATCH
+  x = jnp.asarray(X, jnp.float32)
+  want = naive_triplet_masked(X, LABELS, None, None, None, pm, tm)
+  f = lambda t: naive_triplet_masked(t.reshape(B, D), LABELS, None, None, None, pm, tm)  # noqa
+  val, g = jax.value_and_grad(
+      lambda a: pair.triplet_margin(a, LABELS, pair_mask=pm, triplet_mask=tm))(x)
+  _close(val, want, atol=1e-6)
+  _close(g, _fd_grad(f, X.ravel()).reshape(B, D))
+  with pytest.raises(ValueError, match="triplet_mask"):
+    pair.triplet_margin(x, LABELS, triplet_mask=tm[:, :, :3])
+  for name in LOSS_NAMES:
+    with pytest.raises(ValueError, match="pair_mask"):
+      getattr(pair, name)(x, LABELS, pair_mask=pm[:, :3])

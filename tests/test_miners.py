@@ -318,3 +318,45 @@ def test_agrees_with_pml():
   want = np.zeros((B, B, B), bool)
   want[a.numpy(), p.numpy(), n.numpy()] = True
   np.testing.assert_array_equal(miners.semi_hard(x, LABELS, margin=0.3), want)
+
+
+# ----------------------------------------------------------------------------- mined pair masks
+# (issue 11: PROFS's "one hardest negative per positive pair" reaches the losses as masks)
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_hardest_negative_pair_mask_and_anchor_restriction_brute_force(distinct):
+  """``NegativeChoice.pair_mask()`` and ``pair_mask=`` (only some anchors mine) against loops:
+  the mask holds exactly the positives that got a negative and the chosen negative pairs; with
+  ``distinct=True`` every anchor has as many negative pairs as positive pairs."""
+  x = _emb(21)
+  y = np.array([0, 0, 0, 1, 1, 1, 2, 2], np.int32)
+  anchors = np.array([True, False, False, True, False, False, True, False])  # "representatives"
+  rows = np.broadcast_to(anchors[:, None], (B, B))
+  d = _dist(x, x, "euclidean")
+  pos_sets, neg_sets = _pair_sets(y)
+  want = np.zeros((B, B), bool)
+  for i in np.flatnonzero(anchors):
+    ranked = sorted(neg_sets[i], key=lambda k: (d[i, k], k))
+    for r, j in enumerate(pos_sets[i]):
+      want[i, j] = True
+      want[i, ranked[r] if distinct else ranked[0]] = True
+  got = miners.hardest_negative_per_positive(x, y, pair_mask=rows, distinct=distinct)
+  mask = np.asarray(got.pair_mask())
+  np.testing.assert_array_equal(mask, want)
+  assert not mask[~anchors].any()                                # other rows mine nothing
+  same = y[:, None] == y[None, :]
+  n_pos, n_neg = (mask & same).sum(1), (mask & ~same).sum(1)
+  if distinct:
+    np.testing.assert_array_equal(n_pos, n_neg)                  # balanced, anchor by anchor
+  else:
+    assert (n_neg[anchors] == 1).all()
+  # pair_mask also restricts the candidates: a negative left out of it is never chosen.
+  i = 0
+  hardest = min(neg_sets[i], key=lambda k: d[i, k])
+  cand = rows.copy()
+  cand[i, hardest] = False
+  again = miners.hardest_negative_per_positive(x, y, pair_mask=cand, distinct=False)
+  assert int(again.index[i, 1]) == sorted(neg_sets[i], key=lambda k: d[i, k])[1]
+  with pytest.raises(ValueError, match="pair_mask"):
+    miners.hardest_negative_per_positive(x, y, pair_mask=rows[:4])

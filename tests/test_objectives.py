@@ -282,3 +282,19 @@ def test_profs_objective_degenerate_and_errors():
     objectives.profs_objective(x, LABELS, reps, rep_y, reduction="none")
   with pytest.raises(ValueError, match="anchor"):
     objectives.profs_objective(x, LABELS, reps, rep_y, params=_params(0))
+
+
+def test_profs_objective_batch_as_references_and_pair_mask():
+  """The ``profs`` framework's call (issue 11): the batch is its own reference set with the
+  representative flags as ``rep_mask``, i.e. eq. 4.6 over (representative, sample) pairs with
+  the representatives inside the batch; ``pair_mask`` drops (sample, representative) pairs."""
+  x = _emb(15)
+  is_rep = np.array([True, False, True, False, True, False])
+  want, _ = _naive_profs_pairs(x, LABELS, x[is_rep], LABELS[is_rep], 1.0, 1.4)
+  total, _ = objectives.profs_objective(x, LABELS, x, LABELS, rep_mask=is_rep)
+  np.testing.assert_allclose(total, want, rtol=1e-5)
+  pm = np.ones((B, B), bool)
+  pm[:, 0] = False  # no pair with the first representative
+  want, _ = _naive_profs_pairs(x, LABELS, x[[2, 4]], LABELS[[2, 4]], 1.0, 1.4)
+  np.testing.assert_allclose(objectives.profs_objective(
+      x, LABELS, x, LABELS, rep_mask=is_rep, pair_mask=pm)[0], want, rtol=1e-5)

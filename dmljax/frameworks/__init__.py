@@ -2,11 +2,17 @@
 from dmljax.frameworks.base import Framework, HostContext, class_major_labels
 from dmljax.frameworks.ccp import CCPFramework
 from dmljax.frameworks.standard import StandardFramework
+from dmljax.frameworks.xbm import XBMFramework
+from dmljax.frameworks.dro import DROFramework
+from dmljax.frameworks.profs import PROFSFramework
 
 #: name -> Framework class. PROFS / XBM / DRO plug in by adding an entry.
 FRAMEWORKS = {
     "standard": StandardFramework,
     "ccp": CCPFramework,
+    "xbm": XBMFramework,
+    "dro": DROFramework,
+    "profs": PROFSFramework,
 }
 
 

@@ -9,6 +9,10 @@ Every loss in :mod:`dmljax.losses` has the call shape (pytorch-metric-learning's
 * With references every (embedding, reference) pair counts; nothing is excluded by position.
   ``ref_mask`` (bool, shape ``[R]``) marks reference slots that hold no data yet (a cross-batch
   memory that is not full): masked slots take part in no pair.
+* ``pair_mask`` (bool, shape ``[B, R]``; ``[B, B]`` without references), optional on every pair
+  loss and miner: the pairs a miner (or a framework) selected. It is ANDed with the loss's own
+  masks, so a pair outside it is neither a positive nor a negative pair of any term; everything
+  else about the loss is unchanged. Being a mask (not an index list) it keeps shapes static.
 
 All arithmetic is done in float32 whatever the input dtype (bfloat16 works). Shapes are static
 and nothing branches on values, so every loss compiles once per input shape and is safe under
@@ -68,8 +72,12 @@ def _check_labels(labels, name: str):
   return labels
 
 
-def check_inputs(embeddings, labels, ref_embeddings=None, ref_labels=None, ref_mask=None) -> Pairs:
+def check_inputs(embeddings, labels, ref_embeddings=None, ref_labels=None, ref_mask=None,
+                 pair_mask=None) -> Pairs:
   """Validates the standard loss inputs and builds the pair masks.
+
+  ``pair_mask`` (optional ``[B, R]`` bool, ``R = B`` without references) is ANDed with ``valid``,
+  ``pos`` and ``neg``: the pairs it leaves out exist for no loss term.
 
   Raises:
     ValueError: on rank or shape mismatch between embeddings, labels and references, or on
@@ -95,6 +103,7 @@ def check_inputs(embeddings, labels, ref_embeddings=None, ref_labels=None, ref_m
     b = emb.shape[0]
     valid = ~jnp.eye(b, dtype=bool)
     same = labels[:, None] == labels[None, :]
+    valid = _and_pair_mask(valid, pair_mask)
     return Pairs(emb, labels, emb, labels, valid, same & valid, ~same & valid, True)
   if getattr(ref_embeddings, "ndim", None) is None:
     ref_embeddings = jnp.asarray(ref_embeddings)
@@ -118,8 +127,30 @@ def check_inputs(embeddings, labels, ref_embeddings=None, ref_labels=None, ref_m
                        f"got {tuple(np.shape(ref_mask))}.")
     slot_ok = jnp.asarray(ref_mask, bool)
   valid = jnp.broadcast_to(slot_ok[None, :], (emb.shape[0], r))
+  valid = _and_pair_mask(valid, pair_mask)
   same = labels[:, None] == ref_labels[None, :]
   return Pairs(emb, labels, ref, ref_labels, valid, same & valid, ~same & valid, False)
+
+
+def _and_pair_mask(valid, pair_mask):
+  """``valid & pair_mask`` after a static shape check (``pair_mask`` None: ``valid``)."""
+  if pair_mask is None:
+    return valid
+  if np.shape(pair_mask) != tuple(valid.shape):
+    raise ValueError(f"pair_mask must have shape [batch, refs] = {list(valid.shape)} (one flag "
+                     f"per (embedding, reference) pair), got {list(np.shape(pair_mask))}.")
+  return valid & jnp.asarray(pair_mask, bool)
+
+
+def check_triplet_mask(triplet_mask, pairs: Pairs):
+  """``triplet_mask`` as a ``[B, R, R]`` bool array (None stays None); ValueError on its shape."""
+  if triplet_mask is None:
+    return None
+  b, r = pairs.valid.shape
+  if np.shape(triplet_mask) != (b, r, r):
+    raise ValueError(f"triplet_mask must have shape [batch, refs, refs] = {[b, r, r]} (anchor, "
+                     f"positive, negative), got {list(np.shape(triplet_mask))}.")
+  return jnp.asarray(triplet_mask, bool)
 
 
 def check_range(name: str, value, *, low=None, high=None, low_inclusive=True, high_inclusive=True):

@@ -13,6 +13,16 @@ unit-norm embeddings; larger means closer). Miners compare values only, so the g
 flows through them: wrap the embeddings in ``jax.lax.stop_gradient`` or not, the masks are the
 same.
 
+Every miner also takes ``pair_mask=`` (``[B, R]`` bool, as the losses do): only the pairs in it
+are candidates, e.g. PROFS mines with the class representatives as the only anchors.
+
+A miner's output feeds a loss through the losses' ``pair_mask=`` / ``triplet_mask=`` keywords,
+e.g. one hardest negative per positive pair (PROFS section 5.3, CCP)::
+
+    choice = hardest_negative_per_positive(x, y, distinct=True)
+    loss = contrastive(x, y, pair_mask=choice.pair_mask())
+    loss = triplet_margin(x, y, triplet_mask=choice.triplet_mask())
+
 Ties are broken towards the lowest reference index (``argmax`` / ``argsort`` order).
 """
 from __future__ import annotations
@@ -62,6 +72,7 @@ def _one_hot_arg(score: Array, mask: Array, largest: bool) -> Array:
 
 
 def batch_hard(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
+               pair_mask=None,
                distance: str = "euclidean"):
   """Batch-hard mining (Hermans et al.): the hardest positive and hardest negative per anchor.
 
@@ -72,7 +83,7 @@ def batch_hard(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_
   Returns:
     ``(pos_mask, neg_mask)``: ``[B, R]`` bool, each row with exactly one True (or none).
   """
-  pairs = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  pairs = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   close = _closeness(pairs, distance)
   usable = jnp.any(pairs.pos, axis=1, keepdims=True) & jnp.any(pairs.neg, axis=1, keepdims=True)
   hard_pos = _one_hot_arg(close, pairs.pos, largest=False) & usable
@@ -81,6 +92,7 @@ def batch_hard(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_
 
 
 def semi_hard(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
+              pair_mask=None,
               margin: float = 0.2, distance: str = "euclidean") -> Array:
   """FaceNet semi-hard triplets (Schroff et al.): negatives farther than the positive but
   within the margin.
@@ -99,14 +111,14 @@ def semi_hard(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_m
     ``[B, R, R]`` bool triplet mask.
   """
   core.check_range("margin", margin, low=0.0)
-  pairs = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  pairs = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   close = _closeness(pairs, distance)
   gap = close[:, :, None] - close[:, None, :]  # closeness(a, p) - closeness(a, n)
   return pairs.pos[:, :, None] & pairs.neg[:, None, :] & (gap > 0) & (gap <= margin)
 
 
 def distance_weighted_probs(embeddings, labels, *, ref_embeddings=None, ref_labels=None,
-                            ref_mask=None, cutoff: float = 0.5,
+                            ref_mask=None, pair_mask=None, cutoff: float = 0.5,
                             nonzero_loss_cutoff: float = 1.4) -> Array:
   """Sampling probabilities of distance-weighted sampling (Wu et al., *Sampling Matters*).
 
@@ -127,7 +139,7 @@ def distance_weighted_probs(embeddings, labels, *, ref_embeddings=None, ref_labe
   """
   core.check_range("cutoff", cutoff, low=0.0, low_inclusive=False)
   core.check_range("nonzero_loss_cutoff", nonzero_loss_cutoff, low=cutoff, low_inclusive=False)
-  pairs = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  pairs = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   n = pairs.emb.shape[1]
   d_raw = -_closeness(pairs, "euclidean")
   d = jnp.maximum(d_raw, cutoff)
@@ -145,7 +157,8 @@ def distance_weighted_probs(embeddings, labels, *, ref_embeddings=None, ref_labe
 
 
 def distance_weighted(embeddings, labels, *, rng, ref_embeddings=None, ref_labels=None,
-                      ref_mask=None, num_samples: int = 1, cutoff: float = 0.5,
+                      ref_mask=None, pair_mask=None, num_samples: int = 1,
+                      cutoff: float = 0.5,
                       nonzero_loss_cutoff: float = 1.4) -> Array:
   """Distance-weighted negative sampling (Wu et al.) with an explicit ``rng``.
 
@@ -165,7 +178,8 @@ def distance_weighted(embeddings, labels, *, rng, ref_embeddings=None, ref_label
   if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
     raise ValueError(f"num_samples must be a Python int >= 1, got {num_samples!r}.")
   probs = distance_weighted_probs(embeddings, labels, ref_embeddings=ref_embeddings,
-                                  ref_labels=ref_labels, ref_mask=ref_mask, cutoff=cutoff,
+                                  ref_labels=ref_labels, ref_mask=ref_mask, pair_mask=pair_mask,
+                                  cutoff=cutoff,
                                   nonzero_loss_cutoff=nonzero_loss_cutoff)
   has_neg = jnp.any(probs > 0, axis=1, keepdims=True)
   logits = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
@@ -176,7 +190,8 @@ def distance_weighted(embeddings, labels, *, rng, ref_embeddings=None, ref_label
 
 
 def multi_similarity_miner(embeddings, labels, *, ref_embeddings=None, ref_labels=None,
-                           ref_mask=None, epsilon: float = 0.1, distance: str = "dot"):
+                           ref_mask=None, pair_mask=None, epsilon: float = 0.1,
+                           distance: str = "dot"):
   """Multi-similarity pair mining (Wang et al.), PML ``MultiSimilarityMiner(epsilon)`` semantics.
 
   With similarities ``S`` (``distance="dot"``, PML's cosine default), for anchor ``i``:
@@ -196,7 +211,7 @@ def multi_similarity_miner(embeddings, labels, *, ref_embeddings=None, ref_label
     ``(pos_mask, neg_mask)``: ``[B, R]`` bool mined positive and negative pairs.
   """
   core.check_range("epsilon", epsilon, low=0.0)
-  pairs = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  pairs = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   close = _closeness(pairs, distance)
   hardest_pos = jnp.min(jnp.where(pairs.pos, close, jnp.inf), axis=1, keepdims=True)
   hardest_neg = jnp.max(jnp.where(pairs.neg, close, -jnp.inf), axis=1, keepdims=True)
@@ -220,6 +235,18 @@ class NegativeChoice(NamedTuple):
     r = self.index.shape[1]
     return jax.nn.one_hot(self.index, r, dtype=bool) & self.valid[:, :, None]
 
+  def pair_mask(self) -> Array:
+    """``[B, R]`` bool for a pair loss's ``pair_mask=``: the positive pairs that got a negative
+    and the chosen negative pairs. With ``distinct=True`` (each positive of an anchor got its own
+    negative) anchor ``i`` has as many negative pairs as positive pairs, the balance PROFS and
+    Wu et al. ask for; with ``distinct=False`` all positives of ``i`` share one negative, which
+    a mask holds once (use :meth:`negative_counts` to weight it)."""
+    b, r = self.index.shape
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, r))
+    # Scatter-add of the choices: [B, R] work, no [B, R, R] one-hot.
+    hits = jnp.zeros((b, r), jnp.int32).at[rows, self.index].add(self.valid.astype(jnp.int32))
+    return self.valid | (hits > 0)
+
   def negative_counts(self) -> Array:
     """``[B, R]`` int32: how many positive pairs of anchor ``i`` chose negative ``k``, i.e. the
     multiplicity with which each negative pair enters a loss balanced one-to-one."""
@@ -227,7 +254,7 @@ class NegativeChoice(NamedTuple):
 
 
 def hardest_negative_per_positive(embeddings, labels, *, ref_embeddings=None, ref_labels=None,
-                                  ref_mask=None, distance: str = "euclidean",
+                                  ref_mask=None, pair_mask=None, distance: str = "euclidean",
                                   distinct: bool = False) -> NegativeChoice:
   """One hard negative per positive pair, as PROFS and CCP use it ("we sample one negative pair
   for each positive pair", which balances positive and negative pairs).
@@ -241,7 +268,7 @@ def hardest_negative_per_positive(embeddings, labels, *, ref_embeddings=None, re
     :class:`NegativeChoice` ``(index [B, R] int32, valid [B, R] bool)``; ``valid`` is False for
     non-positive pairs and for anchors without a negative.
   """
-  pairs = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  pairs = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   close = _closeness(pairs, distance)
   if not distinct:
     idx = jnp.argmax(jnp.where(pairs.neg, close, -jnp.inf), axis=1).astype(jnp.int32)

@@ -150,7 +150,8 @@ def ccp_objective(embeddings, labels, proxies, proxy_labels, *,
 
 
 def profs_objective(embeddings, labels, rep_embeddings, rep_labels, *, rep_mask=None,
-                    pos_margin: float = 1.0, neg_margin: float = 1.4, reduction: str = "sum",
+                    pair_mask=None, pos_margin: float = 1.0, neg_margin: float = 1.4,
+                    reduction: str = "sum",
                     params: Optional[PyTree] = None, anchor: Optional[PyTree] = None,
                     lam: float = 1e-3, param_mask=None):
   """PROFS's regularised margin objective (eq. 4.6 of Can et al.)::
@@ -167,7 +168,10 @@ def profs_objective(embeddings, labels, rep_embeddings, rep_labels, *, rep_mask=
   Args:
     embeddings: ``[B, D]`` batch embeddings; labels: ``[B]`` int.
     rep_embeddings: ``[L, D]`` class representatives; rep_labels: ``[L]`` int.
-    rep_mask: optional ``[L]`` bool, representatives that exist.
+    rep_mask: optional ``[L]`` bool, representatives that exist. The ``profs`` framework
+      passes the batch itself as the references with ``rep_mask`` its representative flags.
+    pair_mask: optional ``[B, L]`` bool, (sample, representative) pairs to keep (as the pair
+      losses' ``pair_mask``).
     pos_margin: ``eps+ >= 0``; neg_margin: ``eps- >= eps+``.
     reduction: ``"sum"`` (eq. 4.6 as written), ``"mean"`` (over all sample-representative pairs)
       or ``"mean_nonzero"`` (over pairs with a nonzero term).
@@ -184,7 +188,7 @@ def profs_objective(embeddings, labels, rep_embeddings, rep_labels, *, rep_mask=
       raise ValueError(f"pos_margin (eps+ = {pos_margin}) must be <= neg_margin (eps- = "
                        f"{neg_margin}): PROFS's feasible set needs eps+ < eps-.")
   core.check_reduction(reduction, ("sum", "mean", "mean_nonzero"))
-  pairs = core.check_inputs(embeddings, labels, rep_embeddings, rep_labels, rep_mask)
+  pairs = core.check_inputs(embeddings, labels, rep_embeddings, rep_labels, rep_mask, pair_mask)
   d = core.euclidean_distance(pairs.emb, pairs.ref)
   terms = jnp.where(pairs.pos, jax.nn.relu(d - pos_margin), jax.nn.relu(neg_margin - d))
   pair_term = core.reduce(terms, pairs.valid, reduction)

@@ -36,9 +36,19 @@ Reductions (``reduction=``) are those of :func:`dmljax.losses.core.reduce`:
 * ``"none"`` — the per-term array, zero outside the terms that exist; each docstring gives its
   shape (``[B, R]`` per pair, ``[B, R, R]`` per triplet, ``[B]`` per anchor).
 
+Mined pairs (``pair_mask=``, every loss here): an optional ``[B, R]`` bool mask (``[B, B]``
+without references), e.g. from :mod:`dmljax.losses.miners`, ANDed with the loss's own positive
+and negative masks (see :func:`dmljax.losses.core.check_inputs`): a pair outside it takes part
+in no term, as a positive, as a negative, or in a normaliser (supcon's denominator, the pair
+count of ``reduction="mean"``). With an all-True mask every loss is unchanged. The triplet loss
+also takes ``triplet_mask=`` (``[B, R, R]`` over anchor, positive, negative), ANDed with its
+triplets. Where a loss combines pairs in a less direct way (N-pair, angular) its docstring says
+which pair each mask entry gates. PROFS (``dmljax.frameworks.profs``) uses both for its
+adaptations of section 5.3.
+
 An empty set of terms (no positive or negative pair, one class only, singleton classes, an
-all-False ``ref_mask``) reduces to exactly 0 with zero (finite) gradients unless the docstring
-says otherwise. No loss builds a ``[B, R, D]`` tensor; only ``triplet_margin`` builds a
+all-False ``ref_mask`` or ``pair_mask``) reduces to exactly 0 with zero (finite) gradients unless
+the docstring says otherwise. No loss builds a ``[B, R, D]`` tensor; only ``triplet_margin`` builds a
 ``[B, R, R]`` one (all triplets, as PML does) and ``angular`` an ``[R, R]`` one (with references).
 """
 from __future__ import annotations
@@ -168,6 +178,7 @@ def _lse_or_zero(x: Array, mask: Array, add_one: bool = False) -> Array:
 
 
 def contrastive(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
+                pair_mask=None,
                 pos_margin: float = 0.0, neg_margin: float = 1.0, distance: str = "euclidean",
                 power: float = 1.0, reduction: str = "mean_nonzero") -> Array:
   """Contrastive loss (Hadsell et al. 2006), generalised with a positive margin.
@@ -216,7 +227,7 @@ def contrastive(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref
   core.check_reduction(reduction, _SPLIT_REDUCTIONS)
   _check_margins(distance, pos_margin, neg_margin)
   core.check_range("power", power, low=1.0)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
 
   def terms(emb, ref):
     d, inv = _scores(emb, ref, distance)
@@ -233,6 +244,7 @@ def contrastive(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref
 
 
 def contrastive_xbm(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
+                    pair_mask=None,
                     margin: float = 0.5, pos_eps: float = 1e-5, reduction: str = "mean") -> Array:
   """Contrastive loss as XBM's authors implement it (Wang et al. 2020): CCP's **C1**.
 
@@ -265,7 +277,7 @@ def contrastive_xbm(embeddings, labels, *, ref_embeddings=None, ref_labels=None,
   """
   core.check_reduction(reduction)
   core.check_range("pos_eps", pos_eps, low=0.0)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   s = core.dot_similarity(p.emb, p.ref)
   pos_kept = p.pos & (s < 1.0 - pos_eps)
   neg_kept = p.neg & (s > margin)
@@ -275,6 +287,7 @@ def contrastive_xbm(embeddings, labels, *, ref_embeddings=None, ref_labels=None,
 
 
 def triplet_margin(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
+                   pair_mask=None, triplet_mask=None,
                    margin: float = 0.05, swap: bool = False, smooth_loss: bool = False,
                    distance: str = "euclidean", squared: bool = False,
                    reduction: str = "mean_nonzero") -> Array:
@@ -292,6 +305,10 @@ def triplet_margin(embeddings, labels, *, ref_embeddings=None, ref_labels=None, 
 
   PROFS eq. (3.2), ``[d_ap^2 - d_an^2 + eps]_+`` averaged over all triplets, is
   ``squared=True, margin=eps, reduction="mean"``.
+
+  ``pair_mask`` gates the (anchor, positive) and (anchor, negative) pairs; ``triplet_mask``
+  (``[B, R, R]``, e.g. :meth:`dmljax.losses.miners.NegativeChoice.triplet_mask`: one hard
+  negative per positive pair) the triplets themselves. Both are ANDed with the valid triplets.
 
   Args:
     margin: the desired gap between the positive and the negative distance (>= 0).
@@ -313,7 +330,7 @@ def triplet_margin(embeddings, labels, *, ref_embeddings=None, ref_labels=None, 
     distance = "squared_euclidean"
   core.check_reduction(reduction)
   core.check_range("margin", margin, low=0.0)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   d, inv = _scores(p.emb, p.ref, distance)
   d_ap = d[:, :, None]
   d_an = d[:, None, :]
@@ -323,11 +340,13 @@ def triplet_margin(embeddings, labels, *, ref_embeddings=None, ref_labels=None, 
   violation = _farther(d_ap, d_an, inv) + margin
   losses = jax.nn.softplus(violation) if smooth_loss else jax.nn.relu(violation)
   mask = p.pos[:, :, None] & p.neg[:, None, :]
+  if triplet_mask is not None:
+    mask = mask & core.check_triplet_mask(triplet_mask, p)
   return core.reduce(losses, mask, reduction)
 
 
 def lifted_structure(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
-                     neg_margin: float = 1.0, pos_margin: float = 0.0,
+                     pair_mask=None, neg_margin: float = 1.0, pos_margin: float = 0.0,
                      distance: str = "euclidean", reduction: str = "mean") -> Array:
   """Lifted structured loss (Oh Song et al. 2016), smooth form.
 
@@ -354,7 +373,7 @@ def lifted_structure(embeddings, labels, *, ref_embeddings=None, ref_labels=None
   _check_distance(distance)
   core.check_reduction(reduction)
   _check_margins(distance, pos_margin, neg_margin)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   d, inv = _scores(p.emb, p.ref, distance)
   # Per-anchor log-sum-exp over its negatives; a pair's negative set is the union of two rows,
   # so its log-sum-exp is logaddexp of the two row values: [B, R], never [B, R, R].
@@ -373,7 +392,8 @@ def lifted_structure(embeddings, labels, *, ref_embeddings=None, ref_labels=None
 
 
 def generalized_lifted_structure(embeddings, labels, *, ref_embeddings=None, ref_labels=None,
-                                 ref_mask=None, neg_margin: float = 1.0, pos_margin: float = 0.0,
+                                 ref_mask=None, pair_mask=None, neg_margin: float = 1.0,
+                                 pos_margin: float = 0.0,
                                  distance: str = "euclidean", reduction: str = "mean") -> Array:
   """Generalised lifted structure loss (Hermans et al. 2017, "In defense of the triplet loss").
 
@@ -393,7 +413,7 @@ def generalized_lifted_structure(embeddings, labels, *, ref_embeddings=None, ref
   _check_distance(distance)
   core.check_reduction(reduction)
   _check_margins(distance, pos_margin, neg_margin)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   d, inv = _scores(p.emb, p.ref, distance)
   pos_lse = _lse_or_zero(_farther(d, pos_margin, inv), p.pos)
   neg_lse = _lse_or_zero(_farther(neg_margin, d, inv), p.neg)
@@ -402,7 +422,7 @@ def generalized_lifted_structure(embeddings, labels, *, ref_embeddings=None, ref
 
 
 def npairs(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
-           reduction: str = "mean") -> Array:
+           pair_mask=None, reduction: str = "mean") -> Array:
   """Multi-class N-pair loss (Sohn 2016), one (anchor, positive) pair per class.
 
   For each class the first batch entry (in batch order) that has a positive is its anchor
@@ -415,6 +435,9 @@ def npairs(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
   references; here references supply the positives (the ``p_c`` are then references). Sohn's
   L2 penalty on the embeddings is not part of the loss (PML's default has none either).
 
+  ``pair_mask[i, j]`` False removes reference ``j`` as a positive of ``i`` (so it cannot be
+  ``p_c``) and removes ``p_c' = j`` from the softmax of anchor ``a_c = i``.
+
   Args:
     reduction: ``"mean"`` (default), ``"mean_nonzero"``, ``"sum"`` or ``"none"`` (``[B]``, zero
       for anchors that were not selected).
@@ -423,7 +446,7 @@ def npairs(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
     The loss; 0 when no class has a positive pair.
   """
   core.check_reduction(reduction)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   b = p.emb.shape[0]
   has_pos = jnp.any(p.pos, axis=1)
   same = p.labels[:, None] == p.labels[None, :]
@@ -434,13 +457,18 @@ def npairs(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
   positives = p.ref[first_pos]  # [B, D]
   logits = core.dot_similarity(p.emb, positives)  # [B, B]: anchor i vs positive of anchor k
   col_ok = jnp.broadcast_to(selected[None, :], (b, b))
+  if pair_mask is not None:
+    # Column k of anchor i is the pair (i, first_pos[k]); it counts only if that pair is kept
+    # (always true of the diagonal: first_pos[i] is a kept positive of i).
+    col_ok = col_ok & jnp.take_along_axis(p.valid, jnp.broadcast_to(first_pos[None, :], (b, b)),
+                                          axis=1)
   lse = core.masked_logsumexp(logits, col_ok, axis=1)
   losses = jnp.where(selected, lse - jnp.diagonal(logits), 0.0)
   return core.reduce(losses, selected, reduction)
 
 
 def angular(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
-            alpha: float = 40.0, reduction: str = "mean") -> Array:
+            pair_mask=None, alpha: float = 40.0, reduction: str = "mean") -> Array:
   """Angular loss (Wang et al. 2017), the N-pair form of eq. (8).
 
   For each positive pair ``(a, p)`` and the negatives ``n`` of ``a``, with ``t = tan(alpha)``::
@@ -455,6 +483,9 @@ def angular(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mas
   ``[B, R, R]`` tensor is built; this is exact but may underflow for embeddings of norm well
   above 1 (rescale first).
 
+  ``pair_mask`` gates the positive pairs ``(a, p)`` and the negatives ``n`` of each anchor ``a``
+  (the pair ``(a, n)``); ``<p, n>`` enters through the anchor's kept negatives.
+
   Args:
     alpha: the angle in degrees, in (0, 90).
     reduction: ``"mean"`` (default), ``"mean_nonzero"``, ``"sum"`` or ``"none"`` (``[B, R]`` per
@@ -462,7 +493,7 @@ def angular(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mas
   """
   core.check_reduction(reduction)
   core.check_range("alpha", alpha, low=0.0, high=90.0, low_inclusive=False, high_inclusive=False)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   sq_tan = jnp.tan(jnp.radians(jnp.asarray(alpha, jnp.float32))) ** 2
   c = 4.0 * sq_tan
   s_ar = core.dot_similarity(p.emb, p.ref)  # <a, n> and <a, p>: [B, R]
@@ -483,6 +514,7 @@ def angular(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mas
 
 
 def margin(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
+           pair_mask=None,
            margin: float = 0.2, nu: float = 0.0, beta=1.2, distance: str = "euclidean",
            reduction: str = "mean_nonzero") -> Array:
   """Margin loss of Wu et al. 2017 ("Sampling matters"), over all pairs as in the paper.
@@ -504,7 +536,9 @@ def margin(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
   once per negative of ``a`` and vice versa; here each pair counts once, as in the paper's
   pairwise definition (and PROFS eq. 3.3). The two agree when every anchor has as many
   positives as negatives. PML's per-class regulariser is divided by the number of non-zero
-  triplet terms; here it is the mean over anchors.
+  triplet terms; here it is the mean over anchors. With ``pair_mask`` the pair terms (and the
+  pair count of ``reduction="mean"``) cover the kept pairs only; the regulariser stays the mean
+  over all anchors.
 
   Args:
     margin: the separation margin ``alpha`` of the paper (>= 0).
@@ -522,7 +556,7 @@ def margin(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
   if beta_ndim > 1:
     raise ValueError(f"beta must be a scalar or a per-class vector [num_classes], got shape "
                      f"{jnp.shape(beta)}.")
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   beta = jnp.asarray(beta, jnp.float32)
   beta_i = (beta[p.labels] if beta_ndim == 1 else jnp.broadcast_to(beta, p.labels.shape))[:, None]
   d, inv = _scores(p.emb, p.ref, distance)
@@ -540,7 +574,7 @@ def margin(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
 
 
 def multi_similarity(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
-                     alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
+                     pair_mask=None, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
                      reduction: str = "mean") -> Array:
   """Multi-similarity loss (Wang et al. 2019, eq. 2 of Qi et al.), on inner-product similarity.
 
@@ -560,7 +594,7 @@ def multi_similarity(embeddings, labels, *, ref_embeddings=None, ref_labels=None
   core.check_reduction(reduction)
   core.check_range("alpha", alpha, low=0.0, low_inclusive=False)
   core.check_range("beta", beta, low=0.0, low_inclusive=False)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   s = core.dot_similarity(p.emb, p.ref)
   pos_loss = core.masked_logsumexp(-alpha * (s - base), p.pos, axis=1, add_one=True) / alpha
   neg_loss = core.masked_logsumexp(beta * (s - base), p.neg, axis=1, add_one=True) / beta
@@ -569,7 +603,7 @@ def multi_similarity(embeddings, labels, *, ref_embeddings=None, ref_labels=None
 
 
 def binomial_deviance(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
-                      alpha: float = 2.0, beta: float = 0.5, cost: float = 25.0,
+                      pair_mask=None, alpha: float = 2.0, beta: float = 0.5, cost: float = 25.0,
                       reduction: str = "mean") -> Array:
   """Binomial deviance loss (Yi et al. 2014, "Deep metric learning for person re-identification").
 
@@ -592,7 +626,7 @@ def binomial_deviance(embeddings, labels, *, ref_embeddings=None, ref_labels=Non
   core.check_reduction(reduction, _SPLIT_REDUCTIONS)
   core.check_range("alpha", alpha, low=0.0, low_inclusive=False)
   core.check_range("cost", cost, low=0.0, low_inclusive=False)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   s = core.dot_similarity(p.emb, p.ref)
   pos_terms = jax.nn.softplus(-alpha * (s - beta))
   neg_terms = jax.nn.softplus(alpha * cost * (s - beta))
@@ -600,7 +634,7 @@ def binomial_deviance(embeddings, labels, *, ref_embeddings=None, ref_labels=Non
 
 
 def ntxent(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
-           temperature: float = 0.07, reduction: str = "mean") -> Array:
+           pair_mask=None, temperature: float = 0.07, reduction: str = "mean") -> Array:
   """NT-Xent / InfoNCE (Chen et al. 2020, SimCLR; van den Oord et al. 2018), label-supervised.
 
   For each positive pair ``(a, p)`` with similarities ``s`` and the negatives ``n`` of ``a``::
@@ -616,7 +650,7 @@ def ntxent(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
   """
   core.check_reduction(reduction)
   core.check_range("temperature", temperature, low=0.0, low_inclusive=False)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   logits = core.dot_similarity(p.emb, p.ref) / temperature
   lse_neg = core.masked_logsumexp(logits, p.neg, axis=1)  # NEG_INF where no negative
   losses = jax.nn.softplus(jnp.where(p.pos, lse_neg[:, None] - logits, core.NEG_INF))
@@ -624,7 +658,7 @@ def ntxent(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
 
 
 def supcon(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
-           temperature: float = 0.1, reduction: str = "mean_nonzero") -> Array:
+           pair_mask=None, temperature: float = 0.1, reduction: str = "mean_nonzero") -> Array:
   """Supervised contrastive loss (Khosla et al. 2020, L_out).
 
   Per anchor ``i`` with positives ``P(i)`` and all its valid pairs ``A(i)``::
@@ -642,7 +676,7 @@ def supcon(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
   """
   core.check_reduction(reduction)
   core.check_range("temperature", temperature, low=0.0, low_inclusive=False)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   logits = core.dot_similarity(p.emb, p.ref) / temperature
   denom = core.masked_logsumexp(logits, p.valid, axis=1)
   log_prob = jnp.where(p.pos, logits - denom[:, None], 0.0)
@@ -653,6 +687,7 @@ def supcon(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
 
 
 def circle(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
+           pair_mask=None,
            m: float = 0.4, gamma: float = 80.0, reduction: str = "mean_nonzero") -> Array:
   """Circle loss (Sun et al. 2020), pair-wise labels, on inner-product similarity.
 
@@ -674,7 +709,7 @@ def circle(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
   core.check_reduction(reduction)
   core.check_range("m", m, low=0.0, high=1.0, high_inclusive=False)
   core.check_range("gamma", gamma, low=0.0, low_inclusive=False)
-  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask)
+  p = core.check_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_mask, pair_mask)
   s = core.dot_similarity(p.emb, p.ref)
   s_const = jax.lax.stop_gradient(s)
   pos_logits = -gamma * jax.nn.relu(1.0 + m - s_const) * (s - (1.0 - m))

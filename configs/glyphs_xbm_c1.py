@@ -1,0 +1,32 @@
+r"""C1-XBM on glyphs: XBM's own contrastive loss (cosine, margin 0.5) on L2-normalised embeddings.
+
+  python -m dmljax.main --config=configs/glyphs_xbm_c1.py --workdir=/tmp/dmljax/glyphs_xbm_c1
+
+CCP's C1-XBM baseline: ``contrastive_xbm`` (dmljax/losses/pair.py; the supplement's C1, margin 0.5
+on every data set: per anchor, the sum of ``1 - s`` over its positives and of ``s`` over its
+negatives above 0.5, divided by the batch size) in-batch plus against a memory of the 10 most
+recent batches (S = 320, CCP's 4 proxies x 80 classes), after a 250-step warm-up (see
+configs/glyphs_xbm.py for why these sizes). Embeddings are L2-normalised
+(``model.normalization = "l2"``): C1 is a loss on cosine similarities.
+
+Variant ``:small`` (tests): the tiny model of ``shrink``, a 3-batch memory, a 10-step warm-up.
+"""
+from dmljax.configs import glyphs_base, shrink
+
+
+def get_config(arg: str = ""):
+  c = glyphs_base()
+  c.framework = "xbm"
+  c.model.normalization = "l2"
+  c.loss.name = "contrastive_xbm"
+  c.loss.kwargs = {"margin": 0.5}
+  c.xbm.memory_batches = 10
+  c.xbm.warmup_steps = 250
+  c.xbm.memory_weight = 1.0
+  if arg == "small":
+    shrink(c)
+    c.xbm.memory_batches = 3
+    c.xbm.warmup_steps = 10
+  elif arg:
+    raise ValueError(f"Unknown variant {arg!r} of glyphs_xbm_c1.py; valid: 'small'.")
+  return c
