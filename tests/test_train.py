@@ -155,3 +155,28 @@ def test_locked_config_rejects_unknown_key():
   with pytest.raises(flags.Error, match="config.batchsize"):
     fv(["prog", f"--config={ROOT}/configs/digits_ccp.py", "--config.batchsize=8"])
   # Valid overrides (--config.total_steps=...) are exercised by the SIGKILL test's command line.
+
+
+def test_parts_can_be_called_alone():
+  # Issue 11: input, state, step and evaluation are separate parts of the trainer.
+  from dmljax import frameworks, models, optim, parallel  # pylint: disable=g-import-not-at-top
+  c = _config()
+  data = train.create_input(c)
+  assert data.num_classes == 5 and len(data.train_labels) == len(data.train_images)
+  model = models.get_model(c.model)
+  fw = frameworks.get_framework(c, num_classes=data.num_classes,
+                                embedding_dim=c.model.embedding_dim)
+  tx = optim.make_optimizer(c.optim, c.total_steps)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state = parallel.replicate(train.create_state(c, model, fw, tx, data), mesh)
+  evaluator = train.Evaluator(c, model, mesh, data)
+  before = evaluator.evaluate(state.params["model"], state.batch_stats, "val")
+  assert 0.0 <= before["map_at_r"] <= 1.0 and before["num_queries"] == len(data.val.labels)
+  sampler = train.make_sampler(c, fw, data.train_labels)
+  idx, extras = fw.sample(sampler, state, 0)
+  step_fn, traces = train.make_train_step(model, fw, tx)
+  step = train.jit_train_step(step_fn, mesh)
+  images, labels, extras = parallel.global_batch(
+      (data.train_images[idx], data.train_labels[idx].astype(np.int32), extras), mesh)
+  new_state, metrics = step(state, images, labels, extras)
+  assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"])) and traces[0] == 1
