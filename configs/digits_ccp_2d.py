@@ -4,8 +4,7 @@ r"""CCP with 2-D embeddings on digits (closed set, as the paper's MNIST Fig. 2):
 
 Writes ``plots/projection_NNN.png`` (training embeddings, converged proxies as squares, the next
 proxies picked by k-center as circles). 4 proxies per class, pool 16 (the paper's MNIST setting).
-Reaches (seed 0, measured, ~1 min on 2 CPU cores): test MAP@R 0.823, P@1 0.921 (early-stopped at
-step 1150, best at 900).
+(The figures of earlier versions were measured before the CCP corrections; rerun to see them.)
 """
 from dmljax.configs import base_config, shrink
 

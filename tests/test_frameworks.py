@@ -339,3 +339,22 @@ def test_standard_proxy_and_pair_losses():
   extra, fs = fw.init(jax.random.PRNGKey(0), {"w": jnp.ones(2)}, {})
   assert extra["proxies"].shape == (C * 2, D)
   np.testing.assert_array_equal(np.asarray(fs["proxy_labels"]), [0, 0, 1, 1, 2, 2])
+
+
+def test_ccp_proxy_normalization_inside_the_loss():
+  # Similarity losses need normalised proxies: a free proxy's dot product grows without bound.
+  c, fw, ctx, st, _ = _setup(proxy_normalization="l2")
+  st = fw.on_start(st, ctx)
+  emb = losses.l2_normalize(jnp.asarray(np.random.default_rng(5).normal(size=(6, D)), jnp.float32))
+  labels = jnp.asarray([0, 0, 1, 1, 2, 2], jnp.int32)
+  scaled = dict(st.params, proxies=st.params["proxies"] * 5.0)
+  got, _ = fw.loss(scaled, emb, labels, st, None)
+  kw = dict(c.loss.kwargs)
+  want = (losses.contrastive(emb, labels, ref_embeddings=losses.l2_normalize(scaled["proxies"]),
+                             ref_labels=st.framework["proxy_labels"], **kw)
+          + 0.1 * losses.contrastive(emb, labels, **dict(c.ccp.in_batch_kwargs)))
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  c.unlock()
+  c.ccp.proxy_normalization = "unit"
+  with pytest.raises(ValueError, match="proxy_normalization"):
+    frameworks.get_framework(c, num_classes=C, embedding_dim=D)

@@ -55,6 +55,7 @@ from dmljax.parallel import to_host
 from dmljax.state import copy_tree
 
 START_MODES = ("projection_best", "converged", "run_best")
+PROXY_NORMALIZATIONS = ("none", "l2", "bounded")
 
 
 def _greedy_kcenter(*args, **kwargs):
@@ -90,6 +91,10 @@ class CCPFramework(Framework):
     # Zero the proxies' Adam moments (and their own step count) at re-initialisation. Off: the
     # paper and the authors' code keep one optimizer state through the whole run.
     c.reset_proxy_opt_state = False
+    # What the sample-to-proxy loss sees: the proxies as they are ("none", for distance losses
+    # such as C2), or normalised on every step ("l2", "bounded": v / max(1, |v|)). Similarity
+    # losses (C1, MS) need it: with free proxies a dot product grows without bound.
+    c.proxy_normalization = "none"
     return c
 
   def __init__(self, config, *, num_classes, embedding_dim):
@@ -114,6 +119,9 @@ class CCPFramework(Framework):
     if cc.in_batch_loss not in losses.PAIR_LOSSES:
       raise ValueError(f"ccp.in_batch_loss must be a pair loss, got {cc.in_batch_loss!r}; "
                        f"valid: {sorted(losses.PAIR_LOSSES)} (set --config.ccp.in_batch_loss).")
+    if cc.proxy_normalization not in PROXY_NORMALIZATIONS:
+      raise ValueError(f"Unknown ccp.proxy_normalization {cc.proxy_normalization!r}; valid: "
+                       f"{list(PROXY_NORMALIZATIONS)} (set --config.ccp.proxy_normalization).")
     if cc.start_from not in START_MODES:
       raise ValueError(f"Unknown ccp.start_from {cc.start_from!r}; valid: {list(START_MODES)} "
                        "(set --config.ccp.start_from).")
@@ -155,7 +163,7 @@ class CCPFramework(Framework):
     fs = state.framework
     batch_weight = float(cc.in_batch_weight)
     data_loss, parts = losses.objectives.ccp_objective(
-        embeddings, labels, params["proxies"], fs["proxy_labels"],
+        embeddings, labels, self.loss_proxies(params["proxies"]), fs["proxy_labels"],
         proxy_loss=self.pair_loss, batch_loss=self.batch_loss if batch_weight > 0 else None,
         proxy_weight=float(cc.proxy_weight), batch_weight=batch_weight,
         proxy_loss_kwargs=self.kwargs, batch_loss_kwargs=self.batch_kwargs)
@@ -168,6 +176,15 @@ class CCPFramework(Framework):
     return total, (metrics, fs)
 
   # --------------------------------------------------------------------------- host hooks
+
+  def loss_proxies(self, proxies):
+    """The proxies as the sample-to-proxy loss sees them (``ccp.proxy_normalization``)."""
+    mode = self.config.ccp.proxy_normalization
+    if mode == "l2":
+      return losses.l2_normalize(proxies)
+    if mode == "bounded":
+      return losses.bounded_normalize(proxies)
+    return proxies
 
   def embed_pool(self, ctx: HostContext, model_params, batch_stats, pool_index):
     """Pool ``pool_index``: ``b = pool_size`` distinct samples per class (``b`` passes of the
