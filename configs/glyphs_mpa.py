@@ -11,7 +11,9 @@ names in dmljax/losses/mpa.py); compare with configs/glyphs_soft_triple.py and
 configs/glyphs_proxy_anchor.py, as the paper does. 4 centres per class (the paper: 10 on CUB and
 Cars, 2 on SOP). dmljax names: ``margin`` = delta, ``reg_weight`` = tau.
 
-RESULTS_PLACEHOLDER
+Measured (seed 0, 158 s on a shared 2-core CPU): test MAP@R 0.686, P@1 0.982 (val MAP@R 0.769);
+untrained network 0.043, raw pixels 0.073; SoftTriple 0.647 and ProxyAnchor 0.698 in the same
+set-up (README).
 """
 import ml_collections
 

@@ -9,7 +9,8 @@ multiplier for the proxies, one proxy per class, L2-normalised embeddings, and p
 L2-normalised inside the loss on every step. ``--config.loss.name=proxy_nca_pp
 --config.loss.kwargs.temperature=0.1`` (kwargs replaced, see below) gives the ProxyNCA++ row.
 
-RESULTS_PLACEHOLDER
+Measured (seed 0, 140 s on a shared 2-core CPU): test MAP@R 0.698, P@1 0.985 (val MAP@R 0.782);
+untrained network 0.043, raw pixels 0.073.
 """
 import ml_collections
 

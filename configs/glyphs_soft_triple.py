@@ -8,7 +8,8 @@ x100 proxy learning rate) on the glyphs schedule of configs/glyphs_ccp.py; 4 cen
 the number of proxies CCP uses here. dmljax names: ``la`` = lambda, ``gamma``, ``reg_weight`` =
 tau, ``margin`` = delta.
 
-RESULTS_PLACEHOLDER
+Measured (seed 0, 253 s on a shared 2-core CPU): test MAP@R 0.647, P@1 0.974 (val MAP@R 0.727);
+untrained network 0.043, raw pixels 0.073.
 """
 import ml_collections
 
