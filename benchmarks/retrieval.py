@@ -4,6 +4,8 @@
     python benchmarks/retrieval.py --scale 10 --query_limit 6000 --skip floor,faiss_floor
                                                    # 605,020 x 128 gallery, 6,000 queries
     python benchmarks/retrieval.py --repeats 2 --out /tmp/retrieval.json
+    python benchmarks/retrieval.py --scale 0.33 --repeats 3 --skip floor,floor_cores,ours_xla,ours_3
+                                                   # quick: 19,966 rows, no 1-device floor
 
 Every measured thing runs in a fresh subprocess, so that its peak resident memory
 (``ru_maxrss``) is its own; they run interleaved (floor, ours, PML, floor, ours, ...) because the
@@ -14,9 +16,12 @@ machine may be shared. Measured:
   second call in the same process; JAX with one CPU device per core
   (:func:`dmljax.kernels.knn.use_cpu_cores_as_devices`, what ``python -m dmljax.evaluate`` does)
   and the kNN's compiled CPU selection (:mod:`dmljax.kernels.native`, built before the timing).
-  ``ours_xla``: the same with ``DMLJAX_NATIVE=0`` (pure XLA selection). ``ours_1dev``: as
-  ``ours`` with JAX's default single CPU device. ``ours_3``: only PML's three metrics (P@1,
-  R-precision, MAP@R), like for like, one device per core.
+  ``ours_xla``: the same with ``DMLJAX_NATIVE=0`` (pure XLA selection). ``ours_3``: only PML's
+  three metrics (P@1, R-precision, MAP@R), like for like, one device per core.
+* ``ours_user``: the same nine metrics as a plain library user gets them: the child imports
+  ``dmljax.metrics`` and calls ``retrieval_metrics``, nothing else (JAX's default devices: one
+  CPU device). ``ours_user_1thread``: the same with ``DMLJAX_NATIVE_THREADS=1``, the compiled
+  selection on the calling thread only (how it ran before it used XLA's thread pool).
 * floors, the bare matrix product plus top-1 (jitted JAX); the ratios use the fastest of:
   ``floor``, the full reference set per block of 256 queries on one CPU device;
   ``floor_cores``, the same with one device per core; ``floor_blocked``, one device per core and
@@ -49,10 +54,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM, CLASSES, DIM = 60502, 11316, 128
 
 
-def make_data(scale: int, seed: int = 0):
+def make_data(scale: float, seed: int = 0):
   """Synthetic SOP-like embeddings: ``scale`` x 60,502 rows in ``scale`` x 11,316 classes."""
   rng = np.random.default_rng(seed)
-  c, n = CLASSES * scale, NUM * scale
+  c, n = int(round(CLASSES * scale)), int(round(NUM * scale))
   sizes = 2 + rng.binomial(10, 0.335, size=c)
   # Adjust to the exact total without leaving [2, 12].
   while sizes.sum() != n:
@@ -99,6 +104,28 @@ def run_ours(path: str, query_limit: int = 0, same_as_pml: bool = False) -> dict
     out[f"wall_s_{name}"] = time.perf_counter() - t0
   out["metrics"] = m
   out["peak_mb_after_load"] = base
+  return out
+
+
+def run_user(path: str, query_limit: int = 0) -> dict:
+  """The nine metrics exactly as a library user's script computes them: no set-up at all."""
+  data = np.load(path)
+  x, y = data["x"], data["y"]
+  kwargs = {}
+  if query_limit:
+    x, y, kwargs = x[:query_limit], y[:query_limit], dict(gallery_embeddings=x[query_limit:],
+                                                          gallery_labels=y[query_limit:])
+  base = _peak_mb()
+  from dmljax.metrics import retrieval_metrics
+  out = {}
+  for name in ("cold", "warm"):
+    t0 = time.perf_counter()
+    m = retrieval_metrics(x, y, recall_ks=(1, 10, 100, 1000), ndcg_ks=(10, 100), **kwargs)
+    out[f"wall_s_{name}"] = time.perf_counter() - t0
+  import jax
+  from dmljax.kernels import native
+  out.update(devices=len(jax.devices()), native=native.available(), metrics=m,
+             peak_mb_after_load=base)
   return out
 
 
@@ -202,7 +229,7 @@ def run_pml(path: str) -> dict:
 PER_CORE = ("ours", "ours_xla", "ours_3", "floor_cores", "floor_blocked")
 #: Floors: the bare matrix product plus top-1, three ways; ratios use the fastest.
 FLOORS = ("floor", "floor_cores", "floor_blocked")
-OURS = ("ours", "ours_xla", "ours_1dev", "ours_3")
+OURS = ("ours", "ours_xla", "ours_user", "ours_user_1thread", "ours_3")
 
 
 def _measure(what: str, path: str, python: str, query_limit: int = 0) -> dict:
@@ -213,6 +240,8 @@ def _measure(what: str, path: str, python: str, query_limit: int = 0) -> dict:
   env = dict(os.environ)
   if what == "ours_xla":  # the kNN's pure XLA path, without the compiled CPU selection
     env["DMLJAX_NATIVE"] = "0"
+  if what == "ours_user_1thread":  # the compiled selection without XLA's thread pool
+    env["DMLJAX_NATIVE_THREADS"] = "1"
   t0 = time.perf_counter()
   subprocess.run(cmd, check=True, env=env)
   with open(res_path) as f:
@@ -224,11 +253,12 @@ def _measure(what: str, path: str, python: str, query_limit: int = 0) -> dict:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--scale", type=int, default=1)
+  p.add_argument("--scale", type=float, default=1,
+                 help="rows = scale x 60,502 (e.g. 0.33 for a quick run, 10 with --query_limit)")
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--skip", default="",
-                 help="comma list of: ours,ours_xla,ours_1dev,ours_3,floor,floor_cores,"
-                      "floor_blocked,faiss_floor,pml")
+                 help="comma list of: ours,ours_xla,ours_user,ours_user_1thread,ours_3,floor,"
+                      "floor_cores,floor_blocked,faiss_floor,pml")
   p.add_argument("--query_limit", type=int, default=0,
                  help="ours only: the first N rows query the others (gallery mode), to show "
                       "memory at --scale 10 without the hours a full same-set pass takes")
@@ -244,7 +274,8 @@ def main(argv=None):
     fn = {"ours": lambda path: run_ours(path, a.query_limit),
           "ours_xla": lambda path: run_ours(path, a.query_limit),
           "floor_blocked": run_floor_blocked,
-          "ours_1dev": lambda path: run_ours(path, a.query_limit),
+          "ours_user": lambda path: run_user(path, a.query_limit),
+          "ours_user_1thread": lambda path: run_user(path, a.query_limit),
           "floor_cores": run_floor,
           "ours_3": lambda path: run_ours(path, a.query_limit, same_as_pml=True),
           "floor": run_floor,
@@ -267,7 +298,8 @@ def main(argv=None):
   np.savez(path, x=x, y=y)
   print(f"data: {x.shape[0]} x {x.shape[1]}, {len(np.unique(y))} classes, "
         f"mean class size {x.shape[0] / len(np.unique(y)):.2f}, cpus {os.cpu_count()}", flush=True)
-  things = ["floor", "floor_cores", "floor_blocked", "ours", "ours_xla", "ours_1dev", "ours_3"]
+  things = ["floor", "floor_cores", "floor_blocked", "ours", "ours_user", "ours_user_1thread",
+            "ours_xla", "ours_3"]
   # Optional extras, looked up without importing them here.
   if importlib.util.find_spec("faiss"):
     things.insert(1, "faiss_floor")
@@ -309,6 +341,8 @@ def main(argv=None):
         row[f"{t}_x_floor"] = round(wall(t, i) / min(fl), 3)
       if t in results and "pml" in results:
         row[f"{t}_x_pml"] = round(wall(t, i) / wall("pml", i), 3)
+      if t in results and t != "ours" and "ours" in results:
+        row[f"{t}_x_ours"] = round(wall(t, i) / wall("ours", i), 3)
     summary["per_repeat"].append(row)
   if "ours" in results:
     summary["ours_metrics"] = results["ours"][0]["metrics"]
@@ -320,6 +354,11 @@ def main(argv=None):
         "r_precision": abs(pm["r_precision"] - om["r_precision"]),
         "map_at_r": abs(pm["mean_average_precision_at_r"] - om["map_at_r"])}
   print(json.dumps(summary, indent=1))
+  # The plain library call beside the command line's set-up (one device per core), per repeat.
+  for i, row in enumerate(summary["per_repeat"]):
+    parts = [f"{k} {v:.2f}" for k, v in row.items() if k.startswith("ours_user")]
+    if parts:
+      print(f"[{i}] " + ", ".join(parts))
   if a.out:
     with open(a.out, "w") as f:
       json.dump({"summary": summary, "runs": results}, f, indent=1)

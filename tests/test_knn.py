@@ -136,21 +136,47 @@ def test_first_relevant_rank_matches_brute_force():
   np.testing.assert_array_equal(got, np.ravel(expected))
 
 
-def test_bad_input():
+@pytest.mark.parametrize("use_native", NATIVE)
+def test_bad_input(use_native):
   x = data()
   with pytest.raises(ValueError, match="k=29 is larger than the 28 references"):
-    knn_lib.knn(x, k=29, **BLOCKED)
+    knn_lib.knn(x, k=29, use_native=use_native, **BLOCKED)
   bad = x.copy()
   bad[[2, 5], 0] = np.nan
   bad[7, 1] = np.inf
   with pytest.raises(ValueError, match="3 row"):
-    knn_lib.knn(bad, k=2, **BLOCKED)
+    knn_lib.knn(bad, k=2, use_native=use_native, **BLOCKED)
+  with pytest.raises(ValueError, match="references has 3 row"):
+    knn_lib.knn(x, bad, k=2, use_native=use_native, **BLOCKED)
   with pytest.raises(ValueError, match="empty"):
     knn_lib.knn(np.zeros((0, 4), np.float32), k=1)
   with pytest.raises(ValueError, match="dimension"):
     knn_lib.knn(x, x[:, :3], k=1)
   with pytest.raises(ValueError, match="multiple of group"):
     knn_lib.knn(x, k=1, query_block=4, ref_block=10, group=4)
+
+
+def test_norms_that_overflow_float32_are_rejected_on_both_paths():
+  # Guards: finite embeddings with |x| ~ 3e19 gave NaN scores (self and out-of-range indices).
+  from dmljax.metrics import retrieval_metrics
+  x = data()
+  huge = x * np.float32(3e19)
+  for use_native in (True, False):
+    with pytest.raises(ValueError, match=r"queries are too large .* row \d+ has norm .*Normalise"):
+      knn_lib.knn(huge, k=3, use_native=use_native, **BLOCKED)
+    with pytest.raises(ValueError, match="references are too large"):
+      knn_lib.knn(x, huge, k=3, use_native=use_native, **BLOCKED)
+  with pytest.raises(ValueError, match="embeddings are too large.*rescale"):
+    retrieval_metrics(huge, np.arange(len(x)) % 3)
+  # Just under the bound (2^60 x a norm of at most 5): accepted, and scaling by a power of two
+  # changes no neighbour.
+  big = x * np.float32(2.0 ** 60)
+  for use_native in (True, False):
+    a = knn_lib.knn(x, k=6, use_native=use_native, **BLOCKED)
+    b = knn_lib.knn(big, k=6, use_native=use_native, **BLOCKED)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(b.distances, a.distances * np.float32(2.0 ** 120), rtol=1e-5,
+                               atol=1e-5 * 2.0 ** 120)
 
 
 def test_use_cpu_cores_as_devices():

@@ -37,13 +37,25 @@ gather cost a few nanoseconds per element, which made them almost half as expens
 matrix product at k = 101; the compiled call does the same selection, in the same order, in a
 fraction of that (docs/benchmarks_retrieval.md). Its re-scored dot products may round differently
 from XLA's batched dot in the last bit; nothing else differs. ``use_native=False`` (or
-``DMLJAX_NATIVE=0``) keeps everything in XLA; GPU and TPU always use the XLA path.
+``DMLJAX_NATIVE=0``) keeps everything in XLA; GPU and TPU always use the XLA path. The compiled
+call spreads a block's query rows over XLA's intra-op thread pool, with as many threads as the
+mesh has cores per device (``DMLJAX_NATIVE_THREADS`` sets it); with more than one, a second
+compiled call also writes each reference block's group maxima into the buffer in place over the
+pool (XLA's own update runs on one thread). The matrix product and its group maxima are one fused
+XLA kernel on the pool anyway, so with JAX's default single CPU device no step of the search keeps
+one core busy while the others idle.
+
+Inputs are checked (:func:`prepare_embeddings`): NaN/inf values, and rows whose squared norm
+could make a float32 score overflow, are rejected with the row and the fix. Should non-finite
+scores still arise, both selection paths rank them last, never return a query as its own
+neighbour and never return a padding index.
 
 Memory is ``O(query_block * (N / group + ref_block + k * group * D))`` per device, whatever the
 number of queries. Query blocks are sharded over the devices of a mesh (``jax.shard_map``);
 references are replicated. Each block's arithmetic does not depend on how many devices there are,
-so results are identical on 1 and on 8 devices. On a CPU host, one XLA device per core
-(:func:`use_cpu_cores_as_devices`) lets the selections of two blocks run side by side.
+so results are identical on 1 and on 8 devices. On a CPU host the default single device is within
+about 10 % of one XLA device per core (:func:`use_cpu_cores_as_devices`), since the compiled
+calls use the thread pool (docs/benchmarks_retrieval.md).
 """
 from __future__ import annotations
 
@@ -97,11 +109,13 @@ def auto_blocks(num_refs: int, k: int, query_block=None, group=None, ref_block=R
 def use_cpu_cores_as_devices(num: Optional[int] = None) -> bool:
   """Asks XLA's CPU backend for one device per core; call it right after ``import jax``.
 
-  The search shards query blocks over the devices of the mesh. On a CPU, XLA runs a matrix
-  product on all cores but a device's top-k selections and gathers on one thread, so with the
-  default single CPU device one core idles through them; with a device per core they run side by
-  side (on the 2-core benchmark machine the SOP-sized evaluation takes a quarter to a third less
-  time: docs/benchmarks_retrieval.md). Results do not depend on the number of devices.
+  The search shards query blocks over the devices of the mesh. With the compiled CPU kernels
+  (:mod:`dmljax.kernels.native`) the default single CPU device is about as fast: every step of
+  the search then uses XLA's thread pool (on the 2-core benchmark machine the SOP-sized
+  evaluation took 9.7-10.3 s on one device against 8.9-10.0 s with a device per core, and
+  11.9-12.5 s on one device before: docs/benchmarks_retrieval.md), so nobody needs to call this.
+  With the pure XLA path (``DMLJAX_NATIVE=0``) XLA's top-k and gathers run on one thread per
+  device, and a device per core still helps. Results do not depend on the number of devices.
   ``python -m dmljax.evaluate`` calls this; library users may do the same, or set
   ``jax.config.update("jax_num_cpu_devices", n)`` themselves.
 
@@ -135,11 +149,19 @@ class KNNResult(NamedTuple):
   indices: np.ndarray
 
 
+#: Largest squared row norm accepted (2^126, a norm of about 9.2e18). A score is
+#: ``q.r - |r|^2 / 2``, at most ``|q| |r| + |r|^2 / 2`` in size (as is every partial sum of the
+#: dot product), so under this bound no score, and no intermediate of one, overflows float32
+#: (max ~3.4e38 = 2^128); above it, scores can become inf or NaN and the ranking is meaningless.
+MAX_SQUARED_NORM = 2.0 ** 126
+
+
 def prepare_embeddings(x, name: str = "embeddings") -> np.ndarray:
   """Converts numpy/jax float32 or bfloat16 embeddings to a checked float32 ``[N, D]`` array.
 
   Raises:
-    ValueError: if the array is not 2-D, is empty, or holds NaN or infinite values.
+    ValueError: if the array is not 2-D, is empty, holds NaN or infinite values, or has rows so
+      large that the kNN's float32 scores would overflow (squared norm >= ``MAX_SQUARED_NORM``).
   """
   x = np.asarray(x)
   if x.ndim != 2:
@@ -154,7 +176,27 @@ def prepare_embeddings(x, name: str = "embeddings") -> np.ndarray:
     raise ValueError(
         f"{name} has {int(bad.sum())} row(s) with NaN or infinite values (first: row "
         f"{int(np.argmax(bad))}); fix or drop them before evaluating.")
+  _check_norms(x, name)
   return x
+
+
+def _check_norms(x: np.ndarray, name: str) -> None:
+  """Raises if a row's squared norm reaches ``MAX_SQUARED_NORM`` (computed in float64)."""
+  amax = float(np.abs(x).max())
+  if amax * amax * x.shape[1] < MAX_SQUARED_NORM:  # the common case: no row can be that large
+    return
+  sq = np.empty(x.shape[0], np.float64)
+  for i in range(0, x.shape[0], 8192):  # float64 copies of a few rows at a time
+    c = x[i:i + 8192].astype(np.float64)
+    sq[i:i + 8192] = np.einsum("nd,nd->n", c, c)
+  worst = int(np.argmax(sq))
+  if sq[worst] >= MAX_SQUARED_NORM:
+    raise ValueError(
+        f"{name} are too large for float32 distance arithmetic: row {worst} has norm "
+        f"{np.sqrt(sq[worst]):.3g} ({int((sq >= MAX_SQUARED_NORM).sum())} row(s) with a norm "
+        f"of 2^63 = {np.sqrt(MAX_SQUARED_NORM):.3g} or more), and squared norms or dot products "
+        f"that large overflow. Normalise the embeddings (e.g. to unit L2 norm) or rescale them "
+        f"(multiply all by one small factor; the neighbours do not change).")
 
 
 def flat_mesh(mesh: Optional[Mesh]) -> Mesh:
@@ -202,7 +244,21 @@ def _query_layout(num_queries: int, query_block: int, num_devices: int) -> tuple
 # ----------------------------------------------------------------------------- top-k kernel
 
 
-def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self, use_native):
+def _worst_to_lowest(x):
+  """NaN (of either sign) and -inf become the lowest finite float32.
+
+  Checked inputs (:func:`prepare_embeddings`) give finite scores for real references and -inf
+  for padding ones, so for them this changes no order. Should scores ever overflow, NaN would
+  otherwise rank anywhere in ``top_k`` (+NaN first, -NaN, what ``inf - inf`` gives on x86, last)
+  and padding or the query itself (-inf) could be picked over real references; with this, equal
+  lowest scores go by index, real references first, and the query's -inf is strictly last.
+  """
+  lowest = jnp.finfo(jnp.float32).min
+  return jnp.where(x >= lowest, x, lowest)
+
+
+def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self, use_native,
+                 native_threads=0):
   """Top-k of every query of this device's blocks. qa: [nb, qb, Da], qidx: [nb, qb]."""
   n_pad = ra.shape[0]
   num_groups_per_block = ref_block // group
@@ -217,6 +273,17 @@ def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self, use_native)
       r = jax.lax.dynamic_slice_in_dim(ra, j * ref_block, ref_block)
       s = jnp.dot(q, r.T, precision=jax.lax.Precision.HIGHEST)
       g = s.reshape(qb, num_groups_per_block, group).max(axis=2)
+      if use_native and native_threads > 1:
+        # In place, rows over the thread pool: XLA's own in-place update of the buffer runs on
+        # one thread and, with one CPU device, cost ~10% of the scan. (The compiled selection
+        # ranks NaN as -inf itself; with one device per core XLA's update overlaps the other
+        # devices' work and stays.)
+        offset = jnp.reshape(j * num_groups_per_block, (1,)).astype(jnp.int32)
+        return jax.ffi.ffi_call(native.PUT_COLUMNS, jax.ShapeDtypeStruct(gmax.shape, gmax.dtype),
+                                input_output_aliases={0: 0})(
+                                    gmax, g, offset, max_threads=np.int64(native_threads))
+      if not use_native:
+        g = _worst_to_lowest(g)
       return jax.lax.dynamic_update_slice_in_dim(gmax, g, j * num_groups_per_block, axis=1)
 
     gmax = jax.lax.fori_loop(0, n_pad // ref_block, scan_refs,
@@ -226,13 +293,14 @@ def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self, use_native)
                    jax.ShapeDtypeStruct((qb, k), jnp.int32))
       return jax.ffi.ffi_call(native.KNN_SELECT, out_types)(
           q, qi, gmax, ra, k=np.int64(k), group=np.int64(group),
-          exclude_self=np.int64(exclude_self))
+          exclude_self=np.int64(exclude_self), max_threads=np.int64(native_threads))
     _, best_groups = jax.lax.top_k(gmax, kg)
     # Candidates in increasing reference index, so that the stable top_k below breaks ties by index.
     best_groups = jnp.sort(best_groups, axis=1)
     cand = (best_groups[:, :, None] * group + jnp.arange(group)).reshape(qb, kg * group)
-    scores = jnp.einsum("qd,qcd->qc", q, ra[cand], precision=jax.lax.Precision.HIGHEST)
-    if exclude_self:
+    scores = _worst_to_lowest(
+        jnp.einsum("qd,qcd->qc", q, ra[cand], precision=jax.lax.Precision.HIGHEST))
+    if exclude_self:  # below every other candidate, whatever its score
       scores = jnp.where(cand == qi[:, None], -jnp.inf, scores)
     top, pos = jax.lax.top_k(scores, k)
     return top, jnp.take_along_axis(cand, pos, axis=1)
@@ -242,9 +310,10 @@ def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self, use_native)
 
 @functools.lru_cache(maxsize=64)
 def _topk_fn(mesh: Mesh, k: int, ref_block: int, group: int, exclude_self: bool,
-             use_native: bool):
+             use_native: bool, native_threads: int = 0):
   body = functools.partial(_topk_blocks, k=k, ref_block=ref_block, group=group,
-                           exclude_self=exclude_self, use_native=use_native)
+                           exclude_self=exclude_self, use_native=use_native,
+                           native_threads=native_threads)
   return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("q"), P("q"), P()),
                                out_specs=(P("q"), P("q")), check_vma=False))
 
@@ -263,6 +332,20 @@ def _resolve_native(use_native: Optional[bool], mesh: Mesh) -> bool:
     raise RuntimeError(f"use_native=True but the compiled kNN kernel is unavailable: "
                        f"{native.error() or 'disabled by DMLJAX_NATIVE=0'}")
   return True
+
+
+def _cpu_count() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
+def _native_threads(num_devices: int) -> int:
+  """Threads of one compiled selection call: ``$DMLJAX_NATIVE_THREADS`` if set, else the cores
+  per device of the mesh (with one CPU device per core, each device's call stays on its own
+  thread, as the devices already keep every core busy)."""
+  return native.max_threads() or max(1, _cpu_count() // max(1, num_devices))
 
 
 def _check_blocks(query_block: int, ref_block: int, group: int):
@@ -295,7 +378,9 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
     A :class:`KNNResult`; ties are broken by the smaller reference index.
 
   Raises:
-    ValueError: on bad shapes, NaN/inf values, or ``k`` larger than the references.
+    ValueError: on bad shapes, NaN/inf values, rows whose squared norm would overflow float32
+      scores (:data:`MAX_SQUARED_NORM`: normalise or rescale), or ``k`` larger than the
+      references.
     RuntimeError: ``use_native=True`` on non-CPU devices or when the kernel cannot be built.
   """
   q = prepare_embeddings(queries, "queries")
@@ -324,7 +409,9 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
   rows, _ = _query_layout(q.shape[0], query_block, mesh.size)
   qa = _augment_queries(q, rows).reshape(-1, query_block, q.shape[1] + 1)
   qidx = np.arange(rows, dtype=np.int32).reshape(-1, query_block)
-  fn = _topk_fn(mesh, int(k), ref_block, group, same, _resolve_native(use_native, mesh))
+  native_on = _resolve_native(use_native, mesh)
+  fn = _topk_fn(mesh, int(k), ref_block, group, same, native_on,
+                _native_threads(mesh.size) if native_on else 0)
   top, idx = fn(qa, qidx, ra)
   top = np.asarray(top).reshape(rows, k)[:q.shape[0]]
   idx = np.asarray(idx).reshape(rows, k)[:q.shape[0]]
