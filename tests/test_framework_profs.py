@@ -429,20 +429,6 @@ def _ref_hncm_classes_table(seed, step, table, k):
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  """One persistent compilation cache for the module's runs (the resumed runs reuse the
-  executables of the first one)."""
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in names}
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield path
-  for k, v in old.items():
-    jax.config.update(k, v)
 
 
 def _e2e_config():

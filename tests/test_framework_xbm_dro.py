@@ -28,22 +28,12 @@ from dmljax.configs import base_config, shrink
 CONFIGS = ("glyphs_xbm", "glyphs_xbm_c1", "glyphs_dro_topk", "glyphs_dro_kl")
 VARIANTS = {"glyphs_xbm": ("",), "glyphs_xbm_c1": ("",), "glyphs_dro_topk": ("", "pn"),
             "glyphs_dro_kl": ("", "exact", "grouped")}
-_CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                "jax_persistent_cache_min_entry_size_bytes")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-  """A persistent compilation cache for this module: runs of the same model (the resumed run,
-  the configs' model initialisation and evaluation) reuse executables instead of compiling."""
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  old = {k: getattr(jax.config, k) for k in _CACHE_FLAGS}
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield path
-  for k, v in old.items():
-    jax.config.update(k, v)
+
+
+# Every test of the module shares the compilation cache (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 def _final(result):

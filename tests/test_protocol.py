@@ -249,20 +249,6 @@ def test_different_test_labels_are_an_error(tmp_path, monkeypatch):
 # ============================================================================= real runs
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  """A persistent compilation cache for this module's runs: folds 1-3 and the resumed runs reuse
-  the executables compiled for the first fold."""
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in names}
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield path
-  for k, v in old.items():
-    jax.config.update(k, v)
 
 
 def _cli(workdir, *extra):

@@ -34,23 +34,8 @@ def _config(**extra):
   return c
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  """A persistent compilation cache shared by the runs of this module (in-process and CLI): the
-  resumed runs reuse the executables of the reference run instead of compiling again."""
-  import jax  # pylint: disable=g-import-not-at-top
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  old = {k: getattr(jax.config, k) for k in _CACHE_FLAGS}
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield path
-  for k, v in old.items():
-    jax.config.update(k, v)
 
 
-_CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                "jax_persistent_cache_min_entry_size_bytes")
 
 
 @pytest.fixture(scope="module")
