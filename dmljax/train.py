@@ -144,6 +144,10 @@ def make_train_step(model, framework, tx) -> tuple[Callable, list]:
 
   def train_step(state, images, labels, extras):
     traces[0] += 1
+    extras = dict(extras)
+    # Each process's rows carry its own SIGTERM flag; their OR comes back in the metrics, so all
+    # processes read the same agreed value (see ``PREEMPT_KEY``).
+    preempt = extras.pop(PREEMPT_KEY, None)
     rng = jax.random.fold_in(state.rng, state.step)
     images = _prepare_images(images)
     has_bs = bool(state.batch_stats)
@@ -173,6 +177,8 @@ def make_train_step(model, framework, tx) -> tuple[Callable, list]:
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    nonfinite_steps=tracker["nonfinite_steps"],
                    nonfinite_streak=tracker["nonfinite_streak"])
+    if preempt is not None:
+      metrics[PREEMPT_KEY] = jnp.any(preempt)
     stepped = framework.after_update(state, state.replace(
         step=state.step + 1, params=params, batch_stats=new_bs, opt_state=opt_state,
         framework=fstate))
@@ -180,6 +186,14 @@ def make_train_step(model, framework, tx) -> tuple[Callable, list]:
     return new_state, metrics
 
   return train_step, traces
+
+
+#: The extras key of the per-row preemption flag (the trainer adds it; frameworks never see it).
+#: Preemption is agreed through the train step itself: every process puts its own SIGTERM flag
+#: in its rows of the global batch, the step returns their OR, and every process reads that
+#: result one step later (when it also reads the step's health), so all processes decide to save
+#: at the same step and enter the collective save together, without an extra collective.
+PREEMPT_KEY = "_preempt"
 
 
 def _all_finite(tree) -> jax.Array:
@@ -673,15 +687,19 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     while not host["done"] and step < config.total_steps:
       idx, extras = framework.sample(sampler, state, step, pi, pc)
       idx = np.asarray(idx)
+      extras = dict(extras, **{PREEMPT_KEY: np.full(len(idx), preempt.is_set)})
       images, labels, extras = parallel.global_batch(
           (data.train_images[idx], data.train_labels[idx].astype(np.int32), extras), mesh)
       state, last = train_step(state, images, labels, extras)
       step += 1
       t_steps += 1
       evaluator.step = step
-      # The previous step's health, read while this one runs (no stall of the pipeline).
+      # The previous step's health and the agreed preemption flag, read while this step runs
+      # (no stall of the pipeline); every process reads the same values.
+      preempted = False
       if pending is not None:
         _check_finite(config, pending, step - 1, checkpointer, workdir)
+        preempted = bool(parallel.to_host(pending[PREEMPT_KEY]))
       pending = last
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
@@ -698,10 +716,13 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         host["done"] = bool(stop or step >= config.total_steps)
         t0, t_steps = time.time(), 0  # steps/s counts training only
 
-      if preempt.is_set:
+      if preempted:
+        # Every process gets here at the same step (the flag is the OR over processes of the
+        # previous step's input), so all of them write this step together and exit.
         host["step"] = step
         save(step)
-        logging.warning("Signal %s received: saved step %d, exiting.", preempt.received, step)
+        logging.warning("Preemption (signal %s on this or another process): saved step %d, "
+                        "exiting.", preempt.received, step)
         close()
         return {"preempted": True, "step": step}
       if (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0

@@ -447,8 +447,9 @@ def _e2e_config():
 
 
 class _StopFlag:
-  """Stands in for the trainer's SIGTERM flag: set once the batch of ``STOP - 1`` is drawn, so
-  the run saves a checkpoint after step ``STOP`` and returns."""
+  """Stands in for the trainer's SIGTERM flag: set once the batch of step ``STOP - 1`` (index
+  ``STOP - 2``) is drawn; the trainer reads the agreed flag one step later, so the run saves a
+  checkpoint after step ``STOP`` and returns."""
   stop_after = None
   received = "test"
 
@@ -463,7 +464,7 @@ class _StopFlag:
 
   @property
   def is_set(self):
-    return _StopFlag.stop_after is not None and _DRAWN[-1] >= _StopFlag.stop_after - 1
+    return _StopFlag.stop_after is not None and _DRAWN[-1] >= _StopFlag.stop_after - 2
 
 
 _DRAWN = [-1]

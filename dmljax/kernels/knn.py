@@ -66,7 +66,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dmljax.kernels import native
 
@@ -318,6 +318,29 @@ def _topk_fn(mesh: Mesh, k: int, ref_block: int, group: int, exclude_self: bool,
                                out_specs=(P("q"), P("q")), check_vma=False))
 
 
+def _global_inputs(mesh: Mesh, *arrays_and_specs):
+  """The kernels' numpy inputs as arrays on ``mesh``.
+
+  One process: the numpy arrays as they are (jit places them). Several processes (the mesh
+  spans hosts): every process holds the same numpy arrays (the embeddings, gathered once) and
+  builds the global array from its own devices' slices, so each device receives only its query
+  blocks; the references are replicated and streamed block by block inside each device.
+  """
+  if jax.process_count() == 1:
+    return [a for a, _ in arrays_and_specs]
+  return [jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec),
+                                       lambda index, a=a: a[index])
+          for a, spec in arrays_and_specs]
+
+
+def _gather(x) -> np.ndarray:
+  """Numpy value of a kernel output; across processes only the ``[Q, k]`` results travel."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _resolve_native(use_native: Optional[bool], mesh: Mesh) -> bool:
   """Whether the kNN uses the compiled CPU selection (see :func:`knn`)."""
   on_cpu = all(d.platform == "cpu" for d in np.asarray(mesh.devices).reshape(-1))
@@ -412,9 +435,9 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
   native_on = _resolve_native(use_native, mesh)
   fn = _topk_fn(mesh, int(k), ref_block, group, same, native_on,
                 _native_threads(mesh.size) if native_on else 0)
-  top, idx = fn(qa, qidx, ra)
-  top = np.asarray(top).reshape(rows, k)[:q.shape[0]]
-  idx = np.asarray(idx).reshape(rows, k)[:q.shape[0]]
+  top, idx = fn(*_global_inputs(mesh, (qa, P("q")), (qidx, P("q")), (ra, P())))
+  top = _gather(top).reshape(rows, k)[:q.shape[0]]
+  idx = _gather(idx).reshape(rows, k)[:q.shape[0]]
   sq = np.einsum("nd,nd->n", q.astype(np.float64), q)
   dist = np.maximum(sq[:, None] - 2.0 * top.astype(np.float64), 0.0).astype(np.float32)
   return KNNResult(dist, idx.astype(np.int32))
@@ -514,5 +537,6 @@ def first_relevant_rank(queries: np.ndarray, query_labels: np.ndarray, query_ids
   ql = _pad_rows(np.asarray(query_labels, np.int32), rows, -2).reshape(-1, query_block)
   ra = _augment_refs(references, ref_block, min_rows=1)
   rl = _pad_rows(np.asarray(ref_labels, np.int32), ra.shape[0], -1)
-  out = _first_rank_fn(mesh, ref_block, same_set)(qa, qi, ql, ra, rl)
-  return np.asarray(out).reshape(rows)[:nq].astype(np.int64)
+  out = _first_rank_fn(mesh, ref_block, same_set)(*_global_inputs(
+      mesh, (qa, P("q")), (qi, P("q")), (ql, P("q")), (ra, P()), (rl, P())))
+  return _gather(out).reshape(rows)[:nq].astype(np.int64)
