@@ -22,6 +22,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = "train"
   c.dataset.val_split = "val"
   c.dataset.test_split = "test"
+  # Prepared benchmark data sets (cub, cars, sop, inshop): the TFDS folder they were prepared
+  # into ("" = $TFDS_DATA_DIR, else ~/tensorflow_datasets); a gs:// path works too.
+  c.dataset.data_dir = ""
+
+  # The host input pipeline (dmljax.data.pipeline). Images are uint8 on the host; the backbone
+  # normalises them on device. Records (the benchmark data sets) are decoded and augmented as in
+  # the protocol: train = random resized crop to `size` (area `scale`, aspect `ratio`) + flip,
+  # eval = shorter side to `resize`, centre crop `size`. The embedded arrays (digits, glyphs) go
+  # through the same pipeline unchanged (no augmentation).
+  c.input = ml_collections.ConfigDict()
+  c.input.size = 227                 # 224 for the ResNet tables
+  c.input.resize = 256
+  c.input.scale = (0.16, 1.0)
+  c.input.ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.input.flip = True
+  c.input.crop_to_bbox = False       # CUB / Cars: crop to the bounding box first
+  c.input.augment = True             # records only: False trains on the eval transform
+  c.input.num_workers = -1           # decode processes; -1 = min(8, CPU cores) for records, 0 arrays
+  c.input.prefetch = 4               # batches decoded ahead of the step
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "small_cnn"
@@ -29,6 +48,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.convs_per_block = 1
   c.model.embedding_dim = 64
   c.model.normalization = "bounded"  # CCP's x / max(1, ||x||)
+  # small_cnn | resnet_v2_20 (from scratch) | bn_inception | googlenet | resnet50 (ImageNet
+  # weights imported from the PyTorch file in `pretrained`; see docs/backbones.md).
+  c.model.pretrained = ""            # path of the .pth file ("" = random initialisation)
+  c.model.pooling = "avg"            # avg | max | avg+max | gem (MPA: gem, p = 3)
+  c.model.gem_p = 3.0
+  c.model.freeze_bn = "none"         # none | stats (running statistics fixed) | stats_and_affine
+  c.model.embedding_bn = False       # BatchNorm on the embedding layer's output
+  c.model.dtype = "float32"          # float32 | bfloat16 (compute; params, BN stats, losses f32)
+  c.model.remat = False              # rematerialise the trunk per block (large batches)
 
   c.framework = "ccp"
   c.loss = ml_collections.ConfigDict()
@@ -42,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict()
   c.sampler.name = "m_per_class"
   c.sampler.m = 4                    # samples per class in a batch (CCP: 8 classes x 4)
+  # Classes with fewer than m images (SOP: 2-12, In-shop: 1-2 per class): "error" refuses them,
+  # "repeat" fills their m rows by cycling through their images (as PML's sampler does).
+  c.sampler.small_classes = "error"
   c.batch_size = 32
 
   c.optim = ml_collections.ConfigDict()

@@ -5,6 +5,12 @@ error instead of a silently ignored setting. An existing checkpoint in ``--workd
 if the config changed in a way that breaks exact resumption the run refuses, naming the keys,
 unless ``--allow_config_change`` is given. Errors are one line on stderr and a non-zero exit
 (``--verbose`` or ``DMLJAX_VERBOSE=1`` shows the traceback).
+
+Several processes (docs/multihost.md): under SLURM (``srun``) and on multi-host Cloud TPU slices
+``jax.distributed`` is initialised by itself; elsewhere give every process
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or the variables
+``DMLJAX_COORDINATOR_ADDRESS``, ``DMLJAX_NUM_PROCESSES``, ``DMLJAX_PROCESS_ID``). All processes
+share one ``--workdir``; only process 0 writes the logs and metrics. See :mod:`dmljax.distributed`.
 """
 import sys
 
@@ -14,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from dmljax import cli
+from dmljax import distributed
 
 PROG = "python -m dmljax.main"
 
@@ -25,6 +32,25 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Resume a run whose config differs from its checkpoint's, continuing with the new values.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks with error messages.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process runs: HOST:PORT of process 0's coordinator, the same for every process "
+    f"(default ${distributed.ENV_COORDINATOR}; detected under SLURM and on TPU slices).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None,
+    f"Multi-process runs: total number of processes (default ${distributed.ENV_NUM_PROCESSES}).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None,
+    f"Multi-process runs: this process's index, 0..num_processes-1 (default "
+    f"${distributed.ENV_PROCESS_ID}).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_string(
+    "local_device_ids", None,
+    "Multi-process runs: comma-separated local devices of this process (default "
+    f"${distributed.ENV_LOCAL_DEVICE_IDS}, else all it sees).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", None, list(distributed.MODES),
+    "When to initialise jax.distributed: auto (several processes given or detected), on "
+    f"(always, jax detects the cluster), off (never). Default ${distributed.ENV_MODE}, else auto.")
 
 
 def _parse_flags(argv):
@@ -52,6 +78,9 @@ def main(argv):
     sys.exit(cli.report(PROG, ValueError(f"unexpected arguments: {argv[1:]}")))
   try:
     config = _CONFIG.value  # a config file that fails to load raises here
+    # Before anything touches a JAX backend (train's import and everything after it).
+    distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                 _LOCAL_DEVICE_IDS.value, mode=_DISTRIBUTED.value)
     from dmljax import train  # pylint: disable=g-import-not-at-top  (after flag parsing: XLA flags)
     logging.set_verbosity(logging.WARNING)
     result = train.train_and_evaluate(config, _WORKDIR.value,

@@ -41,10 +41,28 @@ def weight_decay_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def scale_by_group(multipliers: dict[str, float]) -> optax.GradientTransformation:
-  """Multiplies the updates of top-level group ``g`` by ``multipliers[g]`` (default 1).
+#: Sub-groups of the ``model`` group that ``lr_multipliers`` may name: the embedding layer
+#: (Flax modules ``head`` / ``head_bn``) and everything else of the model (the trunk).
+MODEL_SUBGROUPS = ("head", "trunk")
 
-  Works from the update tree's paths, so no params are needed and the state is empty.
+
+def _group_of(keys: tuple[str, ...], multipliers: dict[str, float]) -> str:
+  """The multiplier key that applies to a leaf: ``head`` / ``trunk`` inside the model when the
+  multipliers name them, else the top-level group."""
+  if keys and keys[0] == "model":
+    sub = "head" if any(k in ("head", "head_bn") for k in keys[1:]) else "trunk"
+    if sub in multipliers:
+      return sub
+  return keys[0] if keys else ""
+
+
+def scale_by_group(multipliers: dict[str, float]) -> optax.GradientTransformation:
+  """Multiplies the updates of group ``g`` by ``multipliers[g]`` (default 1).
+
+  Groups are the top-level keys of the params (``model``, ``proxies``, ...) and, inside
+  ``model``, ``head`` (the embedding layer) and ``trunk`` (the rest), which take precedence over
+  ``model`` (PROFS trains the embedding layer at 10x: ``{"head": 10}``). Works from the update
+  tree's paths, so no params are needed and the state is empty.
   """
   multipliers = {str(k): float(v) for k, v in dict(multipliers).items()}
 
@@ -55,7 +73,7 @@ def scale_by_group(multipliers: dict[str, float]) -> optax.GradientTransformatio
   def update_fn(updates, state, params=None):
     del params
     def scale(path, u):
-      m = multipliers.get(_path_keys(path)[0], 1.0) if path else 1.0
+      m = multipliers.get(_group_of(_path_keys(path), multipliers), 1.0) if path else 1.0
       return u if m == 1.0 else u * jnp.asarray(m, u.dtype)
     return jax.tree_util.tree_map_with_path(scale, updates), state
 

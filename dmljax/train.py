@@ -59,31 +59,107 @@ BASELINES = ("untrained", "pixels")
 
 @dataclasses.dataclass
 class Input:
-  """The splits of a run (images and labels as numpy) and the training classes."""
+  """The splits of a run, the training classes and how their images are read.
+
+  ``split.images`` is a uint8 array ``[N, H, W, C]`` (the embedded data sets) or a record source
+  (the prepared benchmark data sets); ``test`` may be a :class:`~dmljax.data.QueryGallery`
+  (In-shop). ``image_shape`` is what the model sees after the transforms; ``train_transform``
+  and ``eval_transform`` are the pipeline's :class:`~dmljax.data.transforms.TransformConfig`.
+  """
   train: Any
   val: Any
   test: Any
-  train_images: np.ndarray
   train_labels: np.ndarray
   num_classes: int
+  image_shape: tuple
+  train_transform: Any
+  eval_transform: Any
+
+  @property
+  def train_images(self):
+    """The training split's image source (array or records)."""
+    return self.train.images
 
   def split(self, name: str):
     return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
+def _uint8_split(split):
+  """An embedded split with uint8 images (float images in [0, 1] are rounded to 1/255)."""
+  from dmljax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+  if isinstance(split, splits_lib.QueryGallery):
+    return splits_lib.QueryGallery(_uint8_split(split.query), _uint8_split(split.gallery))
+  images = split.images
+  if not isinstance(images, np.ndarray) or images.dtype == np.uint8:
+    return split
+  images = np.clip(np.rint(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
+  return dataclasses.replace(split, images=images)
+
+
+def input_transforms(config, records: bool):
+  """``(train, eval)`` transform configs: the protocol's for records, none for arrays."""
+  from dmljax.data import transforms  # pylint: disable=g-import-not-at-top
+  ic = config.input
+  opts = dict(size=int(ic.size), resize=int(ic.resize), scale=tuple(ic.scale),
+              ratio=tuple(ic.ratio), flip=bool(ic.flip), crop_to_bbox=bool(ic.crop_to_bbox))
+  try:
+    if not records:
+      return transforms.TransformConfig(kind="none"), transforms.TransformConfig(kind="none")
+    return (transforms.TransformConfig(kind="train" if ic.augment else "eval", **opts),
+            transforms.TransformConfig(kind="eval", **opts))
+  except ValueError as e:
+    raise ValueError(f"{e} (set it with --config.input.<key>)") from None
+
+
 def create_input(config) -> Input:
   """Loads ``config.dataset`` and picks its train / val / test splits (ValueError if absent)."""
-  from dmljax.data import load_dataset  # pylint: disable=g-import-not-at-top
+  from dmljax.data import load_dataset, real  # pylint: disable=g-import-not-at-top
   dc = config.dataset
-  ds = load_dataset(dc.name, seed=dc.seed, cache_dir=dc.cache_dir or None, **dict(dc.options))
+  options = dict(dc.options)
+  if dc.name in real.REAL_DATASETS:
+    options.setdefault("data_dir", dc.get("data_dir", "") or None)
+  ds = load_dataset(dc.name, seed=dc.seed, cache_dir=dc.cache_dir or None, **options)
   for s in (dc.train_split, dc.val_split, dc.test_split):
     if s not in ds.splits:
       raise ValueError(f"Data set {dc.name!r} has no split {s!r}; splits: {sorted(ds.splits)}.")
-  train = ds.splits[dc.train_split]
+  train, val, test = (_uint8_split(ds.splits[s])
+                      for s in (dc.train_split, dc.val_split, dc.test_split))
   labels = np.asarray(train.labels)
-  return Input(train=train, val=ds.splits[dc.val_split], test=ds.splits[dc.test_split],
-               train_images=np.asarray(train.images), train_labels=labels,
-               num_classes=int(np.max(labels)) + 1 if len(labels) else 0)
+  records = not isinstance(train.images, np.ndarray)
+  train_tf, eval_tf = input_transforms(config, records)
+  shape = ((eval_tf.size, eval_tf.size, 3) if records else tuple(train.images.shape[1:]))
+  return Input(train=train, val=val, test=test, train_labels=labels,
+               num_classes=int(np.max(labels)) + 1 if len(labels) else 0, image_shape=shape,
+               train_transform=train_tf, eval_transform=eval_tf)
+
+
+def input_workers(config, data: Input) -> int:
+  """Decode processes: ``config.input.num_workers``, or (-1) up to 8 for records, 0 for arrays."""
+  n = int(config.input.num_workers)
+  if n >= 0:
+    return n
+  if isinstance(data.train_images, np.ndarray):
+    return 0
+  return max(1, min(8, (os.cpu_count() or 2)))
+
+
+def make_train_loader(config, data: Input, framework, sampler, start_step: int):
+  """The training input pipeline from ``start_step`` (a :class:`~dmljax.data.pipeline.BatchLoader`).
+
+  Frameworks whose batches are a pure function of the step (``framework.sample_uses_state`` is
+  False) have their batches decoded ahead in worker processes; the others (PROFS with hard
+  negative class mining picks classes from the train state) decode each batch when it is drawn.
+  """
+  import functools  # pylint: disable=g-import-not-at-top
+  from dmljax.data import pipeline  # pylint: disable=g-import-not-at-top
+  pi, pc = jax.process_index(), jax.process_count()
+  fn = None
+  if not getattr(framework, "sample_uses_state", False):
+    fn = functools.partial(sampler.batch, process_index=pi, process_count=pc)
+  return pipeline.BatchLoader(
+      data.train_images, data.train_transform, config.seed, fn, start_step=start_step,
+      num_workers=input_workers(config, data) if fn is not None else 0,
+      prefetch=max(1, int(config.input.prefetch)), process_index=pi, process_count=pc)
 
 
 def make_sampler(config, framework, labels):
@@ -98,7 +174,8 @@ def make_sampler(config, framework, labels):
                      "(set --config.sampler.name).")
   if sc.name == "random":
     return samplers.RandomSampler(labels, config.batch_size, config.seed)
-  return samplers.MPerClassSampler(labels, sc.m, config.batch_size, config.seed)
+  return samplers.MPerClassSampler(labels, sc.m, config.batch_size, config.seed,
+                                   small_classes=sc.get("small_classes", "error"))
 
 
 # ============================================================================= state
@@ -108,8 +185,12 @@ def create_state(config, model, framework, tx, data: Input) -> state_lib.TrainSt
   """The initial train state (host arrays; replicate it on the mesh)."""
   rng = jax.random.PRNGKey(config.seed)
   init_rng, fw_rng, train_rng = jax.random.split(rng, 3)
-  dummy = jnp.zeros((1,) + tuple(data.train_images.shape[1:]), data.train_images.dtype)
+  dummy = jnp.zeros((1,) + tuple(data.image_shape), jnp.uint8)
   variables = jax.jit(lambda r, x: model.init(r, _prepare_images(x), train=False))(init_rng, dummy)
+  if config.model.get("pretrained", ""):
+    # ImageNet trunk weights from the user's PyTorch file (converted once, then cached); the
+    # embedding layer keeps its initialisation. Mismatches fail here, before any step.
+    variables = models.load_pretrained(config.model, variables)
   batch_stats = variables.get("batch_stats", {})
   extra, fstate = framework.init(fw_rng, variables["params"], batch_stats)
   return state_lib.create_train_state(
@@ -121,9 +202,10 @@ def create_state(config, model, framework, tx, data: Input) -> state_lib.TrainSt
 
 
 def _prepare_images(images):
-  """uint8 images to float32 in [0, 1]; float images as given (decided on the static dtype)."""
+  """uint8 images as they are (the model normalises them as its backbone expects, on device);
+  other images as float32 (taken as already normalised)."""
   if images.dtype == jnp.uint8:
-    return images.astype(jnp.float32) / 255.0
+    return images
   return images.astype(jnp.float32)
 
 
@@ -220,24 +302,45 @@ def make_embed_fn(model, mesh):
   return jax.jit(embed, in_shardings=(rep, rep, bat), out_shardings=rep)
 
 
-def embed_images(embed_fn, mesh, model_params, batch_stats, images: np.ndarray,
-                 indices: np.ndarray, batch_size: int) -> np.ndarray:
-  """Embeds ``images[indices]`` in fixed-size batches (one compile), returns ``[N, D]`` numpy.
+def take(source, indices):
+  """The images of ``source`` at ``indices`` (an array, or a record view), for embedding."""
+  indices = np.asarray(indices, np.int64)
+  if isinstance(source, np.ndarray):
+    return source[indices]
+  return _Take(source, indices)
 
-  The last batch is padded by repeating its first index and the padding is cut off. Each process
-  feeds its own slice of every batch.
+
+class _Take:
+  """A picklable random-access view of some records of a source."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+
+def embed_source(embed_fn, mesh, model_params, batch_stats, source, transform, batch_size: int,
+                 num_workers: int = 0, prefetch: int = 2) -> np.ndarray:
+  """Embeds every image of ``source`` through the input pipeline; returns ``[N, D]`` numpy.
+
+  Fixed-size global batches (one compile; the last one padded, the padding cut off). Each process
+  reads and decodes only its own part of every batch; the embeddings, never the images, are what
+  the processes share.
   """
-  indices = np.asarray(indices)
-  n = len(indices)
-  nb = max(1, math.ceil(n / batch_size))
-  padded = np.concatenate([indices, np.full(nb * batch_size - n, indices[0] if n else 0)])
-  pc, pi = jax.process_count(), jax.process_index()
-  per = batch_size // pc
+  from dmljax.data import pipeline  # pylint: disable=g-import-not-at-top
+  n = len(source)
+  if n == 0:
+    raise ValueError("Cannot embed an empty split.")
   out = []
-  for b in range(nb):
-    chunk = padded[b * batch_size:(b + 1) * batch_size][pi * per:(pi + 1) * per]
-    x = parallel.global_batch(images[chunk], mesh)
-    out.append(parallel.to_host(embed_fn(model_params, batch_stats, x)))
+  with pipeline.eval_batches(source, transform, batch_size, jax.process_index(),
+                             jax.process_count(), num_workers, prefetch) as batches:
+    for images, _ in batches:
+      x = parallel.global_batch(images, mesh)
+      out.append(parallel.to_host(embed_fn(model_params, batch_stats, x)))
   return np.concatenate(out, axis=0)[:n]
 
 
@@ -263,31 +366,36 @@ class Evaluator:
     self.embed_fn = make_embed_fn(model, mesh)
     self.checkpointer = None  # named in the divergence message once there is one
     self.step = 0
+    self.num_workers = input_workers(config, data)
 
   def embed(self, model_params, batch_stats, images, indices=None) -> np.ndarray:
-    idx = np.arange(len(images)) if indices is None else np.asarray(indices)
-    return embed_images(self.embed_fn, self.mesh, model_params, batch_stats, images, idx,
-                        self.config.eval_batch_size)
+    """Embeddings of an image source (array or records), or of its ``indices``."""
+    source = images if indices is None else take(images, indices)
+    return embed_source(self.embed_fn, self.mesh, model_params, batch_stats, source,
+                        self.data.eval_transform, self.config.eval_batch_size,
+                        self.num_workers, max(1, int(self.config.input.prefetch)))
 
   def embed_train(self, model_params, batch_stats, indices) -> np.ndarray:
     return self.embed(model_params, batch_stats, self.data.train_images, indices)
 
-  def metrics(self, embeddings, labels) -> dict[str, float]:
-    """The configured metrics of one set of embeddings (same-set retrieval)."""
+  def metrics(self, embeddings, labels, gallery_embeddings=None,
+              gallery_labels=None) -> dict[str, float]:
+    """The configured metrics of one set of embeddings (same-set retrieval), or of queries
+    against a gallery."""
     from dmljax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
     c = self.config
     m = metrics_lib.retrieval_metrics(
-        embeddings, labels, recall_ks=tuple(c.recall_ks), precision_ks=tuple(c.precision_ks),
+        embeddings, labels, gallery_embeddings=gallery_embeddings, gallery_labels=gallery_labels,
+        recall_ks=tuple(c.recall_ks), precision_ks=tuple(c.precision_ks),
         map_ks=tuple(c.map_ks), ndcg_ks=tuple(c.ndcg_ks))
     if c.clustering:
+      if gallery_embeddings is not None:
+        embeddings = np.concatenate([embeddings, gallery_embeddings])
+        labels = np.concatenate([labels, gallery_labels])
       m.update(metrics_lib.clustering_metrics(embeddings, labels, seed=c.seed))
     return {k: float(v) for k, v in m.items()}
 
-  def evaluate(self, model_params, batch_stats, split, on_embeddings=None) -> dict[str, float]:
-    """Metrics of ``split`` (a name, ``"val"`` / ``"test"``, or a split object);
-    ``on_embeddings(embeddings, split)``, if given, sees the (finite) embeddings first."""
-    split = self.data.split(split) if isinstance(split, str) else split
-    emb = self.embed(model_params, batch_stats, np.asarray(split.images))
+  def _finite(self, emb):
     if not np.all(np.isfinite(emb)):
       # Finite losses can still leave weights that overflow in inference mode.
       bad = int(np.sum(~np.all(np.isfinite(emb), axis=1)))
@@ -295,13 +403,33 @@ class Evaluator:
           self.config, self.checkpointer,
           f"the model's embeddings of {bad} of {len(emb)} evaluation images are not finite at "
           f"step {self.step}"))
+    return emb
+
+  def evaluate(self, model_params, batch_stats, split, on_embeddings=None) -> dict[str, float]:
+    """Metrics of ``split`` (a name, ``"val"`` / ``"test"``, or a split object);
+    ``on_embeddings(embeddings, split)``, if given, sees the (finite) embeddings first (for a
+    query / gallery split: the queries' then the gallery's rows, concatenated)."""
+    from dmljax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+    split = self.data.split(split) if isinstance(split, str) else split
+    if isinstance(split, splits_lib.QueryGallery):
+      q = self._finite(self.embed(model_params, batch_stats, split.query.images))
+      g = self._finite(self.embed(model_params, batch_stats, split.gallery.images))
+      if on_embeddings is not None:
+        on_embeddings(np.concatenate([q, g]), split)
+      return self.metrics(q, np.asarray(split.query.labels), g,
+                          np.asarray(split.gallery.labels))
+    emb = self._finite(self.embed(model_params, batch_stats, split.images))
     if on_embeddings is not None:
       on_embeddings(emb, split)
     return self.metrics(emb, np.asarray(split.labels))
 
   def pixel_baseline(self) -> dict[str, float]:
     """Raw pixels, flattened and L2-normalised, on the validation and test splits."""
-    size = int(np.prod(np.shape(self.data.val.images)[1:]))
+    size = int(np.prod(self.data.image_shape))
+    if not isinstance(self.data.val.images, np.ndarray):
+      logging.warning("Pixel baseline skipped: the data set's images are records (decoded for "
+                      "the model only); remove 'pixels' from config.baselines to silence this.")
+      return {}
     if size > PIXEL_BASELINE_MAX_VALUES:
       logging.warning("Pixel baseline skipped: images of %d values (more than %d); remove "
                       "'pixels' from config.baselines to silence this.", size,
@@ -331,8 +459,9 @@ PIXEL_BASELINE_MAX_VALUES = 16384  # 128 x 128 grey; larger images: set config.b
 # count: results do not depend on it). Any other change breaks exact resumption.
 RESUME_SAFE_KEYS = ("progress", "log_every_steps", "plot_projections", "checkpoint.max_to_keep",
                     "checkpoint.save_best", "checkpoint.every_steps", "dataset.cache_dir",
-                    "max_consecutive_nonfinite", "baselines", "num_devices", "eval_batch_size")
-SAMPLER_KEYS = ("seed", "batch_size", "sampler.name", "sampler.m")
+                    "max_consecutive_nonfinite", "baselines", "num_devices", "eval_batch_size",
+                    "input.num_workers", "input.prefetch", "dataset.data_dir")
+SAMPLER_KEYS = ("seed", "batch_size", "sampler.name", "sampler.m", "sampler.small_classes")
 
 
 def config_dict(config) -> dict:
@@ -671,15 +800,24 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
   def save(step):
     if checkpointer is not None:
-      checkpointer.save(step, state, dict(host, step=step))
+      # The pipeline's state is that of this same step: the batches of steps > step are
+      # recomputed from (seed, step) on resume, whatever had been prefetched.
+      checkpointer.save(step, state, dict(host, step=step,
+                                          pipeline=_pipeline_state(step, data, config)))
+
+  loader = None
 
   def close():
     logger.close()
+    if loader is not None:
+      loader.close()
     if checkpointer is not None:
       checkpointer.close()
 
   # ------------------------------------------------------------------- loop
   step = int(host["step"])
+  loader = make_train_loader(config, data, framework, sampler, step)
+  _check_pipeline_state(host, loader, data)
   preempt = ckpt_lib.PreemptionFlag().install()
   pi, pc = jax.process_index(), jax.process_count()
   t0, t_steps, last, pending = time.time(), 0, {}, None
@@ -687,9 +825,16 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     while not host["done"] and step < config.total_steps:
       idx, extras = framework.sample(sampler, state, step, pi, pc)
       idx = np.asarray(idx)
+      if loader.batch_indices_fn is None:  # indices chosen from the state: decode them now
+        batch = loader.load(step, idx)
+      else:  # decoded ahead by the workers; the same indices by construction
+        got_step, batch, got_idx = next(loader)
+        if got_step != step or not np.array_equal(got_idx, idx):
+          raise RuntimeError(f"input pipeline out of step: it produced step {got_step}, the "
+                             f"loop is at step {step}.")
       extras = dict(extras, **{PREEMPT_KEY: np.full(len(idx), preempt.is_set)})
       images, labels, extras = parallel.global_batch(
-          (data.train_images[idx], data.train_labels[idx].astype(np.int32), extras), mesh)
+          (batch, data.train_labels[idx].astype(np.int32), extras), mesh)
       state, last = train_step(state, images, labels, extras)
       step += 1
       t_steps += 1
@@ -765,6 +910,23 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                              sort_keys=True))
   close()
   return final
+
+
+def _pipeline_state(step: int, data: Input, config) -> dict:
+  """What a checkpoint records of the input pipeline: the next batch and how batches are made."""
+  return {"next_step": int(step), "seed": int(config.seed),
+          "train_transform": data.train_transform.to_dict(),
+          "eval_transform": data.eval_transform.to_dict()}
+
+
+def _check_pipeline_state(host: dict, loader, data: Input) -> None:
+  """A resumed run's pipeline must start where the checkpoint's stopped."""
+  saved = host.get("pipeline")
+  if saved and int(saved["next_step"]) != loader.next_step:
+    raise ckpt_lib.CheckpointError(
+        f"the checkpoint's input pipeline is at step {saved['next_step']} but the train state "
+        f"at step {loader.next_step}; the checkpoint is inconsistent, restore an older step.")
+  del data
 
 
 def _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger, checkpointer):

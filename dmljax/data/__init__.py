@@ -7,18 +7,21 @@ ids. Registered names:
   * ``digits``: scikit-learn's 8x8 digits, class-disjoint (train 0-4, val 5-6, test 7-9).
   * ``digits_closed``: the same images, all classes in every split, split by image.
   * ``glyphs``: letters of three alphabets rendered from matplotlib's fonts, class-disjoint.
+  * ``cub``, ``cars``, ``sop``, ``inshop``: the benchmark data sets, once prepared with
+    ``python -m dmljax.data.prepare NAME --manual_dir=... --data_dir=...`` (:mod:`dmljax.data.real`;
+    option ``data_dir``, else ``$TFDS_DATA_DIR``); their splits hold records, not arrays.
 
 The option ``protocol_fold=k`` (any data set) replaces the data set's own split by fold ``k`` of
 the 4-fold class-disjoint protocol of Musgrave et al. (:func:`splits.protocol_fold_dataset`;
 ``python -m dmljax.protocol`` sets it through ``config.dataset.options``).
 """
-from dmljax.data import digits, glyphs, samplers, splits
+from dmljax.data import digits, glyphs, real, samplers, splits
 from dmljax.data.samplers import (ClassRepresentativeSampler, MPerClassSampler, OnePerClassSampler,
                                   profs_hold_steps)
-from dmljax.data.splits import Dataset, Split
+from dmljax.data.splits import Dataset, QueryGallery, Split
 
 __all__ = [
-    "DATASETS", "Dataset", "Split", "load_dataset", "MPerClassSampler", "OnePerClassSampler",
+    "DATASETS", "Dataset", "QueryGallery", "Split", "load_dataset", "MPerClassSampler", "OnePerClassSampler",
     "ClassRepresentativeSampler", "profs_hold_steps",
 ]
 
@@ -37,8 +40,16 @@ def _glyphs(seed, cache_dir, **options):
   return glyphs.load_glyphs(seed=seed, cache_dir=cache_dir, **options)
 
 
+def _real(name):
+  def load(seed, cache_dir, protocol_fold=None, **options):
+    del cache_dir  # the prepared records are read in place
+    return real.load_prepared(name, seed=seed, protocol_fold=protocol_fold, **options)
+  return load
+
+
 #: name -> loader(seed, cache_dir, **options).
-DATASETS = {"digits": _digits, "digits_closed": _digits_closed, "glyphs": _glyphs}
+DATASETS = {"digits": _digits, "digits_closed": _digits_closed, "glyphs": _glyphs,
+            **{name: _real(name) for name in real.REAL_DATASETS}}
 
 
 def load_dataset(name: str, *, seed: int = 0, cache_dir=None, **options) -> Dataset:
@@ -59,6 +70,8 @@ def load_dataset(name: str, *, seed: int = 0, cache_dir=None, **options) -> Data
   if name not in DATASETS:
     raise ValueError(f"Unknown data set {name!r}; valid data sets: {sorted(DATASETS)}.")
   fold = options.pop("protocol_fold", None)
+  if name in real.REAL_DATASETS:  # folds over the prepared training classes, test kept
+    options["protocol_fold"], fold = fold, None
   try:
     dataset = DATASETS[name](seed, cache_dir, **options)
   except TypeError as e:  # unexpected keyword: report it as a configuration error

