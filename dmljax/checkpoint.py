@@ -36,6 +36,7 @@ from absl import logging
 import flax
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 CORRUPT_DIRNAME = "checkpoints_corrupt"
 
@@ -91,8 +92,8 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, save_best: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.corrupt_directory = os.path.abspath(os.path.join(workdir, CORRUPT_DIRNAME))
+    self.directory = _abspath(workdir, "checkpoints")
+    self.corrupt_directory = _abspath(workdir, CORRUPT_DIRNAME)
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                         enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(self.directory, options=opts,
@@ -102,7 +103,7 @@ class Checkpointer:
       best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
                                                enable_async_checkpointing=False)
       self.best_manager = ocp.CheckpointManager(
-          os.path.abspath(os.path.join(workdir, "best")), options=best_opts)
+          _abspath(workdir, "best"), options=best_opts)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -193,16 +194,20 @@ class Checkpointer:
     src = str(ocp.step.find_step_path(self.directory, ocp.step.standard_name_format(),
                                       step=step))
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    dst = os.path.join(self.corrupt_directory, f"{step}-{stamp}")
+    corrupt = epath.Path(self.corrupt_directory)
+    dst = corrupt / f"{step}-{stamp}"
     n = 1
-    while os.path.exists(dst):
+    while dst.exists():
       n += 1
-      dst = os.path.join(self.corrupt_directory, f"{step}-{stamp}-{n}")
+      dst = corrupt / f"{step}-{stamp}-{n}"
     if jax.process_index() == 0:
-      os.makedirs(self.corrupt_directory, exist_ok=True)
-      shutil.move(src, dst)
-      with open(os.path.join(dst, "REASON.txt"), "w") as f:
-        f.write(f"{_describe(error)}\n")
+      corrupt.mkdir(parents=True, exist_ok=True)
+      if "://" in self.directory:
+        epath.Path(src).rename(dst)
+      else:
+        shutil.move(src, str(dst))
+      (dst / "REASON.txt").write_text(f"{_describe(error)}\n")
+    dst = str(dst)
     msg = (f"Checkpoint step {step} in {self.directory} is corrupt ({_describe(error)}); "
            f"moved it to {dst} and restored step {restored_step} instead.")
     logging.warning("%s", msg)
@@ -213,6 +218,13 @@ class Checkpointer:
     self.manager.close()
     if self.best_manager is not None:
       self.best_manager.close()
+
+
+def _abspath(workdir: str, name: str) -> str:
+  """``workdir/name``, absolute for a local workdir; a bucket path (``gs://...``) as it is."""
+  if "://" in str(workdir):
+    return f"{str(workdir).rstrip('/')}/{name}"
+  return os.path.abspath(os.path.join(workdir, name))
 
 
 def _describe(e: BaseException, limit: int = 300) -> str:

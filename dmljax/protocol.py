@@ -363,6 +363,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     from absl import logging  # pylint: disable=g-import-not-at-top
     logging.set_verbosity(logging.WARNING)
+    # Several processes (an srun step of several tasks, a TPU slice, DMLJAX_* variables): start
+    # jax.distributed as dmljax.main does, before anything touches a backend.
+    from dmljax import distributed  # pylint: disable=g-import-not-at-top
+    distributed.maybe_initialize()
     result = run_protocol(config, fv["workdir"].value, folds=folds,
                           allow_config_change=fv["allow_config_change"].value)
   except Exception as e:  # pylint: disable=broad-except

@@ -493,7 +493,7 @@ def config_fingerprint(cfg: dict) -> str:
 
 def _save_config(config, workdir):
   if jax.process_index() == 0:
-    _write_atomic(os.path.join(workdir, "config.json"),
+    _write_atomic(_join(workdir, "config.json"),
                   config.to_json_best_effort(indent=2, sort_keys=True))
 
 
@@ -557,24 +557,49 @@ def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factor
 # ============================================================================= host helpers
 
 
+def is_remote(path: str) -> bool:
+  """A bucket path (``gs://...``): written through ``etils.epath``, which Orbax uses too."""
+  return "://" in str(path)
+
+
+def _path(path: str):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path)
+
+
+def _join(*parts: str) -> str:
+  return "/".join([parts[0].rstrip("/")] + list(parts[1:])) if is_remote(parts[0]) else \
+      os.path.join(*parts)
+
+
+def _makedirs(path: str) -> None:
+  if is_remote(path):
+    _path(path).mkdir(parents=True, exist_ok=True)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
 def read_jsonl(path: str) -> list[dict]:
   """The records of a ``metrics.jsonl``; a partial or garbled line (a run killed mid-write) is
   dropped, never an error."""
   out = []
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(rec, dict):
-        out.append(rec)
+  text = _path(path).read_text() if is_remote(path) else open(path).read()
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(rec, dict):
+      out.append(rec)
   return out
 
 
 def _write_atomic(path: str, text: str) -> None:
+  if is_remote(path):  # an object store replaces an object whole: no temporary name needed
+    _path(path).write_text(text)
+    return
   tmp = f"{path}.tmp.{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
@@ -583,24 +608,45 @@ def _write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def _exists(path: str) -> bool:
+  return _path(path).exists() if is_remote(path) else os.path.exists(path)
+
+
 class _Logger:
-  """metrics.jsonl + TensorBoard (process 0 only)."""
+  """metrics.jsonl + TensorBoard (process 0 only).
+
+  Local workdirs append to ``metrics.jsonl``; bucket workdirs (``gs://``), where objects cannot
+  be appended to, rewrite it whole at each log call. TensorBoard writes to the workdir where
+  tensorboardX can (a bucket needs ``google-cloud-storage``), else to a local folder it names.
+  """
 
   def __init__(self, workdir: str, resume_step: int | None):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = _join(workdir, "metrics.jsonl")
+    self.remote = is_remote(workdir)
     self.writer = None
+    self.lines: list[str] = []
     if not self.active:
       return
-    if resume_step is not None and os.path.exists(self.path):
+    if resume_step is not None and _exists(self.path):
       # Drop lines written after the checkpoint we resume from (they will be written again) and
       # any partial line; the rewrite is atomic, so a kill here loses nothing.
       keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-      _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-    elif resume_step is None and os.path.exists(self.path):
-      os.remove(self.path)
+      self.lines = [json.dumps(r) + "\n" for r in keep]
+      _write_atomic(self.path, "".join(self.lines))
+    elif resume_step is None and _exists(self.path):
+      _path(self.path).unlink() if self.remote else os.remove(self.path)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    tb = _join(workdir, "tensorboard")
+    try:
+      self.writer = SummaryWriter(tb)
+    except Exception as e:  # pylint: disable=broad-except
+      import hashlib, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
+      local = os.path.join(tempfile.gettempdir(), "dmljax-tensorboard",
+                           hashlib.sha256(workdir.encode()).hexdigest()[:12])
+      logging.warning("TensorBoard cannot write to %s (%s); writing to %s instead.", tb,
+                      cli.message(e), local)
+      self.writer = SummaryWriter(local)
 
   def log(self, step: int, values: dict[str, Any], kind: str = "train"):
     if not self.active:
@@ -609,8 +655,13 @@ class _Logger:
     for k, v in values.items():
       v = np.asarray(v)
       clean[k] = v.item() if v.ndim == 0 else v.tolist()
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), "kind": kind, **clean}) + "\n")
+    line = json.dumps({"step": int(step), "kind": kind, **clean}) + "\n"
+    if self.remote:
+      self.lines.append(line)
+      _write_atomic(self.path, "".join(self.lines))
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
     for k, v in clean.items():
       if isinstance(v, (int, float)) and not isinstance(v, bool):
         self.writer.add_scalar(f"{kind}/{k}" if "/" not in k else k, v, step)
@@ -645,7 +696,7 @@ def _make_plotter(config, workdir, framework, embed_train: Callable, train_label
   """PNG of the training embeddings (subset) and the framework's points, for 2-D embeddings."""
   if not config.plot_projections or config.model.embedding_dim != 2 or jax.process_index():
     return None
-  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  _makedirs(_join(workdir, "plots"))
   sub = np.random.default_rng(config.seed).permutation(len(train_labels))[:1500]
 
   def plot(state, name, extra_points=None):
@@ -666,7 +717,9 @@ def _make_plotter(config, workdir, framework, embed_train: Callable, train_label
       ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"{name} (step {int(parallel.to_host(state.step))})")
     ax.set_aspect("equal")
-    fig.savefig(os.path.join(workdir, "plots", f"{name}.png"), dpi=90)
+    with (_path(_join(workdir, "plots", f"{name}.png")).open("wb") if is_remote(workdir)
+          else open(os.path.join(workdir, "plots", f"{name}.png"), "wb")) as f:
+      fig.savefig(f, dpi=90, format="png")
     plt.close(fig)
 
   return plot
@@ -758,7 +811,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       finite.
   """
   # ------------------------------------------------------------------- setup
-  os.makedirs(workdir, exist_ok=True)
+  _makedirs(workdir)  # a local folder, or a bucket path (gs://...)
   if config.num_devices < 0 or config.num_devices > jax.device_count():
     raise ValueError(f"config.num_devices={config.num_devices} but there are "
                      f"{jax.device_count()} devices; use 0 (all) or 1..{jax.device_count()}.")
@@ -905,7 +958,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   logger.log(step, {k: v for k, v in final.items() if isinstance(v, (int, float))},
              kind="final")
   if jax.process_index() == 0:
-    _write_atomic(os.path.join(workdir, "final_metrics.json"),
+    _write_atomic(_join(workdir, "final_metrics.json"),
                   json.dumps({k: v for k, v in final.items() if k != "table"}, indent=2,
                              sort_keys=True))
   close()

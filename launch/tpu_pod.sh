@@ -194,7 +194,9 @@ if ((install)); then
     package="./$(basename "$wheel")"
   fi
   install_jax=$(quote "$python" -m pip install -U "$jax_spec")
-  install_dmljax=$(quote "$python" -m pip install -U "$package")
+  # gcsfs: the gs:// file system behind etils.epath (workdir logs, TFDS); google-cloud-storage:
+  # tensorboardX's writer for gs://.
+  install_dmljax=$(quote "$python" -m pip install -U "$package" gcsfs google-cloud-storage)
   run "${ssh_all[@]}" --command="$install_jax && $install_dmljax"
 else
   echo "# (--no_install: using what the workers have)"

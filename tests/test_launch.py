@@ -65,7 +65,7 @@ def test_tpu_small_slice():
   assert install[4] == "ssh" and "--worker=all" in install
   assert shlex.split(_option(install, "command")) == [
       "python3", "-m", "pip", "install", "-U", "jax[tpu]", "&&", "python3", "-m", "pip",
-      "install", "-U", "git+https://github.com/org/dmljax.git"]
+      "install", "-U", "git+https://github.com/org/dmljax.git", "gcsfs", "google-cloud-storage"]
   assert copy[4] == "scp" and "--worker=all" in copy
   assert copy[-2:] == ["configs/digits_ccp.py", "dml:dmljax_config.py"]
   assert train[4] == "ssh" and "--worker=all" in train
@@ -86,7 +86,7 @@ def test_tpu_large_spot_slice_from_a_wheel(tmp_path):
   send, install = cmds[4], cmds[5]
   assert send[4] == "scp" and send[-2:] == [str(wheel), f"dml:{wheel.name}"]
   assert "--worker=all" in send
-  assert shlex.split(_option(install, "command"))[-1] == f"./{wheel.name}"
+  assert shlex.split(_option(install, "command"))[-3] == f"./{wheel.name}"
   assert all("--worker=all" in c for c in cmds if c[4] in ("ssh", "scp"))
   # The run is the same command on every worker: jax.distributed starts by itself there.
   assert "dmljax.main" in _option(cmds[-1], "command")
