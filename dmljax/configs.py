@@ -160,3 +160,84 @@ def glyphs_base() -> ml_collections.ConfigDict:
   c.ccp.pool_size = 8
   c.checkpoint.every_steps = 250
   return c
+
+
+#: Per data set settings of the CCP paper (supplement, "Hyperparameters" and "CCP"): C2 margins
+#: (m+, m-), proxies per class, k-center pool size, evaluation interval (steps).
+CCP_PAPER = {
+    "cub": dict(margins=(0.0, 0.3841), proxies=8, pool=12, eval_every=25),
+    "cars": dict(margins=(0.2652, 0.5409), proxies=8, pool=12, eval_every=25),
+    "sop": dict(margins=(0.2858, 0.5130), proxies=4, pool=7, eval_every=250),
+    "inshop": dict(margins=(0.2858, 0.5130), proxies=4, pool=7, eval_every=250),
+}
+
+#: The weight file of the ImageNet BN-Inception port the papers fine-tune (pretrainedmodels).
+BN_INCEPTION_WEIGHTS = "bn_inception-52deb4733.pth"
+
+
+def ccp_paper_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
+  """C2-CCP on a benchmark data set with the CCP paper's settings (``configs/{name}_ccp.py``).
+
+  BN-Inception (ImageNet weights from ``$DMLJAX_WEIGHTS/bn_inception-52deb4733.pth``, frozen
+  BatchNorm), Adam lr 1e-5 with betas (0.9, 0.99), weight decay 1e-4 (not on BatchNorm),
+  gradient clipping at 10, batch 32 = 8 classes x 4, embedding 128 with the bounded
+  normalisation, lambda 2e-4, projections ending after 3 evaluations without improvement, the
+  run after 60; protocol transforms at 227 x 227.
+
+  ``variant="small"``: the same pipeline and framework on a tiny from-scratch backbone, two
+  classes x 2 per batch, 32 x 32 crops, a few steps (tests, on tiny prepared data).
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  p = CCP_PAPER[name]
+  c = base_config()
+  c.dataset.name = name
+  c.model.name = "bn_inception"
+  c.model.pretrained = os.path.join(os.environ.get("DMLJAX_WEIGHTS", "weights"),
+                                    BN_INCEPTION_WEIGHTS)
+  c.model.freeze_bn = "stats"
+  c.model.embedding_dim = 128
+  c.model.normalization = "bounded"
+  c.framework = "ccp"
+  c.loss.name = "contrastive"
+  c.loss.kwargs = ml_collections.ConfigDict({"pos_margin": p["margins"][0],
+                                             "neg_margin": p["margins"][1]})
+  c.ccp.in_batch_kwargs = ml_collections.ConfigDict({"pos_margin": p["margins"][0],
+                                                     "neg_margin": p["margins"][1]})
+  c.ccp.proxies_per_class = p["proxies"]
+  c.ccp.pool_size = p["pool"]
+  c.ccp.lam = 2e-4
+  c.ccp.patience = 3
+  c.optim.name = "adam"
+  c.optim.learning_rate = 1e-5
+  c.optim.b1, c.optim.b2 = 0.9, 0.99
+  c.optim.weight_decay = 1e-4
+  c.optim.grad_clip_norm = 10.0
+  c.batch_size = 32
+  c.sampler.m = 4
+  # SOP classes hold 2-12 images, In-shop items 1-2 (train): their 4 rows repeat images.
+  c.sampler.small_classes = "repeat" if name in ("sop", "inshop") else "error"
+  c.eval_every_steps = p["eval_every"]
+  c.patience_evals = 60
+  c.total_steps = 200_000              # an upper bound: the run ends by patience
+  c.log_every_steps = 25
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.save_best = True
+  c.eval_batch_size = 128
+  c.baselines = ("untrained",)         # raw pixels are not a baseline for 227 x 227 photos
+  c.input.size, c.input.resize = 227, 256
+  if variant == "small":
+    c.model.name = "small_cnn"
+    c.model.pretrained = ""
+    c.model.widths = (4, 8)
+    c.model.embedding_dim = 8
+    c.input.size, c.input.resize = 32, 36
+    c.input.num_workers = 0
+    c.batch_size, c.sampler.m = 4, 2
+    c.sampler.small_classes = "repeat"
+    c.ccp.proxies_per_class, c.ccp.pool_size = 2, 2
+    c.total_steps, c.eval_every_steps, c.log_every_steps = 4, 2, 2
+    c.checkpoint.every_steps = 2
+    c.eval_batch_size = 16
+  elif variant:
+    raise ValueError(f"Unknown variant {variant!r} of {name}_ccp.py; valid: 'small'.")
+  return c

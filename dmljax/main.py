@@ -27,7 +27,9 @@ PROG = "python -m dmljax.main"
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration file (configs/*.py, or a copy anywhere).",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory (or gs:// path) for checkpoints, logs and plots; default "
+    "runs/NAME for --config=.../NAME.py (runs/NAME_VARIANT for NAME.py:VARIANT).")
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Resume a run whose config differs from its checkpoint's, continuing with the new values.")
@@ -57,7 +59,7 @@ def _parse_flags(argv):
   """absl's flag parsing, with every failure (a config override too) as one clear message."""
   try:
     rest = flags.FLAGS(argv)
-    for name in ("config", "workdir"):
+    for name in ("config",):
       if flags.FLAGS[name].value is None:
         raise flags.IllegalFlagValueError(f"--{name} is required (e.g. --config=configs/"
                                           "glyphs_ccp.py --workdir=/tmp/dmljax/run).")
@@ -73,6 +75,15 @@ def _parse_flags(argv):
     sys.exit(cli.report(PROG, e, argv))
 
 
+def default_workdir() -> str:
+  """``runs/NAME`` (``runs/NAME_VARIANT``) for ``--config=path/NAME.py[:VARIANT]``."""
+  import os  # pylint: disable=g-import-not-at-top
+  raw = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "config")
+  path, _, variant = raw.partition(":")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("runs", f"{stem}_{variant}" if variant else stem)
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(cli.report(PROG, ValueError(f"unexpected arguments: {argv[1:]}")))
@@ -83,7 +94,7 @@ def main(argv):
                                  _LOCAL_DEVICE_IDS.value, mode=_DISTRIBUTED.value)
     from dmljax import train  # pylint: disable=g-import-not-at-top  (after flag parsing: XLA flags)
     logging.set_verbosity(logging.WARNING)
-    result = train.train_and_evaluate(config, _WORKDIR.value,
+    result = train.train_and_evaluate(config, _WORKDIR.value or default_workdir(),
                                       allow_config_change=_ALLOW_CHANGE.value)
   except Exception as e:  # pylint: disable=broad-except
     sys.exit(cli.report(PROG, e))
