@@ -371,9 +371,12 @@ class Evaluator:
   def embed(self, model_params, batch_stats, images, indices=None) -> np.ndarray:
     """Embeddings of an image source (array or records), or of its ``indices``."""
     source = images if indices is None else take(images, indices)
+    # Worker processes pay off for large splits only: starting them costs seconds, about what
+    # decoding a few thousand images in this process costs.
+    workers = self.num_workers if len(source) >= EVAL_WORKERS_MIN_IMAGES else 0
     return embed_source(self.embed_fn, self.mesh, model_params, batch_stats, source,
                         self.data.eval_transform, self.config.eval_batch_size,
-                        self.num_workers, max(1, int(self.config.input.prefetch)))
+                        workers, max(1, int(self.config.input.prefetch)))
 
   def embed_train(self, model_params, batch_stats, indices) -> np.ndarray:
     return self.embed(model_params, batch_stats, self.data.train_images, indices)
@@ -448,6 +451,8 @@ def pixel_embeddings(images: np.ndarray) -> np.ndarray:
   x = np.asarray(images, np.float32).reshape(len(images), -1)
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
+
+EVAL_WORKERS_MIN_IMAGES = 4096  # smaller splits are decoded in this process
 
 PIXEL_BASELINE_MAX_VALUES = 16384  # 128 x 128 grey; larger images: set config.baselines
 

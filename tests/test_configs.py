@@ -3,6 +3,7 @@ glyphs config learns: validation MAP@R after a short run beats the untrained net
 import glob
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -28,9 +29,27 @@ def test_configs_found():
           "glyphs_proxy_anchor", "glyphs_soft_triple", "glyphs_mpa"} <= set(CONFIGS)
 
 
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  """Prepared tiny data sets in each benchmark's exact file layout, one per name, on demand."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import tinydata  # pylint: disable=g-import-not-at-top
+  made = {}
+
+  def get(name):
+    if name not in made:
+      made[name] = tinydata.prepare_tiny(name, str(tmp_path_factory.mktemp(f"tiny_{name}")))
+    return made[name]
+
+  return get
+
+
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_builds_and_runs_two_steps(name, tmp_path):
+def test_config_builds_and_runs_two_steps(name, tmp_path, tiny_data):
   c = load(name)
+  from dmljax.data import real  # pylint: disable=g-import-not-at-top
+  if c.dataset.name in real.REAL_DATASETS:  # the paper configs: tiny prepared data
+    c.dataset.data_dir = tiny_data(c.dataset.name)
   c.total_steps, c.eval_every_steps, c.log_every_steps = 2, 2, 1
   c.baselines, c.progress, c.num_devices = (), False, 1
   c.checkpoint.enabled, c.plot_projections = False, False

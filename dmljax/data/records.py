@@ -45,8 +45,8 @@ class DatasetNotPrepared(FileNotFoundError):
   @classmethod
   def for_dataset(cls, name: str, data_dir: str, detail: str = "") -> "DatasetNotPrepared":
     return cls(
-        f"Data set {name!r} is not prepared in --data_dir={data_dir}{detail}. Prepare it once "
-        f"with: python -m dmljax.data.prepare {name} --manual_dir=<where you downloaded the "
+        f"Data set {name!r} is not prepared in {data_dir}{detail} (config.dataset.data_dir; "
+        f"--data_dir of the prepare command). Prepare it once with: python -m dmljax.data.prepare {name} --manual_dir=<where you downloaded the "
         f"files> --data_dir={data_dir} (docs/data.md lists the files to download).")
 
 
