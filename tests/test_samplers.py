@@ -1,4 +1,6 @@
 """Host-side samplers: determinism, epoch coverage, class constraints, process slices, state."""
+import zlib
+
 import numpy as np
 import pytest
 
@@ -83,6 +85,10 @@ def test_constructor_errors():
     MPerClassSampler(UNEVEN, m=3, batch_size=8)
   with pytest.raises(ValueError, match=r"Class 0 has 4 samples.*m_per_class"):
     MPerClassSampler(UNEVEN, m=5, batch_size=10)
+  with pytest.raises(ValueError, match=r"--config\.sampler\.small_classes=repeat"):
+    MPerClassSampler(UNEVEN, m=5, batch_size=10)
+  with pytest.raises(ValueError, match="small_classes must be one of"):
+    MPerClassSampler(UNEVEN, m=2, batch_size=8, small_classes="drop")
   with pytest.raises(ValueError, match="distinct classes"):
     MPerClassSampler(UNEVEN, m=1, batch_size=9)
   with pytest.raises(ValueError, match="m_per_class"):
@@ -165,3 +171,71 @@ def test_profs_hold_steps_formula():
   assert profs_hold_steps(100, 32, 4, rho=1.0) == 13
   derived = ClassRepresentativeSampler(UNEVEN, batch_size=8, m=2).hold_steps
   assert derived == profs_hold_steps(8, 8, 2) == 12  # ceil(6 * 2 * 8 / 8)
+
+
+def _batches_crc(sampler, steps):
+  return zlib.crc32(np.stack([sampler.global_batch(s) for s in steps]).astype(np.int64).tobytes())
+
+
+@pytest.mark.parametrize("small_classes", ["error", "repeat"])
+def test_mperclass_batches_unchanged_by_small_classes_option(small_classes):
+  # Values recorded with the implementation before the option existed: the default (and "repeat",
+  # when no class is smaller than m) must keep drawing exactly these batches.
+  a = MPerClassSampler(_labels([4, 5, 6, 7, 9, 11, 13, 8]), m=2, batch_size=8, seed=3,
+                       small_classes=small_classes)
+  assert a.batches_per_epoch == 9
+  np.testing.assert_array_equal(a.global_batch(0), [54, 47, 11, 21, 45, 42, 28, 43])
+  np.testing.assert_array_equal(a.global_batch(7), [55, 28, 2, 61, 32, 3, 13, 34])
+  np.testing.assert_array_equal(a.global_batch(25), [32, 7, 28, 35, 19, 2, 17, 45])
+  assert _batches_crc(a, range(40)) == 199411512
+  b = MPerClassSampler(_labels([4, 5, 6, 7, 9, 11, 13, 8, 4, 4, 6, 12], seed=1), m=4,
+                       batch_size=16, seed=5, small_classes=small_classes)
+  np.testing.assert_array_equal(b.global_batch(3), [51, 13, 58, 53, 47, 34, 49, 61, 21, 37, 87, 8,
+                                                    83, 11, 9, 60])
+  assert _batches_crc(b, range(40)) == 4149375665
+
+
+def test_mperclass_repeat_serves_small_classes():
+  # SOP/In-shop-like class sizes: mostly 2-12 images, some classes of a single image; m = 4.
+  rng = np.random.default_rng(0)
+  sizes = np.concatenate([rng.integers(2, 13, 40), [1, 1, 1, 2, 3, 3]])
+  labels = _labels(sizes, seed=2)
+  m, batch_size = 4, 32
+  sampler = MPerClassSampler(labels, m=m, batch_size=batch_size, seed=7, small_classes="repeat")
+  k, t = batch_size // m, sampler.batches_per_epoch
+  for epoch in range(2):
+    steps = range(epoch * t, (epoch + 1) * t)
+    seen = set()
+    for s in steps:
+      batch = sampler.global_batch(s)
+      assert batch.shape == (batch_size,)
+      rows = labels[batch].reshape(k, m)
+      assert np.all(rows == rows[:, :1]), "each row of m samples is one class"
+      assert len(np.unique(rows[:, 0])) == k, "K distinct classes per batch"
+      for row in batch.reshape(k, m):
+        n = sizes[labels[row[0]]]
+        if n >= m:
+          assert len(set(row)) == m
+        else:  # every sample of the class, each floor(m / n) or ceil(m / n) times
+          _, counts = np.unique(row, return_counts=True)
+          assert len(counts) == n and counts.min() >= m // n and counts.max() <= -(-m // n)
+      seen.update(batch.tolist())
+    assert seen == set(range(len(labels))), "an epoch covers every sample"
+  # A pure function of (seed, step): a fresh instance, any call order; state records the option.
+  state = sampler.state_dict()
+  assert state["small_classes"] == "repeat" and isinstance(state["small_classes"], np.generic)
+  restored = MPerClassSampler.from_state_dict(labels, state)
+  for s in (3 * t + 1, 0, t + 2):
+    np.testing.assert_array_equal(restored.batch(s, 1, 2), sampler.batch(s, 1, 2))
+  # Fresh permutations: a class of 2 is not always served as the same pair repeated.
+  two = np.flatnonzero(sizes == 2)
+  patterns = set()
+  for s in range(4 * t):
+    for row in sampler.global_batch(s).reshape(k, m):
+      if labels[row[0]] in two:
+        patterns.add(tuple(row[:2] == row[2:]))
+  assert len(patterns) == 2
+  # Old checkpoints (no small_classes key) restore the default.
+  legacy = {key: v for key, v in MPerClassSampler(UNEVEN, 2, 8).state_dict().items()
+            if key != "small_classes"}
+  assert MPerClassSampler.from_state_dict(UNEVEN, legacy).small_classes == "error"

@@ -46,8 +46,9 @@ class DatasetNotPrepared(FileNotFoundError):
   def for_dataset(cls, name: str, data_dir: str, detail: str = "") -> "DatasetNotPrepared":
     return cls(
         f"Data set {name!r} is not prepared in {data_dir}{detail} (config.dataset.data_dir; "
-        f"--data_dir of the prepare command). Prepare it once with: python -m dmljax.data.prepare {name} --manual_dir=<where you downloaded the "
-        f"files> --data_dir={data_dir} (docs/data.md lists the files to download).")
+        f"--data_dir of the prepare command). Prepare it once with: python -m "
+        f"dmljax.data.prepare {name} --manual_dir=<where you downloaded the files> "
+        f"--data_dir={data_dir} (docs/data.md lists the files to download).")
 
 
 class RecordSplit:

@@ -27,6 +27,10 @@ __all__ = [
 
 # Distinct stream tags so the samplers never reuse each other's random numbers.
 _TAG_EPOCH, _TAG_PASS, _TAG_POOL, _TAG_CLASSES, _TAG_OTHERS = 1, 2, 3, 4, 5
+_TAG_REPEAT = 7  # (6 is RandomSampler's)
+
+#: Values of MPerClassSampler's ``small_classes`` option.
+SMALL_CLASSES = ("error", "repeat")
 
 
 def _splitmix64(x):
@@ -91,14 +95,15 @@ class _ClassIndex:
   def num_classes(self):
     return len(self.classes)
 
-  def check_min_count(self, m, what):
+  def check_min_count(self, m, what, hint=""):
     small = np.flatnonzero(self.count < m)
     if small.size:
       c = small[0]
       raise ValueError(
           f"Class {self.classes[c]} has {self.count[c]} samples but {what} needs {m} per class "
-          f"({small.size} classes are too small); lower the config key `m_per_class` to at most "
-          f"{self.count.min()} or drop classes smaller than {m}.")
+          f"({small.size} classes are too small); lower the config key `m_per_class` "
+          f"(--config.sampler.m) to at most {self.count.min()}{hint} or drop classes smaller "
+          f"than {m}.")
 
   def permuted_order(self, keys):
     """Samples grouped by class, each class block sorted by ``keys`` ([N] per sample)."""
@@ -121,8 +126,12 @@ def _check_state(cls, state, labels, names):
                      "resume with the same data set, split and seed.")
 
 
-def _check_class_batches(index, m, batch_size, sampler_name):
-  """Validates ``batch_size // m`` classes x ``m`` samples; returns (m, batch_size, classes)."""
+def _check_class_batches(index, m, batch_size, sampler_name, min_count_hint=None):
+  """Validates ``batch_size // m`` classes x ``m`` samples; returns (m, batch_size, classes).
+
+  ``min_count_hint``: None to accept classes smaller than ``m``, else the text appended to the
+  error's suggested fixes when some class is smaller than ``m``.
+  """
   if m < 1 or batch_size < 1:
     raise ValueError(f"m and batch_size must be >= 1, got m={m}, batch_size={batch_size}.")
   if batch_size % m:
@@ -132,7 +141,8 @@ def _check_class_batches(index, m, batch_size, sampler_name):
   if index.num_classes < classes_per_batch:
     raise ValueError(f"A batch needs {classes_per_batch} distinct classes but the split has "
                      f"{index.num_classes}; lower batch_size or raise m_per_class.")
-  index.check_min_count(int(m), sampler_name)
+  if min_count_hint is not None:
+    index.check_min_count(int(m), sampler_name, min_count_hint)
   return int(m), int(batch_size), classes_per_batch
 
 
@@ -154,20 +164,37 @@ class MPerClassSampler:
   Step ``s`` is batch ``s % T`` of epoch ``s // T``. Rows of the global batch are classes: the
   global batch is ``[K, m]`` flattened row-major.
 
+  Classes smaller than ``m`` (SOP has classes of 2 images, In-shop of 1-2, while the papers batch 4
+  per class): with ``small_classes="error"`` (the default) the constructor refuses them; with
+  ``"repeat"`` such a class gets one chunk per epoch whose ``m`` rows walk through consecutive
+  random permutations of its ``n_c`` samples (the epoch's permutation first, then fresh ones drawn
+  from ``(seed, epoch, cycle)``), i.e. sampling with replacement within the class as PML's
+  ``MPerClassSampler`` does; it holds each sample ``floor(m / n_c)`` or ``ceil(m / n_c)`` times.
+  Classes with ``n_c >= m`` are sampled exactly as with ``"error"``, so when no class is small
+  the two options give identical batches.
+
   Args:
     labels: [N] integer labels of the split.
     m: samples per class in a batch (config key ``m_per_class``).
     batch_size: global batch size; must be a multiple of ``m``.
     seed: non-negative integer.
+    small_classes: ``"error"`` or ``"repeat"`` (config key ``sampler.small_classes``), see above.
   """
 
   _STATE_KEYS = ("seed", "m", "batch_size")
 
-  def __init__(self, labels, m, batch_size, seed=0):
+  def __init__(self, labels, m, batch_size, seed=0, small_classes="error"):
+    if small_classes not in SMALL_CLASSES:
+      raise ValueError(f"small_classes must be one of {SMALL_CLASSES}, got {small_classes!r} "
+                       "(set --config.sampler.small_classes).")
+    self.small_classes = str(small_classes)
     self._index = _ClassIndex(labels)
+    hint = None if small_classes == "repeat" else (
+        ", sample small classes with replacement (--config.sampler.small_classes=repeat)")
     self.m, self.batch_size, self.classes_per_batch = _check_class_batches(
-        self._index, m, batch_size, "MPerClassSampler")
+        self._index, m, batch_size, "MPerClassSampler", min_count_hint=hint)
     self.seed = _check_seed(seed)
+    self._small = self._index.count < self.m  # [L] classes served with repetition
     self._chunks = -(-self._index.count // self.m)
     self.batches_per_epoch = int(max(-(-self._chunks.sum() // self.classes_per_batch),
                                      self._chunks.max()))
@@ -183,6 +210,7 @@ class MPerClassSampler:
     remaining = self._chunks.copy()
     plan = np.empty((self.batches_per_epoch, num_k, m), np.int64)
     cols = np.arange(m)
+    small_rows = self._small_class_rows(epoch, order) if self._small.any() else None
     for t in range(self.batches_per_epoch):
       nonempty = np.flatnonzero(remaining)
       if len(nonempty) <= num_k:
@@ -197,10 +225,14 @@ class MPerClassSampler:
       remaining[chosen] -= 1
       count = idx.count[chosen][:, None]
       rows = order[idx.start[chosen][:, None] + (chunk[:, None] * m + cols) % count]
+      if small_rows is not None:  # classes smaller than m: their (only) chunk of this epoch
+        is_small = self._small[chosen]
+        rows[is_small] = small_rows[chosen[is_small]]
       if len(chosen) < num_k:  # epoch tail: complete with random other classes
         others = np.setdiff1d(np.arange(idx.num_classes), chosen)
         extra = rng.choice(others, num_k - len(chosen), replace=False)
-        extra_rows = [idx.order[idx.start[c] + rng.choice(idx.count[c], m, replace=False)]
+        extra_rows = [small_rows[c] if self._small[c] else
+                      idx.order[idx.start[c] + rng.choice(idx.count[c], m, replace=False)]
                       for c in extra]
         rows = np.concatenate([rows, np.stack(extra_rows)])
       plan[t] = rows[rng.permutation(num_k)]
@@ -209,6 +241,26 @@ class MPerClassSampler:
       self._memo.pop(next(iter(self._memo)))
     self._memo[epoch] = plan
     return plan
+
+  def _small_class_rows(self, epoch, order):
+    """[L, m] rows of every class smaller than ``m`` for ``epoch`` (other rows are unused).
+
+    Position ``p`` of class ``c``'s row is entry ``p % n_c`` of permutation ``p // n_c`` of the
+    class: permutation 0 is the epoch's (``order``), the later ones are fresh, keyed by a hash of
+    ``(seed, epoch, cycle, sample)`` so that the epoch's random stream is left untouched.
+    """
+    idx, m = self._index, self.m
+    count = np.maximum(idx.count, 1)[:, None]
+    pos = np.arange(m)[None, :]
+    cycle, within = pos // count, pos % count                 # [L, m]
+    num_cycles = int(-(-m // idx.count[self._small].min()))
+    perms = [order] + [
+        idx.permuted_order(_hash(self.seed, _TAG_REPEAT, int(epoch), r, np.arange(len(idx.labels))))
+        for r in range(1, num_cycles)]
+    perms = np.stack(perms)                                   # [cycles, N]
+    flat = idx.start[:, None] + within
+    rows = perms[np.minimum(cycle, num_cycles - 1), flat]
+    return np.where(self._small[:, None], rows, -1)
 
   def epoch_of(self, step):
     """Epoch that ``step`` belongs to."""
@@ -228,15 +280,18 @@ class MPerClassSampler:
   def state_dict(self):
     """Plain-numpy configuration + label fingerprint (the step lives in the train state)."""
     return {"seed": np.int64(self.seed), "m": np.int64(self.m),
-            "batch_size": np.int64(self.batch_size),
+            "batch_size": np.int64(self.batch_size), "small_classes": np.str_(self.small_classes),
             "labels_fingerprint": np.int64(self._index.fingerprint)}
 
   @classmethod
   def from_state_dict(cls, labels, state):
-    """Rebuilds the sampler saved by :meth:`state_dict`; ValueError if the labels changed."""
+    """Rebuilds the sampler saved by :meth:`state_dict`; ValueError if the labels changed.
+
+    A state without ``small_classes`` (saved before the option existed) means ``"error"``.
+    """
     _check_state(cls, state, labels, cls._STATE_KEYS)
     return cls(labels, m=int(state["m"]), batch_size=int(state["batch_size"]),
-               seed=int(state["seed"]))
+               seed=int(state["seed"]), small_classes=str(state.get("small_classes", "error")))
 
 
 class OnePerClassSampler:
@@ -336,7 +391,7 @@ class ClassRepresentativeSampler:
   def __init__(self, labels, batch_size, m, hold_steps=None, seed=0):
     self._index = _ClassIndex(labels)
     self.m, self.batch_size, self.classes_per_batch = _check_class_batches(
-        self._index, m, batch_size, "ClassRepresentativeSampler")
+        self._index, m, batch_size, "ClassRepresentativeSampler", min_count_hint="")
     self.seed = _check_seed(seed)
     if hold_steps is None:
       hold_steps = profs_hold_steps(self._index.num_classes, self.batch_size, self.m)
