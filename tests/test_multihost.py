@@ -123,6 +123,42 @@ def test_evaluation_across_processes_equals_one_process(nproc, tmp_path):
       assert got[mode][k] == pytest.approx(v, abs=1e-6), (mode, k)
 
 
+# ----------------------------------------------------------------------------- input pipeline
+
+
+def _pipeline_batches(data_dir):
+  """The first 3 training batches of a CUB-like run as the trainer builds its loader."""
+  from dmljax import frameworks, train  # pylint: disable=g-import-not-at-top
+  from dmljax.configs import ccp_paper_config  # pylint: disable=g-import-not-at-top
+  c = ccp_paper_config("cub", "small")
+  c.dataset.data_dir, c.batch_size = data_dir, 8
+  data = train.create_input(c)
+  fw = frameworks.get_framework(c, num_classes=data.num_classes,
+                                embedding_dim=c.model.embedding_dim)
+  sampler = train.make_sampler(c, fw, data.train_labels)
+  with train.make_train_loader(c, data, fw, sampler, 0) as loader:
+    return [(idx.tolist(), images.tolist()) for _, images, idx in
+            (next(loader) for _ in range(3))]
+
+
+def test_two_processes_read_disjoint_halves_of_the_global_batch(tmp_path):
+  sys.path.insert(0, HERE)
+  import tinydata  # pylint: disable=g-import-not-at-top
+  data_dir = tinydata.prepare_tiny("cub", str(tmp_path / "cub"))
+  outs = [str(tmp_path / f"p{i}.json") for i in range(2)]
+  procs = _start("pipeline", 2, data_dir, str(tmp_path / "p{}.json"))
+  _wait(procs)
+  halves = [json.loads(open(o).read()) for o in outs]
+  whole = _pipeline_batches(data_dir)
+  for step in range(3):
+    a, b = halves[0][step], halves[1][step]
+    assert len(a[0]) == len(b[0]) == 4
+    assert not set(a[0]) & set(b[0])                    # disjoint records
+    assert a[0] + b[0] == whole[step][0]                # in order: the global batch
+    np.testing.assert_array_equal(np.asarray(a[1] + b[1], np.uint8),
+                                  np.asarray(whole[step][1], np.uint8))  # same augmentation
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -222,7 +258,10 @@ def _worker(mode, pid, nproc, port, args):
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
                              process_id=pid)
   assert jax.process_count() == nproc and jax.device_count() == nproc
-  if mode == "eval":
+  if mode == "pipeline":
+    with open(args[1].format(pid), "w") as f:
+      json.dump(_pipeline_batches(args[0]), f)
+  elif mode == "eval":
     result = _eval_metrics()
     if pid == 0:
       with open(args[0], "w") as f:
