@@ -133,7 +133,7 @@ class FreezeState(NamedTuple):
   count: jax.Array
 
 
-def freeze_trunk(steps: int, trainable=("head",)) -> optax.GradientTransformation:
+def freeze_trunk(steps: int, trainable=("head", "head_bn")) -> optax.GradientTransformation:
   """Zeroes the updates of model parameters outside ``trainable`` during the first ``steps``.
 
   The proxy baselines' "warm-up training of the embedding layer": for ``steps`` steps only the
