@@ -123,14 +123,15 @@ def concatenate_embeddings(embeddings: Sequence[np.ndarray], eps: float = 1e-12)
   return cat / np.maximum(np.linalg.norm(cat, axis=1, keepdims=True), eps)
 
 
-def _metrics(config, embeddings, labels) -> dict[str, float]:
-  """The trainer's metrics of one set of embeddings (the ones its final table reports)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from dmljax import parallel  # pylint: disable=g-import-not-at-top
+def _metrics(config, embeddings, labels, num_queries: int = 0) -> dict[str, float]:
+  """The trainer's metrics of one set of embeddings (the ones its final table reports); with
+  ``num_queries`` > 0 the first rows are queries searched against the others (In-shop)."""
   from dmljax import train  # pylint: disable=g-import-not-at-top
-  # Only Evaluator.metrics is used: it needs the config, not a model or data.
-  evaluator = train.Evaluator(config, None, parallel.make_mesh(jax.devices()[:1]), None)
-  return evaluator.metrics(embeddings, labels)
+  if num_queries:
+    q = int(num_queries)
+    return train.embedding_metrics(config, embeddings[:q], labels[:q], embeddings[q:],
+                                   labels[q:])
+  return train.embedding_metrics(config, embeddings, labels)
 
 
 def _read_json(path: str) -> dict:
@@ -149,7 +150,9 @@ def _write_json(path: str, data: dict) -> None:
 def load_embeddings(directory: str) -> dict[str, np.ndarray]:
   path = os.path.join(directory, EMBEDDINGS_FILE)
   with np.load(path) as z:
-    return {"embeddings": z["embeddings"], "labels": z["labels"]}
+    out = {"embeddings": z["embeddings"], "labels": z["labels"]}
+    out["num_queries"] = int(z["num_queries"]) if "num_queries" in z else 0
+    return out
 
 
 def _metric_values(final: dict, prefix: str) -> dict[str, float]:
@@ -191,7 +194,8 @@ def summarize(config, workdir: str, num_folds: int = NUM_FOLDS) -> dict[str, Any
           "class_pool": {"trainval": trainval, "test": first["test_class_ids"]},
           "embedding_dim": int(embeddings[0].shape[1]), "concatenated_dim": int(cat.shape[1]),
           "folds": folds, "separate": separate,
-          "concatenated": _metrics(fold_config(config, 0), cat, labels)}
+          "concatenated": _metrics(fold_config(config, 0), cat, labels,
+                                   load_embeddings(fold_dir(workdir, 0))["num_queries"])}
 
 
 # ============================================================================= running
@@ -215,11 +219,17 @@ def _save_test_embeddings(directory: str):
   def hook(name, embeddings, split):
     if name != "test" or jax.process_index():
       return
-    labels = np.asarray(split.class_ids)[np.asarray(split.labels)].astype(np.int32)
+    from dmljax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+    parts = ((split.query, split.gallery) if isinstance(split, splits_lib.QueryGallery)
+             else (split,))
+    labels = np.concatenate([np.asarray(p.class_ids)[np.asarray(p.labels)]
+                             for p in parts]).astype(np.int32)
+    num_queries = len(split.query) if len(parts) == 2 else 0  # In-shop: queries, then gallery
     path = os.path.join(directory, EMBEDDINGS_FILE)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:  # a file object: np.savez adds no suffix
-      np.savez(f, embeddings=np.asarray(embeddings, np.float32), labels=labels)
+      np.savez(f, embeddings=np.asarray(embeddings, np.float32), labels=labels,
+               num_queries=np.int64(num_queries))
     os.replace(tmp, path)
 
   return hook

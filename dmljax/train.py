@@ -383,20 +383,8 @@ class Evaluator:
 
   def metrics(self, embeddings, labels, gallery_embeddings=None,
               gallery_labels=None) -> dict[str, float]:
-    """The configured metrics of one set of embeddings (same-set retrieval), or of queries
-    against a gallery."""
-    from dmljax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-    c = self.config
-    m = metrics_lib.retrieval_metrics(
-        embeddings, labels, gallery_embeddings=gallery_embeddings, gallery_labels=gallery_labels,
-        recall_ks=tuple(c.recall_ks), precision_ks=tuple(c.precision_ks),
-        map_ks=tuple(c.map_ks), ndcg_ks=tuple(c.ndcg_ks))
-    if c.clustering:
-      if gallery_embeddings is not None:
-        embeddings = np.concatenate([embeddings, gallery_embeddings])
-        labels = np.concatenate([labels, gallery_labels])
-      m.update(metrics_lib.clustering_metrics(embeddings, labels, seed=c.seed))
-    return {k: float(v) for k, v in m.items()}
+    """The configured metrics of one set of embeddings (see :func:`embedding_metrics`)."""
+    return embedding_metrics(self.config, embeddings, labels, gallery_embeddings, gallery_labels)
 
   def _finite(self, emb):
     if not np.all(np.isfinite(emb)):
@@ -444,6 +432,25 @@ class Evaluator:
       m = self.metrics(pixel_embeddings(split.images), np.asarray(split.labels))
       out.update({f"pixels/{name}/{k}": v for k, v in m.items()})
     return out
+
+
+def embedding_metrics(config, embeddings, labels, gallery_embeddings=None,
+                      gallery_labels=None) -> dict[str, float]:
+  """The metrics ``config`` asks for (``recall_ks``, ``precision_ks``, ``map_ks``, ``ndcg_ks``;
+  MAP@R, R-precision and P@1 always; k-means NMI and F1 with ``clustering``) of same-set
+  retrieval, or of queries searched against a gallery."""
+  from dmljax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  c = config
+  m = metrics_lib.retrieval_metrics(
+      embeddings, labels, gallery_embeddings=gallery_embeddings, gallery_labels=gallery_labels,
+      recall_ks=tuple(c.recall_ks), precision_ks=tuple(c.precision_ks),
+      map_ks=tuple(c.map_ks), ndcg_ks=tuple(c.ndcg_ks))
+  if c.clustering:
+    if gallery_embeddings is not None:
+      embeddings = np.concatenate([embeddings, gallery_embeddings])
+      labels = np.concatenate([labels, gallery_labels])
+    m.update(metrics_lib.clustering_metrics(embeddings, labels, seed=c.seed))
+  return {k: float(v) for k, v in m.items()}
 
 
 def pixel_embeddings(images: np.ndarray) -> np.ndarray:

@@ -196,7 +196,7 @@ def test_orchestration_layout_skip_and_config_check(tmp_path, monkeypatch):
   assert rec["test_class_ids"] == [5, 6, 7, 8, 9] and rec["finished"] is True
   assert rec["config"]["dataset"]["options"]["protocol_fold"] == 2
   z = np.load(os.path.join(workdir, "fold_2", "test_embeddings.npz"))
-  assert sorted(z.files) == ["embeddings", "labels"]
+  assert sorted(z.files) == ["embeddings", "labels", "num_queries"]
   assert z["embeddings"].shape == (896, 8) and sorted(set(z["labels"].tolist())) == [5, 6, 7, 8, 9]
 
   # A fold that started but did not finish (fold.json says so) is run again; 0 and 2 are not.
