@@ -191,6 +191,7 @@ def ccp_paper_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
   p = CCP_PAPER[name]
   c = base_config()
   c.dataset.name = name
+  c.dataset.options.val_fraction = 0.2  # validation classes, taken from the training classes
   c.model.name = "bn_inception"
   c.model.pretrained = os.path.join(os.environ.get("DMLJAX_WEIGHTS", "weights"),
                                     BN_INCEPTION_WEIGHTS)

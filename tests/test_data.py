@@ -76,7 +76,7 @@ def test_registry_errors():
     load_dataset("digits", val_fraction=0.1)
   with pytest.raises(ValueError, match="Unknown glyphs options"):
     load_dataset("glyphs", samples=3)
-  assert set(DATASETS) == {"digits", "digits_closed", "glyphs"}
+  assert set(DATASETS) == {"digits", "digits_closed", "glyphs", "cub", "cars", "sop", "inshop"}
 
 
 def test_default_candidates_and_fonts():
