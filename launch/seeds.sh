@@ -4,10 +4,34 @@
 #
 #   bash launch/seeds.sh configs/glyphs_ccp.py /tmp/dmljax/glyphs_ccp "0 1 2"
 #   bash launch/seeds.sh configs/digits_ccp.py /tmp/dmljax/digits_std "0 1 2" --config.framework=standard
+#
+# Where a scheduler exists (sbatch on PATH) the seeds run as separate jobs: this hands over to
+# launch/slurm.sbatch --array=seeds (one array element per seed, then a job that gathers them
+# with python -m dmljax.report). DMLJAX_SCHEDULER=local runs them here one after another;
+# DMLJAX_SCHEDULER=slurm insists on SLURM. SLURM options (--nodes, --gpus_per_node, ...) go in
+# DMLJAX_SLURM_ARGS, e.g. DMLJAX_SLURM_ARGS="--gpus_per_node=1 --time=1-00:00:00".
 set -euo pipefail
+if (($# < 3)); then
+  echo "Usage: bash launch/seeds.sh CONFIG ROOT \"SEED ...\" [--config.key=value ...]" >&2
+  exit 2
+fi
 config=$1; root=$2; seeds=$3; shift 3
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+scheduler=${DMLJAX_SCHEDULER:-auto}
+if [[ $scheduler == auto ]]; then
+  if command -v sbatch > /dev/null; then scheduler=slurm; else scheduler=local; fi
+fi
+case $scheduler in
+  slurm)
+    read -r -a slurm_args <<< "${DMLJAX_SLURM_ARGS:-}"
+    exec bash "$here/slurm.sbatch" --array=seeds --seeds="$(echo "$seeds" | tr -s ' ' ',')" \
+      --config="$config" --workdir="$root" "${slurm_args[@]}" -- "$@" ;;
+  local) ;;
+  *) echo "seeds.sh: DMLJAX_SCHEDULER must be auto, slurm or local, got '$scheduler'" >&2
+     exit 2 ;;
+esac
 for seed in $seeds; do
   python -m dmljax.main --config="$config" --workdir="$root/seed$seed" --config.seed="$seed" \
     --config.progress=False "$@"
 done
-python launch/summarize.py "$root"/seed*
+python "$here/summarize.py" "$root"/seed*

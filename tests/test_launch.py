@@ -325,3 +325,24 @@ def test_shellcheck_clean():
                       os.path.join(ROOT, "launch", "seeds.sh")],
                      capture_output=True, text=True, timeout=60)
   assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_seeds_sh_submits_an_array_job_where_slurm_exists(tmp_path):
+  """With sbatch on PATH, launch/seeds.sh hands the seeds to slurm.sbatch as one array job (and
+  a gathering job); DMLJAX_SCHEDULER=local would run them here."""
+  log = tmp_path / "sbatch.log"
+  path = _fake_bin(tmp_path, sbatch=f"""echo "$*" >> {log}\necho 123\n""")
+  env = dict(os.environ, PATH=path, DMLJAX_SLURM_ARGS="--gpus_per_node=1")
+  for k in [k for k in env if k.startswith("SLURM_")]:
+    env.pop(k)
+  r = subprocess.run(["bash", os.path.join(ROOT, "launch", "seeds.sh"), CONFIG, "/shared/s",
+                      "0 4", "--config.total_steps=7"], env=env, capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode == 0, r.stderr
+  calls = log.read_text().splitlines()
+  assert len(calls) == 2, calls  # the array, then the gathering job
+  assert "--array=0,4" in calls[0] and "--gpus-per-node=1" in calls[0]
+  assert "--config.total_steps=7" in calls[0] and "--dependency=afterok:123" in calls[1]
+  bad = subprocess.run(["bash", os.path.join(ROOT, "launch", "seeds.sh"), CONFIG, "/s", "0"],
+                       env=dict(env, DMLJAX_SCHEDULER="pbs"), capture_output=True, text=True)
+  assert bad.returncode == 2 and "DMLJAX_SCHEDULER" in bad.stderr
