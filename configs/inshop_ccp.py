@@ -12,8 +12,10 @@ Settings (supplement, "Training procedure", "Hyperparameters" and "CCP"): frozen
 lr 1e-5, betas (0.9, 0.99), weight decay 1e-4, batch 32 = 8 classes x 4, embedding 128, bounded
 normalisation, evaluation every 250 steps, overall patience 60 evaluations, 4 proxies per class, pool 7,
 lambda 2e-4, the paper's C2 margins for this data set; train crop 227 (random resized, flip),
-eval resize 256 + centre crop 227. Validation: 20 % of the training classes (or
---config.dataset.options.protocol_fold=K with python -m dmljax.protocol for the 4-fold tables).
+eval resize 256 + centre crop 227. Validation: 20 % of the training classes; the 4-fold tables:
+python -m dmljax.protocol --config=configs/inshop_ccp.py --workdir=DIR (folds of the training classes).
+Batches: 8 classes x 4 with sampler.small_classes=repeat (SOP classes hold 2-12 images, In-shop
+items 1-2 in train: a class smaller than 4 fills its rows by cycling through its images).
 Not run here (no GPU, no data sets, no weights on this project's machines): no figures yet.
 Small variant for tests (tiny backbone, tiny prepared data): ``--config=configs/inshop_ccp.py:small``.
 """
