@@ -9,8 +9,9 @@ patience (3 evaluations without improvement), as in the paper. The final table s
 untrained network and the raw pixels, measured in the same run.
 
 Measured (seeds 0-2, 2-4 min a run on a shared 2-core CPU): test MAP@R 0.638 ± 0.009, P@1
-0.958 ± 0.001 (val MAP@R 0.755); untrained network 0.021, raw pixels 0.073. ``:quick`` (seed 0,
-119 s): test MAP@R 0.375. See the README for why CCP ties the single proxy problem here.
+0.958 ± 0.001 (val MAP@R 0.755); untrained network 0.021, raw pixels 0.073 (float images; since
+the host keeps uint8 images, ``:quick`` moved from 0.375 to 0.364). ``:quick`` (seed 0, 56 s with
+the glyphs cached): test MAP@R 0.364. See the README for why CCP ties the single proxy problem here.
 Variants: ``:quick`` (the README's first command: 500 steps, about two minutes on 2 CPU cores
 including the first rendering of the glyphs) and ``:small`` (tests).
 """
