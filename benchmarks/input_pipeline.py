@@ -10,7 +10,9 @@ read back from their files on every access:
 
 * ours, in this process on one core: ``transforms.decode`` alone, then decode + the train
   transform (shorter side 256, random resized crop 227 with scale 0.16-1, ratio 3/4-4/3, flip)
-  through ``pipeline.load_batch``;
+  through ``pipeline.load_batch``, with the default resizer (``transforms.RESIZER``: OpenCV where
+  installed) and with PIL's (what runs without OpenCV); then decode + the eval transform (shorter
+  side 256, centre crop 227);
 * ours, ``pipeline.BatchLoader`` with ``W`` grain worker processes at batch 32: the end-to-end
   data path alone (no training step), batches consumed as fast as they come;
 * the reference, the same operations written the way torchvision performs them (torchvision
@@ -18,10 +20,12 @@ read back from their files on every access:
   torch's RNG): PIL decode of the whole file (``Image.open(f).convert("RGB")``), torchvision's
   ``RandomResizedCrop(227, scale=(0.16, 1))`` (crop on the full image, then a bilinear resize),
   ``RandomHorizontalFlip()``, ``ToTensor()`` (float32 CHW in [0, 1]); in this process, and in a
-  ``torch.utils.data.DataLoader`` with the same ``W`` workers and batch 32. Skipped (with a note)
-  when torch is not installed.
+  ``torch.utils.data.DataLoader`` with the same ``W`` workers and batch 32; and its eval
+  counterpart ``Resize(256)``, ``CenterCrop(227)``, ``ToTensor()`` in this process. Skipped (with a
+  note) when torch is not installed.
 
 Rates are images per second; "per core" divides by the number of worker processes (1 in process).
+The goal is at least 2x the reference per core.
 Worker rates exclude the start-up (the first batch, reported separately). Ours and the reference
 alternate ``--repeats`` times and the median is reported, so that both see the same machine load.
 The target is the rate a GPU BN-Inception step needs at batch 32: 320 images/s (CCP paper: about
@@ -147,6 +151,11 @@ def make_reference(paths):
         w, h = width, height
       return (height - h) // 2, (width - w) // 2, h, w
 
+    @staticmethod
+    def _to_tensor(im):
+      array = torch.from_numpy(np.array(im, np.uint8, copy=True))
+      return array.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+
     def __getitem__(self, i):
       with open(self.files[i], "rb") as f:
         im = Image.open(f).convert("RGB")
@@ -154,8 +163,19 @@ def make_reference(paths):
       im = im.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BILINEAR)
       if torch.rand(1) < 0.5:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
-      array = torch.from_numpy(np.array(im, np.uint8, copy=True))
-      return array.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+      return self._to_tensor(im)
+
+    def eval_item(self, i, resize=256):
+      """torchvision's Resize(256) + CenterCrop(227) + ToTensor of file ``i``."""
+      with open(self.files[i], "rb") as f:
+        im = Image.open(f).convert("RGB")
+      if im.width <= im.height:
+        w, h = resize, int(resize * im.height / im.width)
+      else:
+        w, h = int(resize * im.width / im.height), resize
+      im = im.resize((w, h), Image.BILINEAR)
+      top, left = int(round((h - self.size) / 2)), int(round((w - self.size) / 2))
+      return self._to_tensor(im.crop((left, top, left + self.size, top + self.size)))
 
   return Reference(paths)
 
@@ -199,12 +219,13 @@ def time_ours_workers(source, cfg, workers, batches):
   return batches * BATCH / (t2 - t1), t1 - t0
 
 
-def time_ref_inprocess(ref, batches):
+def time_ref_inprocess(ref, batches, evaluation=False):
   fn = Cycle(len(ref), BATCH)
+  item = ref.eval_item if evaluation else ref.__getitem__
   t = time.perf_counter()
   for step in range(batches):
     for i in fn(step):
-      ref[int(i)]
+      item(int(i))
   return batches * BATCH / (time.perf_counter() - t)
 
 
@@ -244,6 +265,8 @@ def main(argv=None):
   import grain  # pylint: disable=g-import-not-at-top
   import PIL  # pylint: disable=g-import-not-at-top
   cfg = transforms.TransformConfig(kind="train")
+  eval_cfg = transforms.TransformConfig(kind="eval")
+  opencv = transforms.cv2.__version__ if transforms.cv2 is not None else "not installed"
   with tempfile.TemporaryDirectory() as tmp:
     t = time.perf_counter()
     paths, boxes = make_jpegs(tmp, args.images)
@@ -251,21 +274,29 @@ def main(argv=None):
     sizes = [os.path.getsize(p) for p in paths]
     print(f"{args.images} JPEGs ~500x400 (quality 90, mean {np.mean(sizes) / 1024:.0f} KiB) "
           f"made in {time.perf_counter() - t:.1f} s; {os.cpu_count()} CPUs, {args.workers} "
-          f"workers; decoder {transforms.DECODER}; grain {grain.__version__}, "
-          f"Pillow {PIL.__version__}, torch {ref_torch or 'not installed'}", flush=True)
+          f"workers; decoder {transforms.DECODER}, resizer {transforms.RESIZER}; grain "
+          f"{grain.__version__}, Pillow {PIL.__version__}, OpenCV {opencv}, torch "
+          f"{ref_torch or 'not installed'}", flush=True)
     ref = make_reference(paths)
     if ref is None:
       print("torch is not installed: the reference rows are skipped "
             "(pip install torch for the comparison).")
     count = min(args.images, args.batches * BATCH)
-    rows = {k: [] for k in ("dec", "dec_pil", "ours1", "oursW", "ref1", "refW")}
+    rows = {k: [] for k in ("dec", "dec_pil", "ours1", "ours1_pil", "ref1", "eval1", "eval_ref1",
+                            "oursW", "refW")}
     startup = {"oursW": [], "refW": []}
     for r in range(args.repeats):
       rows["dec"].append(time_decode(source, count))
       rows["dec_pil"].append(time_pil_decode(source, count))
       rows["ours1"].append(time_ours_inprocess(source, cfg, args.batches))
+      if transforms.RESIZER != "pil":
+        rows["ours1_pil"].append(time_ours_inprocess(source, cfg.replace(resizer="pil"),
+                                                     args.batches))
       if ref is not None:
         rows["ref1"].append(time_ref_inprocess(ref, args.batches))
+      rows["eval1"].append(time_ours_inprocess(source, eval_cfg, args.batches))
+      if ref is not None:
+        rows["eval_ref1"].append(time_ref_inprocess(ref, args.batches, evaluation=True))
       rate, start = time_ours_workers(source, cfg, args.workers, args.batches)
       rows["oursW"].append(rate)
       startup["oursW"].append(start)
@@ -281,9 +312,16 @@ def main(argv=None):
       ("decode only, ours (" + transforms.DECODER + ", DCT-scaled to >= 256)", "1 (in process)",
        med["dec"], 1, None),
       ("decode only, PIL full size (reference decode)", "1 (in process)", med["dec_pil"], 1, None),
-      ("decode + train aug 227, ours (load_batch)", "1 (in process)", med["ours1"], 1, None),
+      (f"decode + train aug 227, ours (load_batch, resizer {transforms.RESIZER})", "1 (in process)",
+       med["ours1"], 1, None),
+      ("decode + train aug 227, ours (load_batch, resizer pil: no OpenCV)", "1 (in process)",
+       med["ours1_pil"], 1, None),
       ("decode + train aug 227, reference (PIL + torchvision-style + ToTensor)", "1 (in process)",
        med["ref1"], 1, None),
+      (f"decode + eval 256 / centre 227, ours (load_batch, resizer {transforms.RESIZER})",
+       "1 (in process)", med["eval1"], 1, None),
+      ("decode + eval 256 / centre 227, reference (PIL + torchvision-style + ToTensor)",
+       "1 (in process)", med["eval_ref1"], 1, None),
       (f"end-to-end data path, ours: BatchLoader (grain mp_prefetch), batch {BATCH}", str(w),
        med["oursW"], w, statistics.median(startup["oursW"])),
       (f"end-to-end data path, reference: torch DataLoader, batch {BATCH}", str(w), med["refW"], w,
@@ -294,7 +332,8 @@ def main(argv=None):
   print("| --- | --- | --- | --- | --- |")
   for name, workers, rate, cores, start in table:
     if rate is None:
-      print(f"| {name} | {workers} | skipped (no torch) | | |")
+      why = "same as the row above" if "resizer pil" in name else "skipped (no torch)"
+      print(f"| {name} | {workers} | {why} | | |")
       continue
     start_s = f"{start:.2f}" if start is not None else ""
     print(f"| {name} | {workers} | {rate:.0f} | {rate / cores:.0f} | {start_s} |")
@@ -305,12 +344,17 @@ def main(argv=None):
         f"{ours_w / TARGET:.2f}x the target; at {med['ours1']:.0f} images/s per core the target "
         f"needs ~{TARGET / med['ours1']:.1f} cores.")
   if med["refW"]:
-    print(f"Ours vs reference: {med['ours1'] / med['ref1']:.2f}x in process (per core), "
-          f"{ours_w / med['refW']:.2f}x with {w} workers.")
+    ratios = (med["ours1"] / med["ref1"], med["eval1"] / med["eval_ref1"], ours_w / med["refW"])
+    print(f"Ours vs reference per core (goal >= 2x): train {ratios[0]:.2f}x, eval {ratios[1]:.2f}x "
+          f"in process; {ratios[2]:.2f}x end to end with {w} workers"
+          + (f"; train with the PIL resizer {med['ours1_pil'] / med['ref1']:.2f}x."
+             if med["ours1_pil"] else "."))
   print("Reference: torchvision's transforms re-implemented with PIL + torch RNG (torchvision is "
         "not installed beside torch here), inside torch.utils.data.DataLoader with the same "
         "number of workers; its batches are float32 CHW tensors (ToTensor), ours uint8 HWC "
-        "(normalised on device).")
+        "(normalised on device). Resizer cv2: OpenCV's bilinear interpolation with a Gaussian "
+        "prefilter on reduced axes (within ~0.4 grey levels of PIL's antialiased bilinear on "
+        "average); pil: PIL's, exactly torchvision's.")
 
 
 if __name__ == "__main__":

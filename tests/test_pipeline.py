@@ -57,6 +57,29 @@ def source():
   return ListSource(records)
 
 
+@pytest.fixture(params=["pil", "cv2"])
+def resizer(request, monkeypatch):
+  """Runs a test with each resizer; "pil" also hides OpenCV, as where it is not installed."""
+  if request.param == "cv2" and transforms.cv2 is None:
+    pytest.skip("OpenCV (opencv-python-headless) is not installed")
+  if request.param == "pil":
+    monkeypatch.setattr(transforms, "cv2", None)
+  monkeypatch.setattr(transforms, "RESIZER", request.param)
+  return request.param
+
+
+def _pil_resize(image, width, height):
+  """The independent reference resampling: PIL's antialiased bilinear, as torchvision's."""
+  return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((width, height),
+                                                                        Image.BILINEAR))
+
+
+def _assert_close_to_pil(out, ref, mean, peak):
+  """``out`` within ``mean`` grey levels of ``ref`` on average and ``peak`` everywhere."""
+  diff = np.abs(out.astype(np.int16) - ref.astype(np.int16))
+  assert diff.mean() <= mean and diff.max() <= peak, f"mean {diff.mean():.3f}, max {diff.max()}"
+
+
 def _indices_fn(step, num=10, size=4):
   """A pure, picklable batch-index function (a module-level function: workers import it)."""
   return (np.arange(size) * 3 + step * 5) % num
@@ -78,6 +101,8 @@ def test_config_validation_names_the_key():
     TransformConfig(kind="eval", size=227, resize=200)
   with pytest.raises(ValueError, match="key `flip`"):
     TransformConfig(kind="train", flip="yes")
+  with pytest.raises(ValueError, match="key `resizer`"):
+    TransformConfig(kind="train", resizer="skimage")
   cfg = TransformConfig.from_dict({"kind": "train", "size": 224, "scale": [0.2, 1]})
   assert cfg.scale == (0.2, 1.0) and cfg.size == 224
   assert TransformConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -125,19 +150,87 @@ def test_crop_box_ranges_and_flip_frequency():
                                             cfg.replace(flip=False))[1]
 
 
-def test_train_transform_is_the_sampled_crop_resized(source):
+def test_train_transform_is_the_sampled_crop_resized(source, resizer):
   cfg = TransformConfig(kind="train", size=24, resize=20)
   image = transforms.decode(source[2]["image"])
   for slot in range(6):
     out = transforms.train_transform(image, transforms.augment_rng(1, 0, slot), cfg)
     (top, left, h, w), flip = transforms.sample_augmentation(
         transforms.augment_rng(1, 0, slot), *image.shape[:2], cfg)
-    ref = Image.fromarray(image[top:top + h, left:left + w]).resize((24, 24), Image.BILINEAR)
-    ref = np.asarray(ref)[:, ::-1] if flip else np.asarray(ref)
-    np.testing.assert_array_equal(out, ref)
+    ref = _pil_resize(image[top:top + h, left:left + w], 24, 24)
+    ref = ref[:, ::-1] if flip else ref
+    assert out.shape == (24, 24, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    if resizer == "pil":
+      np.testing.assert_array_equal(out, ref)
+    elif max(h, w) <= 24:  # enlarged: OpenCV's bilinear interpolation is PIL's up to rounding
+      _assert_close_to_pil(out, ref, mean=0.5, peak=1)
+    else:  # reduced, on a tiny image that is mostly sharp edges
+      _assert_close_to_pil(out, ref, mean=1.5, peak=24)
 
 
-def test_eval_transform_matches_resize_then_centre_crop():
+def test_protocol_crops_match_pil_within_tolerance(resizer):
+  """227 crops of a photo-like image, mostly reduced (the protocol's case): PIL within tolerance."""
+  rng = np.random.default_rng(5)
+  image = _photo(400, 500, 5)
+  image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)  # fine detail
+  cfg = TransformConfig(kind="train")
+  reductions = []
+  for slot in range(8):
+    out = transforms.train_transform(image, transforms.augment_rng(2, 1, slot), cfg)
+    (top, left, h, w), flip = transforms.sample_augmentation(
+        transforms.augment_rng(2, 1, slot), *image.shape[:2], cfg)
+    ref = _pil_resize(image[top:top + h, left:left + w], 227, 227)
+    ref = ref[:, ::-1] if flip else ref
+    reductions.append(max(h, w) / 227)
+    if resizer == "pil":
+      np.testing.assert_array_equal(out, ref)
+    else:  # about 0.2-0.8 on average; the peaks (~10-25) are on the drawn shapes' sharp edges
+      _assert_close_to_pil(out, ref, mean=1.0, peak=40)
+  assert max(reductions) > 1.5   # prefiltered reductions are exercised
+  # Grayscale ([H, W] and [H, W, 1]) images keep one channel.
+  gray = image[:, :, 1]
+  for g in (gray, gray[:, :, None]):
+    out = transforms.train_transform(g, transforms.augment_rng(2, 1, 0), cfg)
+    assert out.shape == (227, 227, 1)
+
+
+def test_resize_is_antialiased(resizer):
+  """1-pixel stripes reduced by 1.8: an antialiased filter gives nearly flat grey, no moire."""
+  stripes = np.zeros((180, 180, 3), np.uint8)
+  stripes[:, ::2] = 255
+  out = transforms.resize(stripes, 100, 100).astype(float)
+  assert abs(out.mean() - 127.5) < 3 and out[:, 2:-2].std() < 12
+  if resizer == "cv2":  # bilinear interpolation alone aliases (the prefilter is what prevents it)
+    plain = transforms.cv2.resize(stripes, (100, 100), interpolation=transforms.cv2.INTER_LINEAR)
+    assert plain[:, 2:-2].astype(float).std() > 40
+    np.testing.assert_array_equal(transforms.resize(stripes[:, :, :1], 100, 50)[..., 0],
+                                  transforms.resize(stripes[:, :, 0], 100, 50))
+  with pytest.raises(ValueError, match="unknown resizer"):
+    transforms.resize(stripes, 10, 10, resizer="skimage")
+  with pytest.raises(ValueError, match="uint8"):
+    transforms.resize(stripes.astype(np.float32), 10, 10)
+
+
+def test_resizer_choice(source, monkeypatch):
+  """``TransformConfig.resizer`` overrides the process default ``transforms.RESIZER``."""
+  record, rng = source[3], lambda: transforms.augment_rng(0, 1, 2)
+  monkeypatch.setattr(transforms, "RESIZER", "pil")
+  pil = transforms.transform_record(record, TransformConfig(kind="train"), rng())
+  np.testing.assert_array_equal(
+      transforms.transform_record(record, TransformConfig(kind="train", resizer="pil"), rng()), pil)
+  if transforms.cv2 is not None:
+    via_cfg = transforms.transform_record(record, TransformConfig(kind="train", resizer="cv2"),
+                                          rng())
+    monkeypatch.setattr(transforms, "RESIZER", "cv2")
+    np.testing.assert_array_equal(
+        transforms.transform_record(record, TransformConfig(kind="train"), rng()), via_cfg)
+    _assert_close_to_pil(via_cfg, pil, mean=1.0, peak=40)
+  monkeypatch.setattr(transforms, "cv2", None)
+  with pytest.raises(ValueError, match="opencv-python-headless"):
+    transforms.resize(np.zeros((4, 4, 3), np.uint8), 2, 2, resizer="cv2")
+
+
+def test_eval_transform_matches_resize_then_centre_crop(resizer):
   yy, xx = np.mgrid[0:300, 0:512]
   image = np.stack([xx * 255 // 511, yy * 255 // 299, (xx + yy) % 256], -1).astype(np.uint8)
   data = _encode(image)
@@ -147,9 +240,14 @@ def test_eval_transform_matches_resize_then_centre_crop():
   out = transforms.transform_record({"image": data}, cfg)
   h, w = decoded.shape[:2]
   new_w = int(256 * w / h)  # torchvision Resize(256): the long side truncated
-  ref = np.asarray(Image.fromarray(decoded).resize((new_w, 256), Image.BILINEAR))
+  ref = _pil_resize(decoded, new_w, 256)
   top, left = int(round((256 - 227) / 2)), int(round((new_w - 227) / 2))
-  np.testing.assert_array_equal(out, ref[top:top + 227, left:left + 227])
+  ref = ref[top:top + 227, left:left + 227]
+  assert out.shape == (227, 227, 3) and out.flags.c_contiguous
+  if resizer == "pil":  # exactly torchvision's Resize(256) + CenterCrop(227)
+    np.testing.assert_array_equal(out, ref)
+  else:  # the same geometry; the resampling differs (most on the blue channel's sharp wrap)
+    _assert_close_to_pil(out, ref, mean=0.5, peak=20)
   # Portrait orientation: the width becomes 256.
   tall = transforms.eval_transform(np.ascontiguousarray(image.transpose(1, 0, 2)), cfg)
   assert tall.shape == (227, 227, 3)
@@ -204,7 +302,7 @@ def test_grayscale_cmyk_and_png_inputs():
   assert np.abs(transforms.decode(cases["cmyk_jpeg"]).astype(int) - rgb).mean() < 8
 
 
-def test_bbox_crop():
+def test_bbox_crop(resizer):
   image = np.zeros((60, 80, 3), np.uint8)
   image[:, :40] = (255, 0, 0)
   image[10:50, 45:75] = (0, 0, 255)     # the object: x 45..75, y 10..50
