@@ -104,7 +104,14 @@ def test_augmentation_changes_the_run(cub_dir, tmp_path):
                                                        "input.augment": False}),
                                str(tmp_path / "b"))
   assert a["untrained/test/map_at_r"] == b["untrained/test/map_at_r"]  # same start
-  assert a["test/map_at_r"] != b["test/map_at_r"] or a["val/map_at_r"] != b["val/map_at_r"]
+  losses = [[r["loss"] for r in train.read_jsonl(str(tmp_path / d / "metrics.jsonl"))
+             if r["kind"] == "train"] for d in ("a", "b")]
+  assert len(losses[0]) == len(losses[1]) == 2
+  assert losses[0] != losses[1]  # other pixels reached the step
+  # And the augmented run is reproducible.
+  again = train.train_and_evaluate(_cub_config(cub_dir, **{"input.num_workers": 0}),
+                                   str(tmp_path / "again"))
+  assert _final(again) == _final(a)
 
 
 def test_inshop_is_evaluated_query_against_gallery(tmp_path):
