@@ -881,8 +881,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
   # ------------------------------------------------------------------- loop
   step = int(host["step"])
+  # The pipeline restarts at the checkpoint's step: batches are a function of (seed, step), so
+  # whatever had been decoded ahead before the stop is simply decoded again.
   loader = make_train_loader(config, data, framework, sampler, step)
-  _check_pipeline_state(host, loader, data)
   preempt = ckpt_lib.PreemptionFlag().install()
   pi, pc = jax.process_index(), jax.process_count()
   t0, t_steps, last, pending = time.time(), 0, {}, None
@@ -982,16 +983,6 @@ def _pipeline_state(step: int, data: Input, config) -> dict:
   return {"next_step": int(step), "seed": int(config.seed),
           "train_transform": data.train_transform.to_dict(),
           "eval_transform": data.eval_transform.to_dict()}
-
-
-def _check_pipeline_state(host: dict, loader, data: Input) -> None:
-  """A resumed run's pipeline must start where the checkpoint's stopped."""
-  saved = host.get("pipeline")
-  if saved and int(saved["next_step"]) != loader.next_step:
-    raise ckpt_lib.CheckpointError(
-        f"the checkpoint's input pipeline is at step {saved['next_step']} but the train state "
-        f"at step {loader.next_step}; the checkpoint is inconsistent, restore an older step.")
-  del data
 
 
 def _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger, checkpointer):
