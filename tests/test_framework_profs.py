@@ -7,6 +7,9 @@ representative embeddings; only the sampler (tested in tests/test_samplers.py) i
 framework runs through the trainer's real jitted step (:func:`dmljax.train.make_train_step`)
 on a linear model, so the hold boundaries, anchor moves and HNCM choices are those of training.
 """
+import os
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,9 @@ from dmljax import frameworks, losses, optim, train
 from dmljax import state as state_lib
 from dmljax.configs import base_config, shrink
 from dmljax.data import samplers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import preempt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from dmljax.frameworks import profs as profs_lib
 from dmljax.parallel import to_host
 
@@ -446,28 +452,6 @@ def _e2e_config():
   return c
 
 
-class _StopFlag:
-  """Stands in for the trainer's SIGTERM flag: set once the batch of step ``STOP - 1`` (index
-  ``STOP - 2``) is drawn; the trainer reads the agreed flag one step later, so the run saves a
-  checkpoint after step ``STOP`` and returns."""
-  stop_after = None
-  received = "test"
-
-  def __init__(self, *args, **kwargs):
-    del args, kwargs
-
-  def install(self):
-    return self
-
-  def uninstall(self):
-    pass
-
-  @property
-  def is_set(self):
-    return _StopFlag.stop_after is not None and _DRAWN[-1] >= _StopFlag.stop_after - 2
-
-
-_DRAWN = [-1]
 
 
 @pytest.fixture(scope="module")
@@ -492,19 +476,11 @@ def test_end_to_end_learns_and_reports_clustering(reference):
 def test_resume_mid_hold_is_exact(reference, tmp_path, monkeypatch):
   """Stopped after step 40 (hold 2, step 10 of 15, HNCM table of hold 2 in the state) and
   resumed: the same final metrics as the uninterrupted run."""
-  original = profs_lib.PROFSFramework.sample
-
-  def sample(self, sampler, state, step, *args, **kwargs):
-    _DRAWN[0] = step
-    return original(self, sampler, state, step, *args, **kwargs)
-
-  monkeypatch.setattr(profs_lib.PROFSFramework, "sample", sample)
-  monkeypatch.setattr(train.ckpt_lib, "PreemptionFlag", _StopFlag)
-  monkeypatch.setattr(_StopFlag, "stop_after", 40)
+  disarm = preempt.stop_after(monkeypatch, train, profs_lib.PROFSFramework, 40)
   workdir = str(tmp_path / "run")
   out = train.train_and_evaluate(_e2e_config(), workdir)
   assert out == {"preempted": True, "step": 40} and 40 % 15 != 0
-  monkeypatch.setattr(_StopFlag, "stop_after", None)
+  disarm()
   resumed = train.train_and_evaluate(_e2e_config(), workdir)
   assert _final(resumed) == _final(reference)
 

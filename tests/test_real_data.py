@@ -17,6 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import preempt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import tinydata  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dmljax import train  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -49,45 +50,16 @@ def _final(out):
   return {k: v for k, v in out.items() if k.startswith(("val/", "test/", "untrained/"))}
 
 
-class _StopAfter:
-  """The trainer's SIGTERM flag, set once the batch of step ``stop - 1`` is drawn (the trainer
-  reads the agreed flag one step later and saves after step ``stop``)."""
-  stop = None
-  drawn = [-1]
-  received = "test"
-
-  def __init__(self, *args, **kwargs):
-    del args, kwargs
-
-  def install(self):
-    return self
-
-  def uninstall(self):
-    pass
-
-  @property
-  def is_set(self):
-    return _StopAfter.stop is not None and _StopAfter.drawn[0] >= _StopAfter.stop - 2
-
-
 def test_records_with_workers_resume_exactly(cub_dir, tmp_path, monkeypatch):
   ref = train.train_and_evaluate(_cub_config(cub_dir), str(tmp_path / "ref"))
   assert ref["step"] == 8 and ref["nonfinite_steps"] == 0
   assert "pixels/test/map_at_r" not in ref  # not a baseline for photos
 
-  original = train.frameworks.Framework.sample
-
-  def sample(self, sampler, state, step, *args, **kwargs):
-    _StopAfter.drawn[0] = step
-    return original(self, sampler, state, step, *args, **kwargs)
-
-  monkeypatch.setattr(train.frameworks.Framework, "sample", sample)
-  monkeypatch.setattr(train.ckpt_lib, "PreemptionFlag", _StopAfter)
-  monkeypatch.setattr(_StopAfter, "stop", 5)
+  disarm = preempt.stop_after(monkeypatch, train, train.frameworks.Framework, 5)
   workdir = str(tmp_path / "run")
   out = train.train_and_evaluate(_cub_config(cub_dir), workdir)
   assert out == {"preempted": True, "step": 5}
-  monkeypatch.setattr(_StopAfter, "stop", None)
+  disarm()
   resumed = train.train_and_evaluate(_cub_config(cub_dir), workdir)
   assert _final(resumed) == _final(ref)
   # The same run decoded in this process (no workers) is the same run.
