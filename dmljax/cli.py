@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 class DmljaxError(Exception):
@@ -58,3 +58,14 @@ def report(prog: str, exc: BaseException, argv: Optional[Sequence[str]] = None) 
     print(f"{prog}: (run with --verbose or DMLJAX_VERBOSE=1 for the traceback)", file=sys.stderr)
   sys.stderr.flush()
   return status
+
+
+def run_main(prog: str, main: Callable[[list], Any], argv: Optional[Sequence[str]] = None) -> int:
+  """Calls ``main(argv)`` (default ``sys.argv[1:]``) and turns any error into one message
+  (:func:`report`); returns the exit status (0 on success)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    main(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    return report(prog, e, argv)
+  return 0

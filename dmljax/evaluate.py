@@ -115,12 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
   """``main`` with errors as one message (exit status 2) instead of a traceback."""
-  argv = sys.argv[1:] if argv is None else list(argv)
-  try:
-    main(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    return cli.report("python -m dmljax.evaluate", e, argv)
-  return 0
+  return cli.run_main("python -m dmljax.evaluate", main, argv)
 
 
 if __name__ == "__main__":

@@ -229,13 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
-  """:func:`main` with errors as one message (exit status 2)."""
-  argv = sys.argv[1:] if argv is None else list(argv)
-  try:
-    main(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    return cli.report(PROG, e, argv)
-  return 0
+  """``main`` with errors as one message (exit status 2) instead of a traceback."""
+  return cli.run_main(PROG, main, argv)
 
 
 if __name__ == "__main__":
