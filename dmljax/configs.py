@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Classes with fewer than m images (SOP: 2-12, In-shop: 1-2 per class): "error" refuses them,
   # "repeat" fills their m rows by cycling through their images (as PML's sampler does).
   c.sampler.small_classes = "error"
+  # True: a training split with fewer than batch_size // m classes gets batches of all its classes
+  # (x m, a multiple of the device count) instead of an error; the run says what it chose and
+  # config.json records the batch size used (configs/own_data.py).
+  c.sampler.fit_batch = False
   c.batch_size = 32
 
   c.optim = ml_collections.ConfigDict()

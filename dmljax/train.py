@@ -116,7 +116,7 @@ def create_input(config) -> Input:
   from dmljax.data import load_dataset, real  # pylint: disable=g-import-not-at-top
   dc = config.dataset
   options = dict(dc.options)
-  if dc.name in real.REAL_DATASETS:
+  if real.is_prepared_name(dc.name):  # the benchmarks and your own images: prepared records
     options.setdefault("data_dir", dc.get("data_dir", "") or None)
   ds = load_dataset(dc.name, seed=dc.seed, cache_dir=dc.cache_dir or None, **options)
   for s in (dc.train_split, dc.val_split, dc.test_split):
@@ -162,8 +162,9 @@ def make_train_loader(config, data: Input, framework, sampler, start_step: int):
       prefetch=max(1, int(config.input.prefetch)), process_index=pi, process_count=pc)
 
 
-def make_sampler(config, framework, labels):
-  """The framework's sampler, or the default one of ``config.sampler``."""
+def make_sampler(config, framework, labels, class_names=None):
+  """The framework's sampler, or the default one of ``config.sampler`` (``class_names``: a name
+  per label, for its messages)."""
   sampler = framework.make_sampler(labels)
   if sampler is not None:
     return sampler
@@ -175,7 +176,27 @@ def make_sampler(config, framework, labels):
   if sc.name == "random":
     return samplers.RandomSampler(labels, config.batch_size, config.seed)
   return samplers.MPerClassSampler(labels, sc.m, config.batch_size, config.seed,
-                                   small_classes=sc.get("small_classes", "error"))
+                                   small_classes=sc.get("small_classes", "error"),
+                                   class_names=class_names)
+
+
+def fit_batch(config, data: Input, num_devices: int):
+  """``config`` with ``batch_size`` fitted to the training classes (``sampler.fit_batch``: an
+  m-per-class batch of at most as many classes as the split has); prints what it chose."""
+  from dmljax.data import samplers  # pylint: disable=g-import-not-at-top
+  sc = config.sampler
+  if not sc.get("fit_batch", False) or sc.name != "m_per_class":
+    return config
+  size, message = samplers.fit_classes_per_batch(len(np.unique(data.train_labels)),
+                                                 config.batch_size, sc.m, num_devices)
+  if message:
+    print(f"{config.dataset.name}: {message}", flush=True)
+  if size == config.batch_size:
+    return config
+  import copy  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(config)
+  config.batch_size = size
+  return config
 
 
 # ============================================================================= state
@@ -832,10 +853,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
   # ------------------------------------------------------------------- input, model, state
   data = create_input(config)
+  config = fit_batch(config, data, mesh.size)  # sampler.fit_batch: as many classes as there are
   model = models.get_model(config.model)
   framework = frameworks.get_framework(config, num_classes=data.num_classes,
                                        embedding_dim=config.model.embedding_dim)
-  sampler = make_sampler(config, framework, data.train_labels)  # m > class size fails here
+  sampler = make_sampler(config, framework, data.train_labels,  # m > class size fails here
+                         class_names=getattr(data.train, "class_names", None))
   tx = optim.make_optimizer(config.optim, config.total_steps,
                             steps_per_epoch=math.ceil(len(data.train_labels) / config.batch_size))
   state = parallel.replicate(create_state(config, model, framework, tx, data), mesh)

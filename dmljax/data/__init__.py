@@ -10,6 +10,9 @@ ids. Registered names:
   * ``cub``, ``cars``, ``sop``, ``inshop``: the benchmark data sets, once prepared with
     ``python -m dmljax.data.prepare NAME --manual_dir=... --data_dir=...`` (:mod:`dmljax.data.real`;
     option ``data_dir``, else ``$TFDS_DATA_DIR``); their splits hold records, not arrays.
+  * any other name: a data set of your own images prepared under that name with
+    ``python -m dmljax.data.prepare folder|csv --name=NAME`` (:mod:`dmljax.data.own`), read like
+    the benchmarks (option ``data_dir``).
 
 The option ``protocol_fold=k`` (any data set) replaces the data set's own split by fold ``k`` of
 the 4-fold class-disjoint protocol of Musgrave et al. (:func:`splits.protocol_fold_dataset`;
@@ -56,7 +59,8 @@ def load_dataset(name: str, *, seed: int = 0, cache_dir=None, **options) -> Data
   """Loads a registered data set.
 
   Args:
-    name: one of ``DATASETS``.
+    name: one of ``DATASETS``, or the name of a data set of your own images prepared with
+      ``python -m dmljax.data.prepare folder|csv --name=NAME`` (read from option ``data_dir``).
     seed: split seed (class partition for glyphs, image partition for digits_closed; the digits
       class split is fixed).
     cache_dir: where generated data are cached (glyphs only).
@@ -67,13 +71,23 @@ def load_dataset(name: str, *, seed: int = 0, cache_dir=None, **options) -> Data
   Returns:
     A :class:`Dataset`.
   """
-  if name not in DATASETS:
-    raise ValueError(f"Unknown data set {name!r}; valid data sets: {sorted(DATASETS)}.")
+  if not name:
+    raise ValueError("No data set named (config.dataset.name is empty): set "
+                     "--config.dataset.name=NAME, the --name you prepared your images under "
+                     "(docs/own_data.md), or a built-in data set: "
+                     f"{', '.join(sorted(DATASETS))}.")
+  loader = DATASETS.get(name)
+  if loader is None:
+    if not real.is_prepared_name(name):
+      raise ValueError(f"Unknown data set {name!r}; valid data sets: {sorted(DATASETS)}, or the "
+                       "name of a data set of your own (lower-case letters, digits and "
+                       "underscores; docs/own_data.md).")
+    loader = _real(name)  # your own images, prepared under this name
   fold = options.pop("protocol_fold", None)
-  if name in real.REAL_DATASETS:  # folds over the prepared training classes, test kept
+  if real.is_prepared_name(name):  # folds over the prepared training classes, test kept
     options["protocol_fold"], fold = fold, None
   try:
-    dataset = DATASETS[name](seed, cache_dir, **options)
+    dataset = loader(seed, cache_dir, **options)
   except TypeError as e:  # unexpected keyword: report it as a configuration error
     if "unexpected keyword" not in str(e):
       raise

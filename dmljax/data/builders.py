@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -53,9 +54,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 __all__ = [
-    "NAMES", "VERSION", "SPLITS", "SkippedImageWarning", "Plan", "make_plan", "tfds_name",
-    "short_name", "builder_class", "summarize", "image_size", "DmljaxCub", "DmljaxCars",
-    "DmljaxSop", "DmljaxInshop",
+    "NAMES", "BUILTIN_NAMES", "VERSION", "SPLITS", "SkippedImageWarning", "Plan", "make_plan",
+    "tfds_name", "short_name", "full_name", "is_benchmark", "check_own_name", "builder_class",
+    "summarize", "image_size", "DmljaxCub", "DmljaxCars", "DmljaxSop", "DmljaxInshop",
 ]
 
 VERSION = "1.0.0"
@@ -70,6 +71,14 @@ SPLITS = {
     "sop": ("train", "test"),
     "inshop": ("train", "query", "gallery"),
 }
+
+#: Every data set name dmljax knows without preparation or as a benchmark: a data set of your own
+#: (``python -m dmljax.data.prepare folder|csv --name=NAME``) may not take one of them.
+BUILTIN_NAMES = NAMES + ("digits", "digits_closed", "glyphs")
+
+# Names of your own data sets: lower-case letters, digits and underscores, starting with a letter
+# (TFDS's naming rule, which the folder ``dmljax_NAME`` in --data_dir follows).
+_OWN_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 # Splits whose labels are numbered together (In-shop queries are matched against the gallery).
 _LABEL_GROUPS = {"inshop": (("train",), ("query", "gallery"))}
@@ -93,6 +102,40 @@ def short_name(name: str) -> str:
   if key not in NAMES:
     raise ValueError(f"Unknown data set {name!r}; valid names: {', '.join(NAMES)}.")
   return key
+
+
+def is_benchmark(name: str) -> bool:
+  """Whether ``name`` (``cub`` or ``dmljax_cub``, ...) is one of the four benchmarks."""
+  return (name[len("dmljax_"):] if name.startswith("dmljax_") else name) in NAMES
+
+
+def check_own_name(name: str) -> str:
+  """``name`` if it can name a data set of your own; else ValueError saying why and what to do."""
+  if not name:
+    raise ValueError("--name is required: the name to give the data set (e.g. --name=shop); "
+                     "train on it with --config.dataset.name=shop.")
+  if name in BUILTIN_NAMES or is_benchmark(name):
+    raise ValueError(f"--name={name} is a data set built into dmljax ({', '.join(BUILTIN_NAMES)} "
+                     "are taken); choose another --name for your own images.")
+  if name.startswith("dmljax_"):
+    raise ValueError(f"--name={name}: leave out the dmljax_ prefix, it is added to the folder "
+                     f"name in --data_dir (--name={name[len('dmljax_'):]}).")
+  if not _OWN_NAME.fullmatch(name):
+    suggestion = re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_")
+    if not suggestion or not suggestion[0].isalpha():
+      suggestion = "my_" + suggestion
+    raise ValueError(f"--name={name!r} is not a valid data set name: use lower-case letters, "
+                     f"digits and underscores, starting with a letter, at most 64 characters "
+                     f"(e.g. --name={suggestion[:64]}).")
+  return name
+
+
+def full_name(name: str) -> str:
+  """The TFDS name of a benchmark (``cub`` -> ``dmljax_cub``) or of a data set of your own
+  (``shop`` -> ``dmljax_shop``); ValueError for a name that can be neither."""
+  if is_benchmark(name):
+    return tfds_name(name)
+  return "dmljax_" + check_own_name(name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -722,10 +765,17 @@ def make_plan(name: str, manual_dir: str, *, scratch_dir: Optional[str] = None,
   return Plan(key, splits, class_ids, scan.class_names, skipped, scan.info, inputs, scratch)
 
 
-def _assign_labels(key: str, splits: dict) -> dict:
-  """Numbers the classes of each label group 0..C-1 by original id; split -> class ids."""
+def _assign_labels(key: str, splits: dict, groups: Optional[Sequence[Sequence[str]]] = None
+                   ) -> dict:
+  """Numbers the classes of each label group 0..C-1 by original id; split -> class ids.
+
+  ``groups``: the splits numbered together (default: the data set's, each split alone but
+  In-shop's query and gallery).
+  """
   class_ids = {}
-  for group in _LABEL_GROUPS.get(key, tuple((s,) for s in SPLITS[key])):
+  if groups is None:
+    groups = _LABEL_GROUPS.get(key, tuple((s,) for s in SPLITS[key]))
+  for group in groups:
     ids = np.unique([e.class_id for s in group for e in splits[s]])
     position = {int(c): i for i, c in enumerate(ids)}
     for s in group:

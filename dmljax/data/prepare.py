@@ -1,21 +1,29 @@
-"""Prepare a benchmark from the files you downloaded: ``python -m dmljax.data.prepare NAME ...``.
+"""Prepare a data set: ``python -m dmljax.data.prepare NAME|folder|csv ...``.
 
 ::
 
     python -m dmljax.data.prepare cub --manual_dir=~/downloads/cub --data_dir=~/tensorflow_datasets
     python -m dmljax.data.prepare sop --manual_dir=DIR --data_dir=DIR --json=sop_prepare.json
+    python -m dmljax.data.prepare folder --manual_dir=~/photos --data_dir=DIR --name=shop
+    python -m dmljax.data.prepare csv --manual_dir=~/photos/labels.csv --data_dir=DIR --name=shop
 
-NAME is ``cub``, ``cars``, ``sop`` or ``inshop``. ``--manual_dir`` holds the files as distributed
-(archives, or the folders they extract to; ``docs/data.md`` lists them), ``--data_dir`` is the TFDS
-data folder the data set is written to (as ``dmljax_NAME/1.0.0``, array_record files), read back by
+NAME is ``cub``, ``cars``, ``sop`` or ``inshop``: ``--manual_dir`` holds the files as distributed
+(archives, or the folders they extract to; ``docs/data.md`` lists them). ``folder`` and ``csv``
+prepare your own images under ``--name``: a folder with one sub-folder per class (or split
+folders train/test or train/query/gallery above them; ``--layout``), or a CSV file of
+``path,label[,split][,x1,y1,x2,y2]``; without splits, ``--test_fraction`` of the classes (default
+half, by name; ``--shuffle_seed`` draws them) are for testing (:mod:`dmljax.data.own`,
+``docs/own_data.md``). ``--data_dir`` is the TFDS data folder the data set is written to (as
+``dmljax_NAME/1.0.0``, array_record files), read back by
 :func:`dmljax.data.records.open_prepared` or ``tfds.data_source("dmljax_NAME", data_dir=...)``.
 
-Every input file is located and every image decoded before anything is written: missing files are
-all named in one error; images that do not decode are skipped, each named in a warning. The command
-ends with a table of the splits (images, classes, skipped) and, with ``--json``, writes
-``{"name", "tfds_name", "path", "splits": {split: {"images", "classes"}}, "skipped": {split:
-[paths]}}``. A data set already prepared in ``--data_dir`` is left as it is unless ``--overwrite``
-is given.
+Every input file is located and every image decoded before anything is written: missing
+benchmark files are all named in one error; images that do not decode (and CSV rows whose file is
+missing) are skipped, each named in a warning. The command ends with a table of the splits
+(images, classes, skipped) and, with ``--json``, writes ``{"name", "tfds_name", "path", "splits":
+{split: {"images", "classes"}}, "skipped": {split: [paths]}}``. A data set already prepared in
+``--data_dir`` is left as it is unless ``--overwrite`` is given; for your own images, an input
+that changed since it was prepared is refused instead (``--overwrite`` rebuilds it).
 """
 from __future__ import annotations
 
@@ -35,9 +43,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   from dmljax.data import builders  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog=PROG, description="Prepare a metric-learning data set (TFDS, "
                               "array_record) from the downloaded files.")
-  p.add_argument("name", help=f"data set: {', '.join(builders.NAMES)}")
+  from dmljax.data import own  # pylint: disable=g-import-not-at-top
+  p.add_argument("name", help=f"data set: {', '.join(builders.NAMES)}, or {' / '.join(own.KINDS)} "
+                 "for your own images (with --name)")
   p.add_argument("--manual_dir", default=None,
-                 help="folder holding the downloaded archives or their extracted folders")
+                 help="folder holding the downloaded archives or their extracted folders; for "
+                 "folder: the folder of class sub-folders; for csv: the CSV file")
+  p.add_argument("--name", default=None, dest="own_name",
+                 help="folder / csv: the data set's name (--config.dataset.name=NAME)")
+  p.add_argument("--layout", default=None, choices=own.LAYOUTS,
+                 help="folder: classes (ROOT/CLASS/...), splits (ROOT/train/CLASS/...) or auto "
+                 "(default: splits when ROOT holds nothing but split folders)")
+  p.add_argument("--test_fraction", type=float, default=None,
+                 help="folder / csv without splits: fraction of the classes for testing "
+                 "(default 0.5; the classes sorted by name, the first ones train)")
+  p.add_argument("--shuffle_seed", type=int, default=None,
+                 help="folder / csv without splits: draw the training classes at random with "
+                 "this seed instead of by name")
   p.add_argument("--data_dir", default=None, help="TFDS data folder to write the data set to")
   p.add_argument("--json", default=None, help="also write the split summary to this JSON file")
   p.add_argument("--overwrite", action="store_true",
@@ -70,7 +92,6 @@ def prepare(name: str, manual_dir: Optional[str], data_dir: str, *, overwrite: b
     FileNotFoundError: input files missing (all named).
     ValueError: an unknown name, a damaged input file, or a split without images.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from dmljax.data import builders  # pylint: disable=g-import-not-at-top
   key = builders.short_name(name)
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
@@ -82,23 +103,34 @@ def prepare(name: str, manual_dir: Optional[str], data_dir: str, *, overwrite: b
                        f"downloaded files. {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
     plan = builders.make_plan(key, manual_dir, scratch_dir=data_dir, workers=workers, log=log)
-    try:
-      builder.plan = plan
-      mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-              else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-      config = tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode,
-                                            try_download_gcs=False)
-      if log:
-        log(f"{key}: writing {builder.data_path}")
-      builder.download_and_prepare(download_dir=os.path.join(plan.scratch(), "downloads"),
-                                   download_config=config)
-    finally:
-      builder.plan = None
-      plan.close()
+    write(builder, plan, manual_dir, overwrite=overwrite, log=log)
     builder = builders.builder_class(key)(data_dir=data_dir)  # re-read what was written
   summary = builders.summarize(builder.info.metadata)
   return {"name": key, "tfds_name": builder.name, "path": os.fspath(builder.data_path),
           "already_prepared": already, **summary}
+
+
+def write(builder, plan, manual_dir: str, *, overwrite: bool,
+          log: Optional[Callable[[str], None]] = None) -> None:
+  """Writes ``plan`` through ``builder`` (TFDS renames its ``incomplete.*`` folder only once every
+  record is written); closes the plan."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from dmljax.data import builders  # pylint: disable=g-import-not-at-top
+  scratch = builders._Scratch(os.fspath(builder.data_dir_root))  # pylint: disable=protected-access
+  try:
+    builder.plan = plan
+    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode,
+                                          try_download_gcs=False)
+    if log:
+      log(f"{plan.name}: writing {builder.data_path}")
+    builder.download_and_prepare(download_dir=os.path.join(scratch.path(), "downloads"),
+                                 download_config=config)
+  finally:
+    builder.plan = None
+    plan.close()
+    scratch.cleanup()
 
 
 def format_table(summary: dict) -> str:
@@ -126,17 +158,35 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's info lines; our own progress is printed
   log = lambda text: print(text, flush=True)  # noqa: E731
   with warnings.catch_warnings():
-    from dmljax.data import builders  # pylint: disable=g-import-not-at-top
+    from dmljax.data import builders, own  # pylint: disable=g-import-not-at-top
     warnings.simplefilter("always", builders.SkippedImageWarning)
     warnings.showwarning = _show_warning
-    summary = prepare(a.name, a.manual_dir, a.data_dir, overwrite=a.overwrite,
-                      workers=a.workers, log=log)
+    if a.name in own.KINDS:
+      summary = own.prepare(a.name, a.manual_dir, a.data_dir, name=a.own_name, layout=a.layout,
+                            test_fraction=a.test_fraction, shuffle_seed=a.shuffle_seed,
+                            overwrite=a.overwrite, workers=a.workers, log=log)
+    else:
+      if not builders.is_benchmark(a.name):
+        raise ValueError(f"Unknown data set {a.name!r}; valid names: {', '.join(builders.NAMES)}, "
+                         f"or {' / '.join(own.KINDS)} for your own images (with --name=NAME).")
+      given = [f"--{k}" for k in ("name", "layout", "test_fraction", "shuffle_seed")
+               if getattr(a, "own_name" if k == "name" else k) is not None]
+      if given:
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for your "
+                         f"own images (folder, csv), not for the benchmark {a.name}.")
+      summary = prepare(a.name, a.manual_dir, a.data_dir, overwrite=a.overwrite,
+                        workers=a.workers, log=log)
   if summary["already_prepared"]:
-    print(f"{summary['tfds_name']} is already prepared in {summary['path']}; nothing to do "
-          "(--overwrite rebuilds it).")
+    source = f" from {summary['manual_dir']}" if "manual_dir" in summary else ""
+    print(f"{summary['tfds_name']} is already prepared in {summary['path']}{source}; nothing to "
+          "do (--overwrite rebuilds it).")
   else:
     print(f"{summary['tfds_name']} prepared in {summary['path']}")
   print(format_table(summary))
+  if "kind" in summary:
+    print(f"train on it: python -m dmljax.main --config=configs/own_data.py "
+          f"--config.dataset.name={summary['name']} "
+          f"--config.dataset.data_dir={summary['data_dir']}")
   if a.json:
     with open(a.json, "w") as f:
       json.dump(summary, f, indent=1)

@@ -13,6 +13,12 @@ Splits (class-disjoint everywhere):
     4-fold protocol of Musgrave et al. over these classes (:func:`splits.protocol_folds`);
   * ``test``: the data set's test classes, the same for every fold; for In-shop a
     :class:`~dmljax.data.splits.QueryGallery` (its query images searched against its gallery).
+
+Data sets of your own images (``python -m dmljax.data.prepare folder|csv --name=NAME``,
+:mod:`dmljax.data.own`) load the same way under their name, with a query / gallery test split
+when they were prepared with one. Their validation classes adapt to the number ``T`` of training
+classes: ``round(T * val_fraction)`` but at least 2, leaving at least 2 to train (so ``T >= 4``),
+and the loader prints what it chose.
 """
 from __future__ import annotations
 
@@ -38,13 +44,40 @@ def _split(view) -> splits_lib.Split:
                           class_names=view.class_names)
 
 
+def is_prepared_name(name: str) -> bool:
+  """Whether ``load_dataset(name)`` reads prepared records: a benchmark, or any name that is not
+  built in and can name a data set of your own."""
+  from dmljax.data import builders  # pylint: disable=g-import-not-at-top
+  if name in REAL_DATASETS:
+    return True
+  try:
+    builders.check_own_name(name)
+  except ValueError:
+    return False
+  return True
+
+
+def own_val_count(num_train_classes: int, val_fraction: float) -> int:
+  """Validation classes of a data set of your own: ``round(T * val_fraction)`` within 2 .. T - 2.
+
+  Raises:
+    ValueError: fewer than 4 training classes.
+  """
+  t = int(num_train_classes)
+  if t < 4:
+    raise ValueError(f"{t} training classes; training and validating by class needs at least 4 "
+                     "(2 to train, 2 to validate): prepare the data set with more classes for "
+                     "training (a smaller --test_fraction, or more class folders in train/).")
+  return int(min(max(int(round(t * float(val_fraction))), 2), t - 2))
+
+
 def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
                   val_fraction: float = 0.2, protocol_fold: Optional[int] = None,
                   num_folds: int = splits_lib.PROTOCOL_NUM_FOLDS) -> splits_lib.Dataset:
   """A prepared benchmark data set as train / val / test splits of records.
 
   Args:
-    name: one of :data:`REAL_DATASETS`.
+    name: one of :data:`REAL_DATASETS`, or the name of a data set of your own.
     seed: seed of the validation classes (ignored with ``protocol_fold``).
     data_dir: the TFDS data folder the data set was prepared into (default
       :func:`default_data_dir`).
@@ -59,12 +92,15 @@ def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
     ValueError: bad options.
   """
   from dmljax.data import records  # pylint: disable=g-import-not-at-top
-  if name not in REAL_DATASETS:
-    raise ValueError(f"Unknown prepared data set {name!r}; valid: {list(REAL_DATASETS)}.")
+  if not is_prepared_name(name):
+    raise ValueError(f"Unknown prepared data set {name!r}; valid: {list(REAL_DATASETS)} or the "
+                     "name of a data set of your own.")
+  own = name not in REAL_DATASETS
   data_dir = data_dir or default_data_dir()
   prepared = records.open_prepared(name, data_dir)
   source = prepared["train"]
   ids = sorted(int(c) for c in source.class_ids)
+  chose = ""
   if protocol_fold is not None:
     if not 0 <= int(protocol_fold) < int(num_folds):
       raise ValueError(f"protocol fold {protocol_fold} is out of range; valid folds: "
@@ -74,11 +110,17 @@ def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
     if not 0 < float(val_fraction) < 1:
       raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction} (set "
                        "--config.dataset.options.val_fraction).")
-    groups = splits_lib.partition_classes(
-        ids, {"train": 1.0 - float(val_fraction), "val": float(val_fraction)}, seed)
+    if own:
+      n_val = own_val_count(len(ids), val_fraction)
+      fractions = {"train": (len(ids) - n_val) / len(ids), "val": n_val / len(ids)}
+      chose = (f"{len(ids)} training classes: {len(ids) - n_val} to train, {n_val} to validate "
+               f"(val_fraction={float(val_fraction):g}, at least 2 each)")
+    else:
+      fractions = {"train": 1.0 - float(val_fraction), "val": float(val_fraction)}
+    groups = splits_lib.partition_classes(ids, fractions, seed)
   out = {"train": _split(source.with_classes(groups["train"])),
          "val": _split(source.with_classes(groups["val"]))}
-  if name == "inshop":
+  if "query" in prepared.splits:
     out["test"] = splits_lib.QueryGallery(query=_split(prepared["query"]),
                                           gallery=_split(prepared["gallery"]))
   else:
@@ -92,4 +134,11 @@ def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
     info["protocol"] = {"fold": int(protocol_fold), "num_folds": int(num_folds),
                         "train_classes": groups["train"], "val_classes": groups["val"],
                         "test_classes": [int(c) for c in test_ids], "class_pool": ids}
+  if own:
+    if protocol_fold is not None:
+      chose = (f"protocol fold {protocol_fold}: {len(groups['train'])} classes to train, "
+               f"{len(groups['val'])} to validate")
+    test = out["test"]
+    info["chose"] = f"{name}: {chose}; test: {test.num_classes} classes, {len(test)} images"
+    print(info["chose"], flush=True)
   return splits_lib.Dataset(name=name, splits=out, image_shape=(None, None, 3), info=info)

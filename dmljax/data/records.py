@@ -34,7 +34,8 @@ import tensorflow_datasets as tfds
 
 from dmljax.data import builders
 
-__all__ = ["DatasetNotPrepared", "PreparedDataset", "RecordSplit", "open_prepared"]
+__all__ = ["DatasetNotPrepared", "UnknownDataset", "PreparedDataset", "RecordSplit",
+           "open_prepared"]
 
 _OPEN_LOCK = threading.Lock()  # loader threads may touch a split's records first at the same time
 
@@ -44,11 +45,23 @@ class DatasetNotPrepared(FileNotFoundError):
 
   @classmethod
   def for_dataset(cls, name: str, data_dir: str, detail: str = "") -> "DatasetNotPrepared":
+    if not builders.is_benchmark(name):
+      return UnknownDataset(
+          f"Unknown data set {name!r}; valid data sets: {sorted(builders.BUILTIN_NAMES)}, or one "
+          f"of your own, but none named {name!r} is prepared in {data_dir}{detail} "
+          "(config.dataset.data_dir; --data_dir of the prepare command). Prepare your images "
+          f"once with: python -m dmljax.data.prepare folder --manual_dir=<your image folder> "
+          f"--data_dir={data_dir} --name={name} (or csv --manual_dir=<file.csv>; "
+          "docs/own_data.md).")
     return cls(
         f"Data set {name!r} is not prepared in {data_dir}{detail} (config.dataset.data_dir; "
         f"--data_dir of the prepare command). Prepare it once with: python -m "
         f"dmljax.data.prepare {name} --manual_dir=<where you downloaded the files> "
         f"--data_dir={data_dir} (docs/data.md lists the files to download).")
+
+
+class UnknownDataset(DatasetNotPrepared, ValueError):
+  """A name that is neither built in nor a data set of your own prepared in that ``data_dir``."""
 
 
 class RecordSplit:
@@ -94,7 +107,7 @@ class RecordSplit:
     if self._source is None:
       with _OPEN_LOCK:
         if self._source is None:
-          self._source = tfds.data_source(builders.tfds_name(self.name), data_dir=self.data_dir,
+          self._source = tfds.data_source(builders.full_name(self.name), data_dir=self.data_dir,
                                           split=self.split, download=False)
     return self._source
 
@@ -209,7 +222,8 @@ def open_prepared(name: str, data_dir: str) -> PreparedDataset:
   """Opens a data set prepared by ``python -m dmljax.data.prepare``.
 
   Args:
-    name: ``cub``, ``cars``, ``sop`` or ``inshop`` (or ``dmljax_cub``, ...).
+    name: ``cub``, ``cars``, ``sop`` or ``inshop`` (or ``dmljax_cub``, ...), or the ``--name`` of
+      a data set of your own images (``python -m dmljax.data.prepare folder|csv``).
     data_dir: the ``--data_dir`` it was prepared into.
 
   Returns:
@@ -219,9 +233,11 @@ def open_prepared(name: str, data_dir: str) -> PreparedDataset:
     DatasetNotPrepared: no finished preparation in ``data_dir`` (the message has the command).
     ValueError: an unknown name.
   """
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  if not builders.is_benchmark(name):
+    return _open_own(name, data_dir)
   key = builders.short_name(name)
   full = builders.tfds_name(key)
-  data_dir = os.path.expanduser(os.fspath(data_dir))
   builder = tfds.builder(full, data_dir=data_dir)
   # tfds.testing.mock_data points every builder at its own folder: then let TFDS serve the data.
   redirected = (os.path.realpath(os.fspath(builder.data_dir_root))
@@ -239,3 +255,21 @@ def open_prepared(name: str, data_dir: str) -> PreparedDataset:
       labels, class_ids, names = _labels_from_records(full, data_dir, split)
     splits[split] = RecordSplit(key, data_dir, split, labels, class_ids, names)
   return PreparedDataset(key, full, data_dir, splits, metadata)
+
+
+def _open_own(name: str, data_dir: str) -> PreparedDataset:
+  """A data set of your own images (unregistered: TFDS reads it from its files)."""
+  full = builders.full_name(name)
+  version_dir = os.path.join(data_dir, full, builders.VERSION)
+  from etils import epath  # pylint: disable=g-import-not-at-top  (TFDS's path library: gs:// too)
+  if not epath.Path(version_dir, "dataset_info.json").exists():
+    raise DatasetNotPrepared.for_dataset(name, data_dir, _not_prepared_detail(data_dir, full))
+  metadata = dict(tfds.builder_from_directory(version_dir).info.metadata or {})
+  stored = metadata.get("splits", {})
+  if not stored:
+    raise DatasetNotPrepared.for_dataset(
+        name, data_dir, f" ({version_dir} was not written by python -m dmljax.data.prepare)")
+  splits = {split: RecordSplit(name, data_dir, split, m["labels"], m["class_ids"],
+                               m.get("class_names"))
+            for split, m in stored.items()}
+  return PreparedDataset(name, full, data_dir, splits, metadata)

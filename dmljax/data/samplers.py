@@ -23,6 +23,7 @@ import numpy as np
 
 __all__ = [
     "MPerClassSampler", "OnePerClassSampler", "ClassRepresentativeSampler", "profs_hold_steps",
+    "fit_classes_per_batch",
 ]
 
 # Distinct stream tags so the samplers never reuse each other's random numbers.
@@ -95,10 +96,19 @@ class _ClassIndex:
   def num_classes(self):
     return len(self.classes)
 
-  def check_min_count(self, m, what, hint=""):
+  def check_min_count(self, m, what, hint="", class_names=None):
+    """ValueError naming the classes smaller than ``m`` (by ``class_names[label]`` if given)."""
     small = np.flatnonzero(self.count < m)
     if small.size:
       c = small[0]
+      if class_names is not None:
+        named = [repr(str(class_names[int(self.classes[k])])) for k in small]
+        shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+        raise ValueError(
+            f"Class {named[0]} has {self.count[c]} images but {what} needs {m} per class "
+            f"({small.size} too small: {shown}); sample small classes with replacement "
+            f"(--config.sampler.small_classes=repeat), or lower --config.sampler.m to at most "
+            f"{self.count.min()}, or give these classes at least {m} images.")
       raise ValueError(
           f"Class {self.classes[c]} has {self.count[c]} samples but {what} needs {m} per class "
           f"({small.size} classes are too small); lower the config key `m_per_class` "
@@ -126,11 +136,13 @@ def _check_state(cls, state, labels, names):
                      "resume with the same data set, split and seed.")
 
 
-def _check_class_batches(index, m, batch_size, sampler_name, min_count_hint=None):
+def _check_class_batches(index, m, batch_size, sampler_name, min_count_hint=None,
+                         class_names=None):
   """Validates ``batch_size // m`` classes x ``m`` samples; returns (m, batch_size, classes).
 
   ``min_count_hint``: None to accept classes smaller than ``m``, else the text appended to the
-  error's suggested fixes when some class is smaller than ``m``.
+  error's suggested fixes when some class is smaller than ``m``. ``class_names``: a name per
+  label, to name the small classes by.
   """
   if m < 1 or batch_size < 1:
     raise ValueError(f"m and batch_size must be >= 1, got m={m}, batch_size={batch_size}.")
@@ -142,7 +154,7 @@ def _check_class_batches(index, m, batch_size, sampler_name, min_count_hint=None
     raise ValueError(f"A batch needs {classes_per_batch} distinct classes but the split has "
                      f"{index.num_classes}; lower batch_size or raise m_per_class.")
   if min_count_hint is not None:
-    index.check_min_count(int(m), sampler_name, min_count_hint)
+    index.check_min_count(int(m), sampler_name, min_count_hint, class_names)
   return int(m), int(batch_size), classes_per_batch
 
 
@@ -179,11 +191,12 @@ class MPerClassSampler:
     batch_size: global batch size; must be a multiple of ``m``.
     seed: non-negative integer.
     small_classes: ``"error"`` or ``"repeat"`` (config key ``sampler.small_classes``), see above.
+    class_names: optional name of each label, to name the classes that are too small.
   """
 
   _STATE_KEYS = ("seed", "m", "batch_size")
 
-  def __init__(self, labels, m, batch_size, seed=0, small_classes="error"):
+  def __init__(self, labels, m, batch_size, seed=0, small_classes="error", class_names=None):
     if small_classes not in SMALL_CLASSES:
       raise ValueError(f"small_classes must be one of {SMALL_CLASSES}, got {small_classes!r} "
                        "(set --config.sampler.small_classes).")
@@ -192,7 +205,8 @@ class MPerClassSampler:
     hint = None if small_classes == "repeat" else (
         ", sample small classes with replacement (--config.sampler.small_classes=repeat)")
     self.m, self.batch_size, self.classes_per_batch = _check_class_batches(
-        self._index, m, batch_size, "MPerClassSampler", min_count_hint=hint)
+        self._index, m, batch_size, "MPerClassSampler", min_count_hint=hint,
+        class_names=class_names)
     self.seed = _check_seed(seed)
     self._small = self._index.count < self.m  # [L] classes served with repetition
     self._chunks = -(-self._index.count // self.m)
@@ -534,3 +548,25 @@ class RandomSampler:
   def from_state_dict(cls, labels, state):
     _check_state(cls, state, labels, cls._STATE_KEYS)
     return cls(labels, batch_size=int(state["batch_size"]), seed=int(state["seed"]))
+
+
+def fit_classes_per_batch(num_classes, batch_size, m, multiple_of=1):
+  """``(batch_size, message)``: ``batch_size`` with at most ``num_classes`` classes of ``m``.
+
+  An m-per-class batch holds ``batch_size // m`` distinct classes; a split with fewer classes
+  gets the largest ``K <= num_classes`` whose batch ``K * m`` is a multiple of ``multiple_of``
+  (the device count). The message says what was chosen and why. ``batch_size`` is returned
+  unchanged when the split has enough classes, or when no ``K`` fits (the sampler's own check
+  then reports it).
+  """
+  num_classes, batch_size, m = int(num_classes), int(batch_size), int(m)
+  wanted = batch_size // m if m >= 1 else 0
+  if m < 1 or batch_size % m or num_classes >= wanted:
+    return batch_size, (f"batches of {wanted} classes x {m} images = {batch_size}"
+                        if m >= 1 and not batch_size % m else "")
+  for k in range(num_classes, 1, -1):
+    if (k * m) % max(1, int(multiple_of)) == 0:
+      devices = f", and a multiple of {multiple_of} devices" if k < num_classes else ""
+      return k * m, (f"batches of {k} classes x {m} images = {k * m} (batch_size={batch_size} "
+                     f"asks for {wanted} classes; the training split has {num_classes}{devices})")
+  return batch_size, ""
