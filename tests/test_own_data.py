@@ -324,7 +324,7 @@ def sixteen(tmp_path_factory):
 def test_trains_out_of_the_box(sixteen, tmp_path, capsys):
   c = load_config("small")  # configs/own_data.py with a tiny network: 30 steps
   c.dataset.name, c.dataset.data_dir = "sixteen", sixteen
-  c.progress, c.baselines = False, ()
+  c.progress, c.baselines, c.num_devices, c.checkpoint.enabled = False, (), 1, False
   out = train.train_and_evaluate(c, str(tmp_path))
   printed = capsys.readouterr().out
   assert "sixteen: 8 training classes: 6 to train, 2 to validate" in printed
