@@ -189,7 +189,7 @@ def fit_batch(config, data: Input, num_devices: int):
     return config
   size, message = samplers.fit_classes_per_batch(len(np.unique(data.train_labels)),
                                                  config.batch_size, sc.m, num_devices)
-  if message:
+  if message and jax.process_index() == 0:
     print(f"{config.dataset.name}: {message}", flush=True)
   if size == config.batch_size:
     return config

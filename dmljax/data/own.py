@@ -238,8 +238,13 @@ def list_folder(manual_dir: str, layout: str = "auto", test_fraction: float = 0.
       ignored += [f for f in loose]
     for name in class_dirs:
       base = os.path.join(folder, name)
+      seen = {os.path.realpath(base)}
       for here, subdirs, names in os.walk(base, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        # Hidden folders are left out; a linked folder is read once (a link to a parent would
+        # otherwise be walked forever).
+        subdirs[:] = [d for d in sorted(subdirs) if not d.startswith(".")
+                      and os.path.realpath(os.path.join(here, d)) not in seen]
+        seen.update(os.path.realpath(os.path.join(here, d)) for d in subdirs)
         rel_here = os.path.relpath(here, root).replace(os.sep, "/")
         for f in sorted(names):
           if f.startswith("."):
@@ -449,8 +454,10 @@ def builder_class(name: str):
 
 def _same_source(stored: dict, now: dict) -> Optional[str]:
   """None if ``stored`` describes the input ``now``; else what differs, in words."""
+  if not stored:
+    return "holds no record of the input it was prepared from"
   if stored.get("kind") != now["kind"]:
-    return f"was prepared from a {stored.get('kind', 'benchmark')} input, not a {now['kind']}"
+    return f"was prepared from a {stored.get('kind')} input, not a {now['kind']}"
   if stored.get("manual_dir") != now["manual_dir"]:
     return f"was prepared from {stored.get('manual_dir')}, not {now['manual_dir']}"
   if stored.get("options") != now["options"]:
