@@ -74,6 +74,9 @@ def test_folder_of_classes(tmp_path, capsys):
   root, data_dir = str(tmp_path / "photos"), str(tmp_path / "data")
   write_classes(root, LABELS, 4)
   put(os.path.join(root, "red mug", "broken.jpg"), b"\xff\xd8\xff\xe0 not really a JPEG")
+  put(os.path.join(root, "zebra_pen", "alpha.PNG"), image(4, 5, "PNG", "RGBA"))  # any case
+  put(os.path.join(root, "zebra_pen", "palette.gif"), image(4, 6, "GIF", "P"))
+  put(os.path.join(root, "zebra_pen", "photo.webp"), image(4, 7, "WEBP"))
   put(os.path.join(root, "red mug", "deeper", "more.png"), image(0, 9, "PNG"))  # nested: same class
   put(os.path.join(root, "red mug", "notes.txt"), "not an image")
   put(os.path.join(root, ".hidden", "x.jpg"), image(0, 0))
@@ -83,7 +86,7 @@ def test_folder_of_classes(tmp_path, capsys):
   assert status == 0, err
   assert "skipped" in err and "broken.jpg" in err and "does not decode" in err
   names = sorted(LABELS)  # ['42', 'Blue-Cup', 'a.b', 'red mug', 'zebra_pen', 'élan']
-  assert "train       12        3        0" in out and "test        13        3        1" in out
+  assert "train       12        3        0" in out and "test        16        3        1" in out
   assert "--config.dataset.name=shop" in out and f"--config.dataset.data_dir={data_dir}" in out
 
   ds = records.open_prepared("shop", data_dir)
@@ -118,7 +121,7 @@ def test_folder_of_classes(tmp_path, capsys):
   status, out, err = prepare(capsys, *argv, "--test_fraction=0.34")
   assert status == 2 and "--test_fraction=0.5 then, 0.34 now" in err
   status, out, err = prepare(capsys, *argv, "--overwrite")
-  assert status == 0 and "train       13        3        0" in out
+  assert status == 0 and "train       13        3        0" in out and "test        16" in out
 
 
 def test_class_split_by_name_or_seed():
