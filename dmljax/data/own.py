@@ -228,14 +228,12 @@ def list_folder(manual_dir: str, layout: str = "auto", test_fraction: float = 0.
   else:
     splits = ("train", "test")
     groups = [(None, root, "")]
-  found, ignored, stats = [], [], []
-  ignored += [f for f in top_files if not _is_image(f) or resolved == "splits"]
+  found, stats = [], []
+  ignored = list(top_files)  # files outside the class folders, and (below) files not images
   for split, folder, prefix in groups:
     class_dirs, files = _visible(folder)
     if split is not None:
       ignored += [prefix + f for f in files]
-    elif resolved == "classes":
-      ignored += [f for f in loose]
     for name in class_dirs:
       base = os.path.join(folder, name)
       seen = {os.path.realpath(base)}
@@ -323,9 +321,7 @@ def list_csv(manual_dir: str, test_fraction: float = 0.5,
   for line, row in rows:
     if not any(cell.strip() for cell in row):
       continue
-    if len(row) < len(columns):
-      raise ValueError(f"{path}, line {line}: {len(row)} fields but the header names "
-                       f"{len(columns)}.")
+    row = row + [""] * (len(columns) - len(row))  # fields left out at the end are empty
     value = lambda c: row[col[c]].strip()  # noqa: E731  pylint: disable=cell-var-from-loop
     rel, label = value("path"), value("label")
     if not rel or not label:
@@ -529,7 +525,8 @@ def prepare(kind: str, manual_dir: Optional[str], data_dir: str, *, name: str,
     if log:
       log(f"{name}: {len(listing.items)} images listed in {listing.manual_dir} (layout "
           f"{listing.layout}; splits {', '.join(listing.splits)})"
-          + (f"; {len(listing.ignored)} other files ignored" if listing.ignored else ""))
+          + (f"; {len(listing.ignored)} other files ignored (not images, or outside the class "
+             "folders)" if listing.ignored else ""))
     plan = make_plan(name, listing, workers=workers, log=log)
     prepare_lib.write(builder, plan, listing.root, overwrite=overwrite, log=log)
     builder = cls(data_dir=data_dir)  # re-read what was written
