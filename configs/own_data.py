@@ -30,6 +30,8 @@ on a CPU; photos want a pretrained network:
       --config.model.pretrained=FILE (docs/backbones.md says where to get the file).
   --config=configs/own_data.py:small          a tiny network and 32 x 32 crops (tests, smoke runs).
 """
+import ml_collections
+
 from dmljax.configs import BN_INCEPTION_WEIGHTS, base_config, ccp_paper_config
 
 
@@ -37,7 +39,8 @@ def get_config(arg: str = ""):
   if arg == "bn_inception":
     c = ccp_paper_config("cub")  # BN-Inception, ImageNet weights, the paper's CUB settings
     c.dataset.name = ""
-    c.dataset.options.val_fraction = 0.2
+    # Validation classes fitted to the data set (not the paper configs' protocol fold 0).
+    c.dataset.options = ml_collections.ConfigDict({"val_fraction": 0.2})
     c.sampler.fit_batch = True
     c.total_steps, c.eval_every_steps, c.patience_evals = 20_000, 50, 10
     assert c.model.pretrained.endswith(BN_INCEPTION_WEIGHTS)

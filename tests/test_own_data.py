@@ -305,6 +305,7 @@ def test_config_variants():
   assert default.framework == bn.framework == "ccp" and default.sampler.fit_batch
   assert bn.model.name == "bn_inception" and bn.model.pretrained.endswith(
       "bn_inception-52deb4733.pth") and bn.sampler.fit_batch and bn.dataset.name == ""
+  assert bn.dataset.options.to_dict() == default.dataset.options.to_dict() == {"val_fraction": 0.2}
   assert small.model.widths == (4, 8) and small.total_steps == 30
   with pytest.raises(ValueError, match="Unknown variant 'large'"):
     load_config("large")
