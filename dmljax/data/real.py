@@ -74,7 +74,7 @@ def own_val_count(num_train_classes: int, val_fraction: float) -> int:
 def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
                   val_fraction: float = 0.2, protocol_fold: Optional[int] = None,
                   num_folds: int = splits_lib.PROTOCOL_NUM_FOLDS) -> splits_lib.Dataset:
-  """A prepared benchmark data set as train / val / test splits of records.
+  """A prepared data set (a benchmark or your own) as train / val / test splits of records.
 
   Args:
     name: one of :data:`REAL_DATASETS`, or the name of a data set of your own.
