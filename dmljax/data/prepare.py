@@ -42,7 +42,7 @@ PROG = "python -m dmljax.data.prepare"
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   from dmljax.data import builders  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog=PROG, description="Prepare a metric-learning data set (TFDS, "
-                              "array_record) from the downloaded files.")
+                              "array_record) from the downloaded files, or from your own images.")
   from dmljax.data import own  # pylint: disable=g-import-not-at-top
   p.add_argument("name", help=f"data set: {', '.join(builders.NAMES)}, or {' / '.join(own.KINDS)} "
                  "for your own images (with --name)")
