@@ -222,8 +222,9 @@ def ccp_paper_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
 
   Validation classes: a single run validates on 1/4 of the training classes, the protocol's fold
   0 (train on the first 3/4 of the training classes sorted by id, validate on the last quarter:
-  the quarter the authors' first model holds out); ``python -m dmljax.protocol`` runs all four
-  folds with the same config.
+  the quarter the authors' first model holds out, cut as their code cuts:
+  ``dataset.options.fold_cuts = "authors"``, see :func:`dmljax.data.splits.protocol_folds`);
+  ``python -m dmljax.protocol`` runs all four folds with the same config.
 
   Variants: ``"ablation"``: validation on 1/3 of the training classes (the paper's single-model
   ablations train on 2/3), fold 0 of a 3-fold cut; ``"small"``: the same pipeline and framework
