@@ -15,17 +15,15 @@ the glyphs cached): test MAP@R 0.364. See the README for why CCP ties the single
 Variants: ``:quick`` (the README's first command: 500 steps, about two minutes on 2 CPU cores
 including the first rendering of the glyphs) and ``:small`` (tests).
 """
-from dmljax.configs import glyphs_base, shrink
+from dmljax.configs import glyphs_base, glyphs_regime, variant_parts
 
 
 def get_config(arg: str = ""):
+  parts = variant_parts(arg, ("quick", "scratch", "small"), "glyphs_ccp.py")
   c = glyphs_base()
   c.framework = "ccp"
-  if arg == "quick":
+  glyphs_regime(c, parts - {"quick"})
+  if "quick" in parts and "scratch" in parts:  # the papers' regime is short already
     c.total_steps = 500
     c.checkpoint.every_steps = 250
-  elif arg == "small":
-    shrink(c)
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r} of glyphs_ccp.py; valid: 'quick', 'small'.")
   return c

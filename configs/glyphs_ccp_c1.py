@@ -15,10 +15,11 @@ Measured (seed 0, 1,500 steps): test MAP@R 0.127, P@1 0.628, far below C1 on in-
 """
 import ml_collections
 
-from dmljax.configs import glyphs_base, shrink
+from dmljax.configs import glyphs_base, glyphs_regime, variant_parts
 
 
 def get_config(arg: str = ""):
+  parts = variant_parts(arg, ("scratch", "small"), "glyphs_ccp_c1.py")
   c = glyphs_base()
   c.framework = "ccp"
   c.model.normalization = "l2"
@@ -27,8 +28,4 @@ def get_config(arg: str = ""):
   c.ccp.in_batch_loss = "contrastive_xbm"
   c.ccp.in_batch_kwargs = ml_collections.ConfigDict({"margin": 0.5})
   c.ccp.proxy_normalization = "l2"
-  if arg == "small":
-    shrink(c)
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r} of glyphs_ccp_c1.py; valid: 'small'.")
-  return c
+  return glyphs_regime(c, parts)

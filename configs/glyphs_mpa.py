@@ -17,10 +17,11 @@ set-up (README).
 """
 import ml_collections
 
-from dmljax.configs import glyphs_base, shrink
+from dmljax.configs import glyphs_base, glyphs_regime, variant_parts
 
 
 def get_config(arg: str = ""):
+  parts = variant_parts(arg, ("scratch", "small"), "glyphs_mpa.py")
   c = glyphs_base()
   c.framework = "standard"
   c.loss.name = "mpa"
@@ -34,8 +35,4 @@ def get_config(arg: str = ""):
   c.optim.schedule = "step"
   c.optim.decay_every_epochs = 2.5
   c.optim.decay_factor = 0.5
-  if arg == "small":
-    shrink(c)
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r} of glyphs_mpa.py; valid: 'small'.")
-  return c
+  return glyphs_regime(c, parts)

@@ -16,10 +16,11 @@ Measured (seed 0, ``--config.total_steps=300``, ~2 min on 2 shared CPU cores): v
 
 Variants: ``:small`` (tests: tiny model, few steps).
 """
-from dmljax.configs import glyphs_base, shrink
+from dmljax.configs import glyphs_base, glyphs_regime, variant_parts
 
 
 def get_config(arg: str = ""):
+  parts = variant_parts(arg, ("scratch", "small"), "glyphs_profs.py")
   c = glyphs_base()
   c.framework = "profs"
   c.profs.hncm = False
@@ -27,8 +28,4 @@ def get_config(arg: str = ""):
   c.recall_ks = (1, 2, 4, 8)
   # The margin loss's learnable beta (--config.loss.name=margin) has its own lr multiplier.
   c.optim.lr_multipliers["beta"] = 1.0
-  if arg == "small":
-    shrink(c)
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r} of glyphs_profs.py; valid: 'small'.")
-  return c
+  return glyphs_regime(c, parts)

@@ -14,10 +14,11 @@ is 5 holds, the first without mining: too short to rank it against configs/glyph
 
 Variants: ``:small`` (tests: tiny model, few steps).
 """
-from dmljax.configs import glyphs_base, shrink
+from dmljax.configs import glyphs_base, glyphs_regime, variant_parts
 
 
 def get_config(arg: str = ""):
+  parts = variant_parts(arg, ("scratch", "small"), "glyphs_profs_hncm.py")
   c = glyphs_base()  # the settings of configs/glyphs_profs.py, plus profs.hncm
   c.framework = "profs"
   c.profs.hncm = True
@@ -25,8 +26,4 @@ def get_config(arg: str = ""):
   c.clustering = True
   c.recall_ks = (1, 2, 4, 8)
   c.optim.lr_multipliers["beta"] = 1.0  # the margin loss's learnable beta, if chosen
-  if arg == "small":
-    shrink(c)
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r} of glyphs_profs_hncm.py; valid: 'small'.")
-  return c
+  return glyphs_regime(c, parts)

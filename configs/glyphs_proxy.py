@@ -9,16 +9,12 @@ Measured (seeds 0-2, 2-5 min a run on a shared 2-core CPU): test MAP@R 0.642 ± 
 0.959 ± 0.003 (val MAP@R 0.759); untrained network 0.021, raw pixels 0.073. Same schedule as
 glyphs_ccp.py.
 """
-from dmljax.configs import shrink
-from dmljax.configs import glyphs_base
+from dmljax.configs import glyphs_base, glyphs_regime, variant_parts
 
 
 def get_config(arg: str = ""):
+  parts = variant_parts(arg, ("scratch", "small"), "glyphs_proxy.py")
   c = glyphs_base()
   c.framework = "ccp"
   c.ccp.alternate = False
-  if arg == "small":
-    shrink(c)
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r} of glyphs_proxy.py; valid: 'small'.")
-  return c
+  return glyphs_regime(c, parts)

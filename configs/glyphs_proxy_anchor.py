@@ -14,10 +14,11 @@ untrained network 0.043, raw pixels 0.073.
 """
 import ml_collections
 
-from dmljax.configs import glyphs_base, shrink
+from dmljax.configs import glyphs_base, glyphs_regime, variant_parts
 
 
 def get_config(arg: str = ""):
+  parts = variant_parts(arg, ("scratch", "small"), "glyphs_proxy_anchor.py")
   c = glyphs_base()
   c.framework = "standard"
   c.loss.name = "proxy_anchor"
@@ -27,8 +28,4 @@ def get_config(arg: str = ""):
   c.sampler.m = 1                        # 32 classes x 1 sample
   c.optim.lr_multipliers.proxies = 100.0
   c.optim.freeze_trunk_epochs = 1.0
-  if arg == "small":
-    shrink(c)
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r} of glyphs_proxy_anchor.py; valid: 'small'.")
-  return c
+  return glyphs_regime(c, parts)

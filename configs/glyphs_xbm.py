@@ -12,10 +12,11 @@ classes x 4) and schedule as the other glyphs configs; bounded embeddings as gly
 
 Variant ``:small`` (tests): the tiny model of ``shrink``, a 3-batch memory, a 10-step warm-up.
 """
-from dmljax.configs import glyphs_base, shrink
+from dmljax.configs import glyphs_base, glyphs_regime, variant_parts
 
 
 def get_config(arg: str = ""):
+  parts = variant_parts(arg, ("scratch", "small"), "glyphs_xbm.py")
   c = glyphs_base()
   c.framework = "xbm"
   c.loss.name = "contrastive"
@@ -24,10 +25,4 @@ def get_config(arg: str = ""):
   c.xbm.memory_batches = 10
   c.xbm.warmup_steps = 250
   c.xbm.memory_weight = 1.0
-  if arg == "small":
-    shrink(c)
-    c.xbm.memory_batches = 3
-    c.xbm.warmup_steps = 10
-  elif arg:
-    raise ValueError(f"Unknown variant {arg!r} of glyphs_xbm.py; valid: 'small'.")
-  return c
+  return glyphs_regime(c, parts)
