@@ -2,6 +2,11 @@ r"""DRO-KL with p-sampling and the margin base loss (Qi et al.'s DRO-KL_M) on gl
 
   python -m dmljax.main --config=configs/glyphs_dro_kl.py --workdir=/tmp/dmljax/glyphs_dro_kl
 
+In the papers' regime by default (:func:`dmljax.configs.glyphs_regime`: the trunk pretrained
+on disjoint glyph classes, fine-tuned with frozen BatchNorm at Adam 1e-4 for 200 steps);
+``:scratch`` gives the earlier from-scratch settings, which the figures below marked "from
+scratch" were measured with. Measured in the papers' regime: docs/results_glyphs.md.
+
 The ``dro`` framework (dmljax/frameworks/dro.py) with ``dro_kl_sampled``: every pair of the global
 batch gets the margin base loss ``[m + y (lambda - S)]_+`` (y = +1 positive, -1 negative; the
 paper's m = 0.2, lambda = 0.5) on cosine similarities S; the KL-regularised optimal pair

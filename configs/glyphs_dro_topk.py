@@ -2,6 +2,11 @@ r"""DRO-TopK with the binomial base loss (Qi et al.'s DRO-TopK_B) on glyphs, L2-
 
   python -m dmljax.main --config=configs/glyphs_dro_topk.py --workdir=/tmp/dmljax/glyphs_dro_topk
 
+In the papers' regime by default (:func:`dmljax.configs.glyphs_regime`: the trunk pretrained
+on disjoint glyph classes, fine-tuned with frozen BatchNorm at Adam 1e-4 for 200 steps);
+``:scratch`` gives the earlier from-scratch settings, which the figures below marked "from
+scratch" were measured with. Measured in the papers' regime: docs/results_glyphs.md.
+
 The ``dro`` framework (dmljax/frameworks/dro.py): every pair of the global batch gets the binomial
 base loss in its *scaled* form (``binomial_form="scaled"``, the scaling of the authors' runs:
 ``(2 / alpha) log(1 + exp(-alpha (S - lambda)))`` for a positive pair and

@@ -67,7 +67,7 @@ def test_unknown_variant_is_refused():
 # untrained network scores about 0.03 validation MAP@R here; 120 steps reach 0.08-0.2.
 @pytest.mark.parametrize("name", ["glyphs_ccp", "glyphs_contrastive", "glyphs_proxy_anchor"])
 def test_method_learns_on_glyphs(name, tmp_path):
-  c = load(name)
+  c = load(name, "scratch:small")  # from scratch: the pretrained trunk has the full widths
   c.model.widths, c.model.embedding_dim = (16, 32), 32
   c.total_steps, c.eval_every_steps = 120, 60
   c.baselines, c.progress, c.num_devices = ("untrained",), False, 1
