@@ -174,7 +174,7 @@ XBM_WARMUP_FRACTION = 1000 / 87_000
 #: The glyphs runs in the papers' regime: steps and evaluation interval (a fine-tuned pretrained
 #: trunk gets most of its gain early; one glyphs epoch is 6,400 images / 32 = 200 steps).
 GLYPHS_PAPERS_STEPS = 200
-GLYPHS_PAPERS_EVAL_EVERY = 20
+GLYPHS_PAPERS_EVAL_EVERY = 40
 GLYPHS_STEPS_PER_EPOCH = 200
 #: Adam's learning rate in the papers' regime: the papers fine-tune at 1e-5 (CCP, DRO) to 1e-4
 #: (ProxyAnchor, MPA, XBM), 10-100x below the 1e-3 of training from scratch; the tiny glyphs trunk

@@ -35,13 +35,22 @@ run() {  # NAME CONFIG [overrides...]: one workdir per seed
 }
 
 sweep() {  # NAME CONFIG KEY VALUES [overrides...]: prints the winning override
-  local name=$1 config=$2 key=$3 values=$4; shift 4
+  # The winner's run is seed 0 of NAME's seeds (same config, same seed): it is copied there.
+  local name=$1 config=$2 key=$3 values=$4 best; shift 4
   python "$here/sweep.py" "$config" "$root/sweep_$name" "$key" "$values" --timeout="$limit" \
     -- "$@" > "$root/sweep_$name.log" 2>&1
-  tail -n 1 "$root/sweep_$name.log"
+  best=$(tail -n 1 "$root/sweep_$name.log")
+  if [[ $best == --config.* && ! -e $root/$name/seed0 ]]; then
+    mkdir -p "$root/$name"
+    cp -r "$root/sweep_$name/$key=${best#*=}" "$root/$name/seed0"
+  fi
+  echo "$best"
 }
 
 others() {
+  run c1 configs/glyphs_xbm_c1.py --config.framework=standard "$@"
+  run xbm_c1 configs/glyphs_xbm_c1.py "$@"
+  run xbm_c2 configs/glyphs_xbm.py "$@"
   # Batches of 8 classes x 5 (B = 40): the DRO paper's K grid 2B-3.5B; gamma over {0.1,...,0.9}.
   k_topk=$(sweep dro_topk configs/glyphs_dro_topk.py dro.kwargs.k 80,100,120,140 "$@")
   k_pn=$(sweep dro_topk_pn configs/glyphs_dro_topk.py:pn dro.kwargs.k 80,100,120,140 "$@")
@@ -51,11 +60,6 @@ others() {
     [[ $v == --config.* ]] || { echo "a sweep failed (see $root/sweep_*.log)" >&2; exit 1; }
   done
 
-  run profs configs/glyphs_profs.py "$@"
-  run profs_hncm configs/glyphs_profs_hncm.py "$@"
-  run c1 configs/glyphs_xbm_c1.py --config.framework=standard "$@"
-  run xbm_c1 configs/glyphs_xbm_c1.py "$@"
-  run xbm_c2 configs/glyphs_xbm.py "$@"
   # The DRO methods' plain loss: the binomial base loss (TopK) and the margin base loss (KL) over
   # all pairs, every pair with a loss weighted alike, same batches.
   run binomial configs/glyphs_dro_topk.py:plain "$@"
@@ -63,6 +67,8 @@ others() {
   run dro_topk configs/glyphs_dro_topk.py "$k_topk" "$@"
   run dro_topk_pn configs/glyphs_dro_topk.py:pn "$k_pn" "$@"
   run dro_kl configs/glyphs_dro_kl.py "$g_kl" "$@"
+  run profs configs/glyphs_profs.py "$@"
+  run profs_hncm configs/glyphs_profs_hncm.py "$@"
   run proxy_anchor configs/glyphs_proxy_anchor.py "$@"
   run soft_triple configs/glyphs_soft_triple.py "$@"
   run mpa configs/glyphs_mpa.py "$@"
