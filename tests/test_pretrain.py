@@ -70,6 +70,7 @@ def test_weights_reach_a_run_through_model_pretrained(tiny_weights, tmp_path):
   c.model.widths = (8, 16, 32)
   c.model.pretrained = path
   c.model.freeze_bn = "stats_and_affine"
+  c.batch_size, c.sampler.m = 8, 4               # digits trains on 5 classes
   c.total_steps, c.eval_every_steps, c.log_every_steps = 4, 4, 2
   c.progress, c.num_devices, c.checkpoint.enabled = False, 1, False
   c.baselines = ("untrained", "pixels")
