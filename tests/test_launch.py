@@ -369,6 +369,7 @@ def test_claims_table_verdicts_and_sweep_choice(tmp_path):
   write("proxy", [0.61, 0.63, 0.65])         # 0.63: tie
   write("xbm_c2", [0.80, 0.81, 0.82])        # 0.81: reversed
   write("mpa", [0.25, 0.26, 0.27])           # below its pretrained trunk (0.30)
+  write("proxy_anchor", [0.245])             # one seed: MPA - PA = 0.015 > 0.01
   (tmp_path / "sweep_dro_kl").mkdir()
   (tmp_path / "sweep_dro_kl" / "sweep.json").write_text(json.dumps({
       "config": "configs/glyphs_dro_kl.py", "key": "dro.kwargs.gamma", "best": "0.5",
@@ -385,4 +386,6 @@ def test_claims_table_verdicts_and_sweep_choice(tmp_path):
   assert "C2-CCP beats C2-XBM | 0.620 ± 0.020 | 0.810 ± 0.010 | does not (reversed) |" in out
   assert "| PROFS | C-PROFS beats contrastive | — | 0.520 ± 0.020 | not measured |" in out
   assert "0.1: 0.400, 0.5: 0.500, 0.9: failed | 0.5 |" in out
-  assert "Methods not above their best trivial baseline: MPA (0.260 <= 0.300)" in out
+  assert "MPA beats ProxyAnchor | 0.260 ± 0.010 | 0.245 ± 0.000 | **holds here** (1 seed) |" in out
+  assert ("Methods not above their best trivial baseline: ProxyAnchor (0.245 <= 0.300), MPA "
+          "(0.260 <= 0.300)") in out
