@@ -53,7 +53,9 @@ def _stats(values):
 
 
 def _fmt(s):
-  return f"{s[0]:.3f} ± {s[1]:.3f}" if s and s[2] else "—"
+  if not s or not s[2]:
+    return "—"
+  return f"{s[0]:.3f} ± {s[1]:.3f}" if s[2] > 1 else f"{s[0]:.3f}"
 
 
 def _projection_ends(workdir):
