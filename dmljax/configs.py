@@ -242,3 +242,81 @@ def ccp_paper_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of {name}_ccp.py; valid: 'small'.")
   return c
+
+
+# ================================================================ the papers' rows (dmljax.paper)
+
+#: The ImageNet weight files of the backbones the papers fine-tune (docs/backbones.md), looked up
+#: in ``$DMLJAX_WEIGHTS`` (default ``./weights``).
+BACKBONE_WEIGHTS = {"bn_inception": BN_INCEPTION_WEIGHTS, "googlenet": "googlenet-1378be20.pth",
+                    "resnet50": "resnet50-0676ba61.pth"}
+
+#: Training images of each benchmark's whole train split (epochs -> steps in the conventional
+#: tables): CUB 1-100, Cars 1-98, SOP's Ebay_train, In-shop's train items.
+TRAIN_IMAGES = {"cub": 5864, "cars": 8054, "sop": 59551, "inshop": 25882}
+
+
+def set_backbone(c: ml_collections.ConfigDict, name: str, embedding_dim: int) -> None:
+  """An ImageNet backbone from ``$DMLJAX_WEIGHTS`` with a linear embedding of ``embedding_dim``."""
+  import os  # pylint: disable=g-import-not-at-top
+  c.model.name = name
+  c.model.pretrained = os.path.join(os.environ.get("DMLJAX_WEIGHTS", "weights"),
+                                    BACKBONE_WEIGHTS[name])
+  c.model.embedding_dim = int(embedding_dim)
+
+
+def benchmark_config(name: str, backbone: str = "bn_inception",
+                     embedding_dim: int = 128) -> ml_collections.ConfigDict:
+  """The run settings every paper row shares on a benchmark data set (``cub``, ``cars``, ``sop``,
+  ``inshop``): the backbone, protocol transforms at 227 (resize 256), the untrained network as
+  the only baseline, best-weights checkpoints; the rows set the rest."""
+  c = base_config()
+  c.dataset.name = name
+  set_backbone(c, backbone, embedding_dim)
+  c.sampler.small_classes = "repeat" if name in ("sop", "inshop") else "error"
+  c.input.size, c.input.resize = 227, 256
+  c.baselines = ("untrained",)
+  c.log_every_steps = 25
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.save_best = True
+  c.eval_batch_size = 128
+  return c
+
+
+def epochs(name: str, num: float, batch_size: int) -> int:
+  """Steps of ``num`` epochs over the whole train split of ``name`` (conventional tables)."""
+  import math  # pylint: disable=g-import-not-at-top
+  return int(math.ceil(num * TRAIN_IMAGES[name] / batch_size))
+
+
+def benchmark_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ``small`` variant of a benchmark config (any framework): the same pipeline, framework
+  and loss on a tiny from-scratch backbone, 32 x 32 crops, 4-image batches, a few steps; for
+  smoke runs on tiny prepared data (``python -m dmljax.paper smoke``)."""
+  c.model.name = "small_cnn"
+  c.model.pretrained = ""
+  c.model.widths = (4, 8)
+  c.model.embedding_dim = 8
+  c.model.pooling = "avg"
+  c.model.remat = False
+  c.input.size, c.input.resize = 32, 36
+  c.input.num_workers = 0
+  m = int(c.sampler.m)
+  c.sampler.m = 1 if m == 1 else 2
+  c.batch_size = 4
+  c.sampler.small_classes = "repeat"
+  c.ccp.proxies_per_class, c.ccp.pool_size = 2, 2
+  c.xbm.memory_batches, c.xbm.warmup_steps = 2, 1
+  c.profs.hncm_neighbors = 1                # 2 classes per batch: a seed and one neighbour
+  c.standard.proxies_per_class = min(int(c.standard.proxies_per_class), 2)
+  if c.framework == "dro":
+    for key in ("k", "num_samples"):
+      if key in c.dro.kwargs:
+        c.dro.kwargs[key] = 2 * c.batch_size
+  c.optim.freeze_trunk_epochs = 0.0
+  c.optim.decay_every_epochs = min(float(c.optim.decay_every_epochs), 1.0)
+  c.total_steps, c.eval_every_steps, c.log_every_steps = 4, 2, 2
+  c.patience_evals = 100
+  c.checkpoint.every_steps = 2
+  c.eval_batch_size = 16
+  return c
