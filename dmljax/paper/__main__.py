@@ -127,9 +127,11 @@ def cmd_check(a) -> str:
 # ============================================================================= smoke
 
 
-def smoke(ids: Sequence[str], workdir: Optional[str] = None, say=print) -> list[dict]:
+def smoke(ids: Sequence[str], workdir: Optional[str] = None, say=print,
+          overrides: Optional[dict] = None) -> list[dict]:
   """Two training steps of each row's ``small`` variant on a tiny data set in the row's file
-  layout, through the protocol command's code path; returns each run's final metrics."""
+  layout, through the protocol command's code path; returns each run's final metrics.
+  ``overrides``: dotted config keys set on every run (tests turn checkpoints off)."""
   from dmljax import protocol  # pylint: disable=g-import-not-at-top
   from dmljax.data import tiny  # pylint: disable=g-import-not-at-top
   rows = [paper_lib.get_row(i) for i in ids]
@@ -147,6 +149,12 @@ def smoke(ids: Sequence[str], workdir: Optional[str] = None, say=print) -> list[
       cfg.dataset.options.data_dir = data[row.dataset]
       cfg.total_steps, cfg.eval_every_steps, cfg.log_every_steps = 2, 2, 1
       cfg.progress, cfg.num_devices = False, 1
+      for key, value in (overrides or {}).items():
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+          node = node[part]
+        node[leaf] = value
     wd = os.path.join(root, "runs", row.id)
     t0 = time.time()
     if row.protocol == "4fold":
