@@ -332,13 +332,15 @@ def run_protocol(config, workdir: str, *, folds: Optional[Sequence[int]] = None,
 
 def conventional_config(config):
   """A copy of ``config`` for the conventional split: the whole train split trains and the test
-  split is the monitored ("val") split. Raises ValueError for a config that sets a protocol fold."""
+  split is the monitored ("val") split. A validation fold the config names
+  (``dataset.options.protocol_fold`` / ``num_folds``, e.g. the CCP paper configs' single-run
+  validation) is dropped: nothing is held out."""
   from dmljax.data import real  # pylint: disable=g-import-not-at-top
-  if "protocol_fold" in config.dataset.options:
-    raise ValueError("the conventional mode trains on the whole train split; remove "
-                     "config.dataset.options.protocol_fold.")
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
+    for key in ("protocol_fold", "num_folds"):
+      if key in cfg.dataset.options:
+        del cfg.dataset.options[key]
     if cfg.dataset.name in real.REAL_DATASETS:
       cfg.dataset.options.val_fraction = 0.0
     cfg.dataset.val_split = cfg.dataset.test_split

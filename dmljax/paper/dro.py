@@ -65,8 +65,6 @@ def start(row: Row) -> Spec:
             "total_steps": 50_000 if ds == "inshop" else 20_000})
   spec.set(SEC4 + " (recall@k, k = 1-32 on CUB / Cars196, 1-50 on In-shop)",
            {"recall_ks": RECALL[ds]})
-  spec.set(SEC4 + ": the standard split (first half of the classes trains)",
-           {"dataset.options.val_fraction": 0.2})
   return spec
 
 

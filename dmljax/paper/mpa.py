@@ -60,7 +60,6 @@ def start(row: Row) -> Spec:
            {"total_steps": steps, "eval_every_steps": steps, "patience_evals": 2})
   spec.set(SEC42 + " and Tables 4-8 (R@k, nDCG@k, MAP@R)",
            {"recall_ks": RECALL[ds], "ndcg_ks": NDCG[ds]})
-  spec.set(SEC41 + ": the conventional split", {"dataset.options.val_fraction": 0.2})
   return spec
 
 

@@ -79,8 +79,6 @@ def start(row: Row) -> Spec:
            {"clustering": True, "recall_ks": RECALL[ds]})
   spec.set(SEC52 + " (lambda = 1e-3) and " + SEC54 + " (M = ceil(rho / p(y)), rho = 6)",
            {"profs.lam": 1e-3, "profs.rho": 6.0})
-  spec.set(SEC51 + ": the conventional split; train on the whole train split",
-           {"dataset.options.val_fraction": 0.2})
   return spec
 
 
