@@ -52,6 +52,24 @@ RUNTIME_KEYS = ("checkpoint.", "progress", "log_every_steps", "plot_projections"
 
 CHOSEN = "not given by the paper; chosen: "
 
+#: Sources of settings every row shares (a row's own source wins).
+_COMMON_SOURCES = {
+    "seed": "chosen: seed 0 (run more with --config.seed; the report pools runs of a row)",
+    "dataset.seed": "chosen: 0 (unused: the rows' class splits are fixed, the protocol's folds "
+                    "or the data set's own train / test split)",
+    "sampler.small_classes": "chosen: a class with fewer images than a batch takes (SOP, "
+                             "In-shop) fills its rows by cycling through its images, as PML's "
+                             "sampler does",
+    "input.crop_to_bbox": "chosen: whole images, no bounding-box crop (none of the papers crops "
+                          "to the boxes)",
+    "input.augment": "the papers' training augmentation (random crop and flip)",
+    "recall_ks": "the table's columns",
+    "ndcg_ks": "the table's columns",
+    "precision_ks": "the table's columns",
+    "map_ks": "the table's columns",
+    "clustering": "the table's columns (NMI, F1 only where the table has them)",
+}
+
 
 class Spec:
   """A config being built for a row, with the source of each setting it sets.
@@ -201,6 +219,9 @@ def build(row: Row, variant: str = "") -> tuple[ml_collections.ConfigDict, dict[
   with c.unlocked():
     c.paper_row = row.id
   spec.sources.setdefault("dataset.name", f"the table's data set ({row.published_ref or row.table})")
+  for key, text in _COMMON_SOURCES.items():
+    spec.sources.setdefault(key, text)
+  spec.sources.setdefault("model.dtype", f"the row's dtype ({row.dtype}: the papers' precision)")
   for key in ("dataset.train_split", "dataset.val_split", "dataset.test_split"):
     spec.sources.setdefault(key, "the protocol: 4-fold, the fold's training and validation "
                             "classes, the test half reported; conventional, the whole train "

@@ -44,6 +44,15 @@ def start(row: Row) -> Spec:
            "stated)", {"model.freeze_bn": "stats"})
   spec.set(SEC42 + " (train: random resized crop 224 + flip; test: resize 256, centre crop 224)",
            {"input.size": 224, "input.resize": 256, "input.flip": True})
+  spec.set("chosen: torchvision's RandomResizedCrop ranges (area 0.08-1, aspect 3/4-4/3), as the "
+           "ProxyAnchor code MPA follows (the paper gives none)",
+           {"input.scale": (0.08, 1.0), "input.ratio": (3.0 / 4.0, 4.0 / 3.0)})
+  spec.set("chosen: AdamW's default moments (the paper gives none)",
+           {"optim.b1": 0.9, "optim.b2": 0.999, "optim.eps": 1e-8})
+  spec.set("chosen: no warm-up of the embedding layer (the paper names none)",
+           {"optim.freeze_trunk_epochs": 0.0, "optim.warmup_steps": 0})
+  spec.set("the proxy losses compare L2-normalised proxies (section 3)",
+           {"standard.normalize_proxies": True})
   spec.set(SEC42 + " (AdamW; lr 1e-4 for the backbone, 1e-2 for the proxies)",
            {"optim.name": "adamw", "optim.learning_rate": 1e-4,
             "optim.lr_multipliers.proxies": 100.0})

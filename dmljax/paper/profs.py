@@ -84,7 +84,8 @@ def start(row: Row) -> Spec:
 
 def _loss(spec, family):
   name, kwargs, source = LOSSES[family]
-  spec.set(source, {"loss.name": name, "loss.kwargs": kwargs})
+  spec.set(SEC53 + " (the row's loss)", {"loss.name": name})
+  spec.set(source, {"loss.kwargs": kwargs})
 
 
 def _baseline(family, miner=None, miner_source="", miner_kwargs=None):
