@@ -269,6 +269,9 @@ def _unused(key: str, config) -> str:
     return f"unused by {config.optim.name}"
   if key.startswith("optim.decay_") and config.optim.schedule != "step":
     return f"unused: the {config.optim.schedule} schedule"
+  if (key.startswith("ccp.in_batch_kwargs") and config.framework == "ccp"
+      and not config.ccp.in_batch_loss):
+    return "unused: the in-batch term is config.loss with config.loss.kwargs"
   if key.startswith("loss.") and config.framework == "dro":
     return "unused: the dro framework takes its base loss from dro.kwargs"
   return ""

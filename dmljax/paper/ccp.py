@@ -50,7 +50,25 @@ def start(row: Row) -> Spec:
   spec.cite(SEC_IMPL + " (ImageNet-pretrained BN-Inception)", ["model.name", "model.pretrained"])
   spec.cite(SUP_EMB + " (embedding 128; v / max(1, |v|))",
             ["model.embedding_dim", "model.normalization"])
-  spec.cite(CODE + ": BatchNorm frozen", ["model.freeze_bn"])
+  spec.cite(CODE + ": BatchNorm frozen entirely (statistics and affine); the embedding layer "
+            "has no bias", ["model.freeze_bn", "model.head_bias"])
+  spec.cite(CODE + ": coupled L2 1e-4 on every trainable variable but BatchNorm's, added before "
+            "clipping to global norm 10 and each value to +-10; Keras Adam's epsilon 1e-7",
+            ["optim.weight_decay_scope", "optim.decay_before_clip", "optim.clip_value",
+             "optim.eps"])
+  spec.cite(CODE + ": a projection ends after 3 evaluations without an improvement above the "
+            "callback's margin; the model continues from its current weights, the proximal "
+            "anchor and k-center seeds are the ended projection's best; the pool is embedded "
+            "before the normalisation",
+            ["ccp.min_improvement", "ccp.start_from", "ccp.pool_embeddings"])
+  spec.cite("chosen: the projection end decides on the evaluation just made (the authors' "
+            "callback order, one evaluation late, is a reading of their code, not run)",
+            ["ccp.lagged_metric"])
+  spec.cite(SEC_IMPL + " (alternating proxy problems)", ["ccp.alternate"])
+  spec.cite(SUP_HP + ", CCP: no warm-up and no learning-rate multiplier for the proxies; a "
+            "constant learning rate (" + SUP_TRAIN + ")",
+            ["optim.lr_multipliers.proxies", "optim.freeze_trunk_epochs", "optim.warmup_steps",
+             "optim.schedule"])
   spec.cite(SUP_TRAIN + " (Adam, lr 1e-5, weight decay 1e-4, betas .9/.99, batch 32 = 8 x 4)",
             ["optim.name", "optim.learning_rate", "optim.weight_decay", "optim.b1", "optim.b2",
              "batch_size", "sampler.m", "sampler.name"])
@@ -68,8 +86,9 @@ def start(row: Row) -> Spec:
   spec.cite("chosen: classes of fewer than 4 images (SOP, In-shop) fill their rows by cycling "
             "through their images, as PML's sampler does", ["sampler.small_classes"])
   spec.cite("chosen: an upper bound; the run ends by patience", ["total_steps"])
-  spec.cite(SUP_SPLITS + ": replaced by the protocol's fold (4-fold tables) or by the whole train "
-            "split (conventional mode)", ["dataset.options"])
+  spec.cite(SUP_SPLITS + ": a single run validates on 1/4 of the training classes (fold 0); the "
+            "protocol command sets each fold (4-fold tables) or drops the fold (conventional "
+            "tables)", ["dataset.options"])
   return spec
 
 
@@ -106,14 +125,12 @@ def _standard(spec):
            {"framework": "standard"})
 
 
-def _ccp(spec, ds, similarity: bool):
+def _ccp(spec, ds):
   spec.set(SEC_SETUP + ", Losses with CCP", {"framework": "ccp"})
-  # The in-batch term is the configured loss itself (the authors' CCP loss subclasses it).
-  spec.set(CODE + ": the in-batch term is the configured pair loss with its own settings",
-           {"ccp.in_batch_loss": spec.get("loss.name"),
-            "ccp.in_batch_kwargs": spec.get("loss.kwargs").to_dict()})
-  spec.set(CODE + ": proxies are stored raw and pass through the embeddings' normalisation",
-           {"ccp.proxy_normalization": "l2" if similarity else "bounded"})
+  spec.cite(CODE + ": the in-batch term is the configured pair loss itself, with its own "
+            "settings (\"\" = config.loss)", ["ccp.in_batch_loss"])
+  spec.cite(CODE + ": proxies are stored raw and pass through the embeddings' normalisation",
+            ["ccp.proxy_normalization"])
 
 
 def _xbm(spec, ds):
@@ -154,7 +171,7 @@ def _builder(method: str, ds: str):
     elif method.endswith("_xbm_l"):
       _xbm(spec, ds)
     elif method.endswith("_ccp_l"):
-      _ccp(spec, ds, similarity=method in ("c1_ccp_l", "ms_ccp_l"))
+      _ccp(spec, ds)
     elif method == "proxy_anchor":
       _proxy_baseline(spec, "proxy_anchor", {"margin": 0.1, "alpha": 32.0},
                       SUP_HP + ", ProxyAnchor ((delta, alpha) = (0.1, 32))")

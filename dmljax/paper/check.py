@@ -163,7 +163,8 @@ def _check(row, variant, deep):
   elif config.framework == "ccp":
     _trace_loss(config.loss.name, _kwargs(config.loss.kwargs),
                 proxies_per_class=int(config.ccp.proxies_per_class))
-    _trace_loss(config.ccp.in_batch_loss, _kwargs(config.ccp.in_batch_kwargs))
+    if config.ccp.in_batch_loss:  # "": the configured loss itself (traced above)
+      _trace_loss(config.ccp.in_batch_loss, _kwargs(config.ccp.in_batch_kwargs))
   else:  # xbm, profs: the loss against references
     if config.loss.name in losses.LOSSES and config.loss.name not in losses.PROXY_LOSSES:
       _trace_loss(config.loss.name, _kwargs(config.loss.kwargs))
