@@ -184,11 +184,12 @@ def test_report_beside_the_paper(tmp_path):
     report.main(["--paper", "ccp", "--table", "9", str(tmp_path)])
 
 
-def test_smoke_one_row_per_paper(tmp_path):
+def test_smoke_one_row_per_paper(tmp_path, cache_dir):
   """Tiny data in each row's real file layout, two steps of the small variant through the
   protocol command's path: the 4-fold protocol (fold 0) and the conventional mode."""
-  # One data set (one tiny preparation); checkpoints and the untrained baseline off (tested
-  # elsewhere) to keep the compile-bound runs short.
+  # One data set (one tiny preparation), a compilation cache shared by the four runs (the same
+  # tiny model embeds the same splits), checkpoints and the untrained baseline off (tested
+  # elsewhere): the runs are compile-bound.
   ids = ["ccp/table2/cub/ms_ccp_l", "profs/table1/cub/c_profs_hncm", "dro/table1/cub/topk_pn_b",
          "mpa/table4/cub/mpa_ap"]
   finals = paper_cli.smoke(ids, str(tmp_path), say=lambda _: None,
@@ -238,3 +239,14 @@ def test_standard_framework_miners():
     framework("proxy_anchor", {}, "batch_hard")
   with pytest.raises(ValueError, match="not settings of miner"):
     framework("contrastive", {}, "hard_negative", {"margin": 0.1})
+
+
+def test_conventional_mode_flags(capsys):
+  from dmljax import protocol
+  status = protocol.main(["prog", "--mode=conventional", "--folds=0",
+                          "--config=configs/glyphs_ccp.py:small", "--workdir=/tmp/unused"])
+  assert status == 2 and "--folds belongs to the 4-fold protocol" in capsys.readouterr().err
+  c = _load_paper_config("ccp/table3/cub/c2_ccp_l")  # built on a config that validates on fold 0
+  assert "protocol_fold" not in c.dataset.options and c.dataset.options.val_fraction == 0.0
+  assert c.dataset.val_split == "test" and c.batch_size == 128 and c.model.embedding_dim == 512
+  assert protocol.conventional_config(c).to_dict() == c.to_dict()  # idempotent
