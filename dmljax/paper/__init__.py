@@ -91,7 +91,7 @@ class Spec:
         node = node[part]
       if isinstance(value, dict):
         value = ml_collections.ConfigDict(value)
-      with node.unlocked() if hasattr(node, "unlocked") else _null():
+      with node.unlocked():
         node[leaf] = value
       self.sources[key] = source
     return self
@@ -107,14 +107,6 @@ class Spec:
     for part in key.split("."):
       node = node[part]
     return node
-
-
-class _null:  # pylint: disable=invalid-name
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 @dataclasses.dataclass(frozen=True)
