@@ -119,6 +119,7 @@ def _options(config) -> dict:
   opts = dict(opts.to_dict() if hasattr(opts, "to_dict") else opts)
   opts.pop("protocol_fold", None)
   opts.pop("num_folds", None)
+  opts.pop("fold_cuts", None)
   return opts
 
 
@@ -131,7 +132,8 @@ def class_folds(config, num_folds: int = NUM_FOLDS) -> dict[str, Any]:
   pool = sorted({int(c) for s in ds.splits.values() for c in np.asarray(s.class_ids)})
   trainval, test = splits_lib.protocol_class_halves(pool)
   return {"pool": pool, "trainval": trainval, "test": test,
-          "folds": splits_lib.protocol_folds(trainval, num_folds)}
+          "folds": splits_lib.protocol_folds(
+              trainval, num_folds, str(config.dataset.options.get("fold_cuts", "even")))}
 
 
 # ============================================================================= results
@@ -338,12 +340,12 @@ def run_protocol(config, workdir: str, *, folds: Optional[Sequence[int]] = None,
 def conventional_config(config):
   """A copy of ``config`` for the conventional split: the whole train split trains and the test
   split is the monitored ("val") split. A validation fold the config names
-  (``dataset.options.protocol_fold`` / ``num_folds``, e.g. the CCP paper configs' single-run
-  validation) is dropped: nothing is held out."""
+  (``dataset.options.protocol_fold`` / ``num_folds`` / ``fold_cuts``, e.g. the CCP paper
+  configs' single-run validation) is dropped: nothing is held out."""
   from dmljax.data import real  # pylint: disable=g-import-not-at-top
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
-    for key in ("protocol_fold", "num_folds"):
+    for key in ("protocol_fold", "num_folds", "fold_cuts"):
       if key in cfg.dataset.options:
         del cfg.dataset.options[key]
     if cfg.dataset.name in real.REAL_DATASETS:
