@@ -296,8 +296,9 @@ def ccp_paper_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
 
   Validation classes: a single run validates on 1/4 of the training classes, the protocol's fold
   0 (train on the first 3/4 of the training classes sorted by id, validate on the last quarter:
-  the quarter the authors' first model holds out); ``python -m dmljax.protocol`` runs all four
-  folds with the same config.
+  the quarter the authors' first model holds out, cut as their code cuts:
+  ``dataset.options.fold_cuts = "authors"``, see :func:`dmljax.data.splits.protocol_folds`);
+  ``python -m dmljax.protocol`` runs all four folds with the same config.
 
   Variants: ``"ablation"``: validation on 1/3 of the training classes (the paper's single-model
   ablations train on 2/3), fold 0 of a 3-fold cut; ``"small"``: the same pipeline and framework
@@ -314,6 +315,9 @@ def ccp_paper_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
   # Validation = fold 0 of the protocol's class folds (4 folds: 1/4; the ablation: 3 folds, 1/3).
   c.dataset.options.protocol_fold = 0
   c.dataset.options.num_folds = 3 if variant == "ablation" else 4
+  # Cut as the authors' code cuts (floor(j n / K)): fold 0 = the block their first model holds
+  # out, also where K does not divide n (Cars 98, SOP 11,318, In-shop 3,997 training classes).
+  c.dataset.options.fold_cuts = "authors"
   c.model.name = "bn_inception"
   c.model.pretrained = os.path.join(os.environ.get("DMLJAX_WEIGHTS", "weights"),
                                     BN_INCEPTION_WEIGHTS)
@@ -356,4 +360,85 @@ def ccp_paper_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
     c.total_steps, c.eval_every_steps, c.log_every_steps = 4, 2, 2
     c.checkpoint.every_steps = 2
     c.eval_batch_size = 16
+  return c
+
+
+# ================================================================ the papers' rows (dmljax.paper)
+
+#: The ImageNet weight files of the backbones the papers fine-tune (docs/backbones.md), looked up
+#: in ``$DMLJAX_WEIGHTS`` (default ``./weights``).
+BACKBONE_WEIGHTS = {"bn_inception": BN_INCEPTION_WEIGHTS, "googlenet": "googlenet-1378be20.pth",
+                    "resnet50": "resnet50-0676ba61.pth"}
+
+#: Training images of each benchmark's whole train split (epochs -> steps in the conventional
+#: tables): CUB 1-100, Cars 1-98, SOP's Ebay_train, In-shop's train items.
+TRAIN_IMAGES = {"cub": 5864, "cars": 8054, "sop": 59551, "inshop": 25882}
+
+
+def set_backbone(c: ml_collections.ConfigDict, name: str, embedding_dim: int) -> None:
+  """An ImageNet backbone from ``$DMLJAX_WEIGHTS`` with a linear embedding of ``embedding_dim``."""
+  import os  # pylint: disable=g-import-not-at-top
+  c.model.name = name
+  c.model.pretrained = os.path.join(os.environ.get("DMLJAX_WEIGHTS", "weights"),
+                                    BACKBONE_WEIGHTS[name])
+  c.model.embedding_dim = int(embedding_dim)
+
+
+def benchmark_config(name: str, backbone: str = "bn_inception",
+                     embedding_dim: int = 128) -> ml_collections.ConfigDict:
+  """The run settings every paper row shares on a benchmark data set (``cub``, ``cars``, ``sop``,
+  ``inshop``): the backbone, protocol transforms at 227 (resize 256), the untrained network as
+  the only baseline, best-weights checkpoints; the rows set the rest."""
+  c = base_config()
+  c.dataset.name = name
+  set_backbone(c, backbone, embedding_dim)
+  c.sampler.small_classes = "repeat" if name in ("sop", "inshop") else "error"
+  c.input.size, c.input.resize = 227, 256
+  c.baselines = ("untrained",)
+  c.log_every_steps = 25
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.save_best = True
+  c.eval_batch_size = 128
+  return c
+
+
+def epochs(name: str, num: float, batch_size: int) -> int:
+  """Steps of ``num`` epochs over the whole train split of ``name`` (conventional tables)."""
+  import math  # pylint: disable=g-import-not-at-top
+  return int(math.ceil(num * TRAIN_IMAGES[name] / batch_size))
+
+
+def benchmark_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ``small`` variant of a benchmark config (any framework): the same pipeline, framework
+  and loss on a tiny from-scratch backbone, 32 x 32 crops, 4-image batches, a few steps; for
+  smoke runs on tiny prepared data (``python -m dmljax.paper smoke``)."""
+  c.model.name = "small_cnn"
+  c.model.pretrained = ""
+  c.model.widths = (4, 8)
+  c.model.embedding_dim = 8
+  c.model.pooling = "avg"
+  c.model.remat = False
+  c.input.size, c.input.resize = 32, 36
+  c.input.num_workers = 0
+  m = int(c.sampler.m)
+  c.sampler.m = 1 if m == 1 else 2
+  c.batch_size = 4
+  c.sampler.small_classes = "repeat"
+  c.ccp.proxies_per_class, c.ccp.pool_size = 2, 2
+  c.xbm.memory_batches, c.xbm.warmup_steps = 2, 1
+  c.profs.hncm_neighbors = 1                # 2 classes per batch: a seed and one neighbour
+  # Tiny test splits hold about a dozen references per query: cut-offs up to 8.
+  c.recall_ks = tuple(k for k in c.recall_ks if k <= 8) or (1,)
+  c.ndcg_ks = tuple(k for k in c.ndcg_ks if k <= 8)
+  c.standard.proxies_per_class = min(int(c.standard.proxies_per_class), 2)
+  if c.framework == "dro":
+    for key in ("k", "num_samples"):
+      if key in c.dro.kwargs:
+        c.dro.kwargs[key] = 2 * c.batch_size
+  c.optim.freeze_trunk_epochs = 0.0
+  c.optim.decay_every_epochs = min(float(c.optim.decay_every_epochs), 1.0)
+  c.total_steps, c.eval_every_steps, c.log_every_steps = 4, 2, 2
+  c.patience_evals = 100
+  c.checkpoint.every_steps = 2
+  c.eval_batch_size = 16
   return c
