@@ -51,8 +51,7 @@ import numpy as np
 from dmljax import losses
 from dmljax.frameworks.base import Framework, HostContext, class_major_labels
 from dmljax.frameworks.standard import loss_kwargs
-from dmljax.parallel import to_host
-from dmljax.state import copy_tree
+from dmljax.numerics import copy_tree, to_host
 
 START_MODES = ("projection_best", "converged", "run_best")
 PROXY_NORMALIZATIONS = ("none", "l2", "bounded")
@@ -265,7 +264,7 @@ class CCPFramework(Framework):
     params = dict(params, proxies=ctx.replicate(new_proxies))
     opt_state = state.opt_state
     if cc.reset_proxy_opt_state:
-      from dmljax.optim import reset_group_state  # pylint: disable=g-import-not-at-top
+      from dmljax.numerics import reset_group_state  # pylint: disable=g-import-not-at-top
       opt_state = reset_group_state(opt_state, ctx.tx.init(params), "proxies")
     fs.update(projection=jnp.asarray(projection + 1, jnp.int32),
               proj_best_metric=jnp.asarray(-jnp.inf, jnp.float32),

@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dmljax.losses.core import bounded_normalize, l2_normalize
+from dmljax.numerics import bounded_normalize, l2_normalize
 from dmljax.models import layers
 from dmljax.models.bn_inception import BNInception
 from dmljax.models.googlenet import GoogLeNet
