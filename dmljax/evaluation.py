@@ -7,8 +7,12 @@ network the loop measures before step 1).
 """
 from __future__ import annotations
 
+import time
+from typing import Optional
+
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dmljax import errors
@@ -28,7 +32,8 @@ def model_variables(model_params, batch_stats) -> dict:
 
 
 def make_embed_fn(model, mesh):
-  """Jitted inference-mode embedding ``(model_params, batch_stats, images) -> [B, D]`` (replicated)."""
+  """Jitted inference-mode embedding ``(model_params, batch_stats, images) -> [B, D]``
+  (replicated)."""
   rep, bat = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
   def embed(model_params, batch_stats, images):
@@ -60,24 +65,100 @@ class _Take:
 
 
 def embed_source(embed_fn, mesh, model_params, batch_stats, source, transform, batch_size: int,
-                 num_workers: int = 0, prefetch: int = 2) -> np.ndarray:
+                 num_workers: int = 0, prefetch: int = 2, batches=None) -> np.ndarray:
   """Embeds every image of ``source`` through the input pipeline; returns ``[N, D]`` numpy.
 
   Fixed-size global batches (one compile; the last one padded, the padding cut off). Each process
   reads and decodes only its own part of every batch; the embeddings, never the images, are what
-  the processes share.
+  the processes share. Every batch is dispatched before any embedding is read back (one read at
+  the end). ``batches``: a live :class:`~dmljax.data.pipeline.EvalBatches` of ``source`` to use
+  (kept open: its workers serve the next pass too) instead of a new one.
   """
   from dmljax.data import pipeline  # pylint: disable=g-import-not-at-top
   n = len(source)
   if n == 0:
     raise ValueError("Cannot embed an empty split.")
-  out = []
+  if batches is not None:
+    return _embed_batches(embed_fn, mesh, model_params, batch_stats, batches, n)
   with pipeline.eval_batches(source, transform, batch_size, jax.process_index(),
                              jax.process_count(), num_workers, prefetch) as batches:
-    for images, _ in batches:
-      x = parallel.global_batch(images, mesh)
-      out.append(parallel.to_host(embed_fn(model_params, batch_stats, x)))
-  return np.concatenate(out, axis=0)[:n]
+    return _embed_batches(embed_fn, mesh, model_params, batch_stats, batches, n)
+
+
+def _embed_batches(embed_fn, mesh, model_params, batch_stats, batches, n: int) -> np.ndarray:
+  out = [embed_fn(model_params, batch_stats, parallel.global_batch(images, mesh))
+         for images, _ in batches]
+  return _read_back(out, n)
+
+
+def _read_back(outputs, n: int) -> np.ndarray:
+  """The rows ``[:n]`` of the concatenated device outputs, read back to the host once."""
+  return numerics.to_host(jnp.concatenate(outputs, axis=0)[:n] if len(outputs) > 1
+                          else outputs[0][:n])
+
+
+# ============================================================================= image caches
+
+
+#: Where a split's decoded images live during a run (see :class:`ImageCache`).
+DEVICE, HOST, STREAM = "device", "host", "stream"
+
+
+class ImageCache:
+  """One split's images under the eval transform, decoded once per run.
+
+  The eval transform is deterministic, so every evaluation of a split feeds the model the same
+  uint8 batches; they are decoded at the split's first evaluation and kept, in the layout the
+  streaming path produces (this process's rows of each padded global batch, in order), so the
+  model sees byte for byte the batches it would have been given by decoding again:
+
+  * ``device``: each global batch is an array on the mesh (sharded over ``data`` like a train
+    batch); an evaluation only dispatches;
+  * ``host``: this process's rows in one numpy array; each batch is copied to the devices.
+
+  ``rows`` (index order) is a full copy of a split whose arbitrary subsets are embedded (the
+  training split, for the frameworks' pools): every process holds every row.
+  """
+
+  def __init__(self, where: str, num: int, batch_size: int, host=None, device=None, rows=None):
+    self.where, self.num, self.batch_size = where, int(num), int(batch_size)
+    self.host, self.device, self.rows = host, device, rows
+
+  @property
+  def nbytes(self) -> int:
+    if self.device is not None:
+      return int(sum(x.nbytes for x in self.device))
+    return int((self.host if self.host is not None else self.rows).nbytes)
+
+
+def image_bytes(num: int, image_shape) -> int:
+  return int(num) * int(np.prod(image_shape))
+
+
+def device_memory_bytes() -> int:
+  """Memory of the first local accelerator (0 on CPU, or where the backend does not say)."""
+  dev = jax.local_devices()[0]
+  if dev.platform == "cpu":
+    return 0
+  try:
+    stats = dev.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    return 0
+  return int(stats.get("bytes_limit", 0))
+
+
+def cache_budgets(config) -> tuple[int, int]:
+  """``(device, host)`` bytes the run may spend on image caches (``config.eval_cache``).
+
+  ``device_mb = -1`` (auto): a quarter of the accelerator's memory, none on CPU (whose "device"
+  memory is the host's: the host cache serves it without a second copy); ``host_mb`` caps the
+  host copies. 0 turns either off; both 0 stream every evaluation as before caches existed.
+  """
+  ec = config.get("eval_cache", None)
+  device_mb = -1 if ec is None else float(ec.device_mb)
+  host_mb = 4096 if ec is None else float(ec.host_mb)
+  device = device_memory_bytes() // 4 if device_mb < 0 else int(device_mb * 2**20)
+  return int(device), int(max(0.0, host_mb) * 2**20)
 
 
 class Evaluator:
@@ -87,6 +168,13 @@ class Evaluator:
   Metrics: retrieval (``config.recall_ks``, ``precision_ks``, ``map_ks``, ``ndcg_ks``; MAP@R,
   R-precision and P@1 always) and, with ``config.clustering``, NMI and pairwise F1 of k-means.
   Embeddings that are not finite raise :class:`dmljax.errors.TrainingDiverged`.
+
+  Images are decoded once per run: each evaluation split gets an :class:`ImageCache` on the
+  devices or in host memory within ``config.eval_cache``'s budgets (planned at construction, the
+  validation split first, then test, then the training split under the eval transform for the
+  frameworks' pools), built at its first evaluation; a split that fits neither is streamed as
+  before, through workers that live until :meth:`close`. Cached or streamed, the model is given
+  the same uint8 batches, so the metrics do not depend on where the images came from.
   """
 
   def __init__(self, config, model, mesh, data: inputs.Input):
@@ -95,16 +183,156 @@ class Evaluator:
     self.checkpointer = None  # named in the divergence message once there is one
     self.step = 0
     self.num_workers = inputs.input_workers(config, data)
+    self.batch_size = int(config.eval_batch_size)
+    self.prefetch = max(1, int(config.input.prefetch))
+    self.plan: dict[int, str] = {}  # id(source) -> DEVICE / HOST / STREAM
+    self.names: dict[int, str] = {}
+    self.caches: dict[int, ImageCache] = {}
+    self.build_seconds: dict[str, float] = {}
+    self._streams: dict = {}
+    self._plan_caches()
+
+  # --------------------------------------------------------------------------- caches
+
+  def _records(self, source) -> bool:
+    return not (isinstance(source, np.ndarray) and self.data.eval_transform.kind == "none")
+
+  def _plan_caches(self):
+    from dmljax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+    device_left, host_left = cache_budgets(self.config)
+    pc, ndev = jax.process_count(), max(1, self.mesh.size)
+    shape = self.data.image_shape
+    sources = []
+    for name in ("val", "test"):
+      split = self.data.split(name)
+      if isinstance(split, splits_lib.QueryGallery):
+        sources += [(f"{name}.query", split.query.images),
+                    (f"{name}.gallery", split.gallery.images)]
+      else:
+        sources.append((name, split.images))
+    for name, source in sources:
+      if id(source) in self.plan:
+        continue
+      padded = -(-len(source) // self.batch_size) * self.batch_size
+      on_device = image_bytes(padded // ndev, shape)
+      on_host = image_bytes(padded // pc, shape)
+      where = STREAM
+      if 0 < on_device <= device_left:
+        where, device_left = DEVICE, device_left - on_device
+      elif self._records(source) and 0 < on_host <= host_left:
+        where, host_left = HOST, host_left - on_host  # arrays are in host memory already
+      self.plan[id(source)], self.names[id(source)] = where, name
+    ec = self.config.get("eval_cache", None)
+    train = self.data.train_images
+    if ((ec is None or ec.get("train", True)) and self._records(train)
+        and 0 < image_bytes(len(train), shape) <= host_left):
+      self.plan[id(train)], self.names[id(train)] = HOST, "train"
+
+  def _workers_for(self, num: int) -> int:
+    # Worker processes pay off for large splits only: starting them costs seconds, about what
+    # decoding a few thousand images in this process costs.
+    return self.num_workers if num >= EVAL_WORKERS_MIN_IMAGES else 0
+
+  def _eval_batches(self, source, process_index, process_count, persistent):
+    from dmljax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.eval_batches(source, self.data.eval_transform, self.batch_size,
+                                 process_index, process_count, self._workers_for(len(source)),
+                                 self.prefetch, persistent=persistent)
+
+  def cache(self, source) -> Optional[ImageCache]:
+    """The cache of ``source`` (built now if planned and not built yet), or None (streamed)."""
+    key = id(source)
+    where = self.plan.get(key, STREAM)
+    if where == STREAM or len(source) == 0:
+      return None
+    if key not in self.caches:
+      t0 = time.perf_counter()
+      self.caches[key] = self._build(source, where, rows=self.names[key] == "train")
+      self.build_seconds[self.names[key]] = time.perf_counter() - t0
+      c = self.caches[key]
+      logging.info("Evaluation cache: %s, %d images, %.1f MB in %s memory, decoded in %.2f s.",
+                   self.names[key], c.num, c.nbytes / 2**20, where,
+                   self.build_seconds[self.names[key]])
+    return self.caches[key]
+
+  def _build(self, source, where: str, rows: bool) -> ImageCache:
+    n, bsz = len(source), self.batch_size
+    if rows:  # every row, in index order, in every process
+      out = None
+      with self._eval_batches(source, 0, 1, persistent=False) as batches:
+        for b, (images, valid) in enumerate(batches):
+          if out is None:
+            out = np.empty((n,) + images.shape[1:], images.dtype)
+          out[b * bsz:b * bsz + valid] = images[:valid]
+      return ImageCache(where, n, bsz, rows=out)
+    pi, pc = jax.process_index(), jax.process_count()
+    with self._eval_batches(source, pi, pc, persistent=False) as batches:
+      if where == DEVICE:
+        return ImageCache(where, n, bsz,
+                          device=[parallel.global_batch(images, self.mesh)
+                                  for images, _ in batches])
+      out, per = None, bsz // pc
+      for b, (images, _) in enumerate(batches):
+        if out is None:
+          out = np.empty((len(batches) * per,) + images.shape[1:], images.dtype)
+        out[b * per:(b + 1) * per] = images
+      return ImageCache(where, n, bsz, host=out)
+
+  def _embed_cache(self, model_params, batch_stats, c: ImageCache) -> np.ndarray:
+    if c.device is not None:
+      out = [self.embed_fn(model_params, batch_stats, x) for x in c.device]
+    else:
+      per = c.batch_size // jax.process_count()
+      out = [self.embed_fn(model_params, batch_stats,
+                           parallel.global_batch(c.host[b * per:(b + 1) * per], self.mesh))
+             for b in range(len(c.host) // per)]
+    return _read_back(out, c.num)
+
+  def _embed_rows(self, model_params, batch_stats, rows, indices) -> np.ndarray:
+    """Embeddings of ``rows[indices]`` in the streaming path's batches (padding: the batch's
+    first image), built from the cached rows."""
+    indices = np.asarray(indices, np.int64)
+    n, bsz = len(indices), self.batch_size
+    if n == 0:
+      raise ValueError("Cannot embed an empty split.")
+    pi, per = jax.process_index(), bsz // jax.process_count()
+    out = []
+    for lo in range(0, n, bsz):
+      pos = np.full(bsz, lo, np.int64)
+      pos[:min(bsz, n - lo)] = np.arange(lo, min(lo + bsz, n))
+      local = rows[indices[pos[pi * per:(pi + 1) * per]]]
+      out.append(self.embed_fn(model_params, batch_stats, parallel.global_batch(local, self.mesh)))
+    return _read_back(out, n)
+
+  def close(self):
+    """Stops the streaming workers and drops the caches (idempotent)."""
+    for batches in self._streams.values():
+      batches.close()
+    self._streams.clear()
+    self.caches.clear()
+
+  # --------------------------------------------------------------------------- embedding
 
   def embed(self, model_params, batch_stats, images, indices=None) -> np.ndarray:
     """Embeddings of an image source (array or records), or of its ``indices``."""
+    c = self.cache(images)
+    if c is not None and indices is None and c.rows is None:
+      return self._embed_cache(model_params, batch_stats, c)
+    if c is not None and c.rows is not None:
+      return self._embed_rows(model_params, batch_stats, c.rows,
+                              np.arange(c.num) if indices is None else indices)
+    if indices is None and self.plan.get(id(images)) == STREAM:
+      # A planned split too large for the caches: its workers live for the whole run.
+      if id(images) not in self._streams:
+        self._streams[id(images)] = self._eval_batches(
+            images, jax.process_index(), jax.process_count(), persistent=True)
+      return embed_source(self.embed_fn, self.mesh, model_params, batch_stats, images,
+                          self.data.eval_transform, self.batch_size,
+                          batches=self._streams[id(images)])
     source = images if indices is None else take(images, indices)
-    # Worker processes pay off for large splits only: starting them costs seconds, about what
-    # decoding a few thousand images in this process costs.
-    workers = self.num_workers if len(source) >= EVAL_WORKERS_MIN_IMAGES else 0
     return embed_source(self.embed_fn, self.mesh, model_params, batch_stats, source,
-                        self.data.eval_transform, self.config.eval_batch_size,
-                        workers, max(1, int(self.config.input.prefetch)))
+                        self.data.eval_transform, self.batch_size,
+                        self._workers_for(len(source)), self.prefetch)
 
   def embed_train(self, model_params, batch_stats, indices) -> np.ndarray:
     return self.embed(model_params, batch_stats, self.data.train_images, indices)
