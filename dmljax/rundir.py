@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any, Callable
 
 from absl import logging
@@ -22,6 +23,10 @@ from dmljax import numerics
 
 
 # ============================================================================= files
+
+
+#: Remote workdirs: training lines are written out at most this often (see :class:`Logger`).
+REMOTE_FLUSH_SECONDS = 60.0
 
 
 def is_remote(path: str) -> bool:
@@ -46,11 +51,27 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+def parts_dir(path: str) -> str:
+  """The folder of a remote ``metrics.jsonl``'s part objects (see :class:`Logger`)."""
+  return f"{path}.parts"
+
+
+def _part_paths(path: str) -> list:
+  d = epath_of(parts_dir(path))
+  return sorted(d.glob("part-*.jsonl")) if d.exists() else []
+
+
 def read_jsonl(path: str) -> list[dict]:
-  """The records of a ``metrics.jsonl``; a partial or garbled line (a run killed mid-write) is
+  """The records of a ``metrics.jsonl`` (and, in a bucket, of the part objects a running or
+  killed run left beside it, in order); a partial or garbled line (a run killed mid-write) is
   dropped, never an error."""
   out = []
-  text = epath_of(path).read_text() if is_remote(path) else open(path).read()
+  if is_remote(path):
+    texts = [epath_of(path).read_text()] if exists(path) else []
+    texts += [p.read_text() for p in _part_paths(path)]
+    text = "".join(t if t.endswith("\n") or not t else t + "\n" for t in texts)
+  else:
+    text = open(path).read()
   for line in text.splitlines():
     if not line.strip():
       continue
@@ -82,8 +103,13 @@ def exists(path: str) -> bool:
 class Logger:
   """metrics.jsonl + TensorBoard (process 0 only).
 
-  Local workdirs append to ``metrics.jsonl``; bucket workdirs (``gs://``), where objects cannot
-  be appended to, rewrite it whole at each log call. TensorBoard writes to the workdir where
+  Local workdirs append to ``metrics.jsonl``. In a bucket (``gs://``), where an object cannot be
+  appended to, lines are buffered and written as rolling part objects
+  ``metrics.jsonl.parts/part-NNNNNN.jsonl``: at most one every :data:`REMOTE_FLUSH_SECONDS`
+  during training, and at once for evaluations and the final record; :func:`read_jsonl` reads
+  the file and its parts in order. ``close()`` (and a resume) merges them back into one
+  ``metrics.jsonl``. A run killed between flushes loses at most that many seconds of training
+  lines, which the resumed run writes again. TensorBoard writes to the workdir where
   tensorboardX can (a bucket needs ``google-cloud-storage``), else to a local folder it names.
   """
 
@@ -92,17 +118,22 @@ class Logger:
     self.path = join(workdir, "metrics.jsonl")
     self.remote = is_remote(workdir)
     self.writer = None
-    self.lines: list[str] = []
+    self.pending: list[str] = []  # remote: lines not yet in a part object
+    self.parts = 0
+    self.last_flush = time.monotonic()
     if not self.active:
       return
-    if resume_step is not None and exists(self.path):
+    has_parts = self.remote and bool(_part_paths(self.path))
+    if resume_step is not None and (exists(self.path) or has_parts):
       # Drop lines written after the checkpoint we resume from (they will be written again) and
       # any partial line; the rewrite is atomic, so a kill here loses nothing.
       keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-      self.lines = [json.dumps(r) + "\n" for r in keep]
-      write_atomic(self.path, "".join(self.lines))
-    elif resume_step is None and exists(self.path):
-      epath_of(self.path).unlink() if self.remote else os.remove(self.path)
+      write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+      self._remove_parts()
+    elif resume_step is None:
+      if exists(self.path):
+        epath_of(self.path).unlink() if self.remote else os.remove(self.path)
+      self._remove_parts()
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     tb = join(workdir, "tensorboard")
     try:
@@ -124,8 +155,9 @@ class Logger:
       clean[k] = v.item() if v.ndim == 0 else v.tolist()
     line = json.dumps({"step": int(step), "kind": kind, **clean}) + "\n"
     if self.remote:
-      self.lines.append(line)
-      write_atomic(self.path, "".join(self.lines))
+      self.pending.append(line)
+      if kind != "train" or time.monotonic() - self.last_flush >= REMOTE_FLUSH_SECONDS:
+        self.flush()
     else:
       with open(self.path, "a") as f:
         f.write(line)
@@ -134,9 +166,68 @@ class Logger:
         self.writer.add_scalar(f"{kind}/{k}" if "/" not in k else k, v, step)
     self.writer.flush()
 
+  def flush(self):
+    """Remote: writes the buffered lines as the next part object."""
+    if self.remote and self.active and self.pending:
+      self.parts += 1
+      epath_of(parts_dir(self.path)).mkdir(parents=True, exist_ok=True)
+      write_atomic(join(parts_dir(self.path), f"part-{self.parts:06d}.jsonl"),
+                   "".join(self.pending))
+      self.pending = []
+    self.last_flush = time.monotonic()
+
+  def _remove_parts(self):
+    for p in _part_paths(self.path) if self.remote else []:
+      p.unlink()
+
   def close(self):
+    if self.remote and self.active:
+      self.flush()
+      if self.parts:  # one object again: the file and its parts merged, then the parts removed
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in read_jsonl(self.path)))
+        self._remove_parts()
+        self.parts = 0
     if self.writer is not None:
       self.writer.close()
+
+
+# ============================================================================= compilation cache
+
+
+def compilation_cache_dir(setting: str) -> str:
+  """Where compiled executables persist between runs: ``setting`` as a path, ``"auto"`` for
+  ``$DMLJAX_CACHE_DIR/jax`` (default ``$XDG_CACHE_HOME/dmljax/jax`` or ``~/.cache/dmljax/jax``:
+  per user), ``""`` for none."""
+  setting = str(setting or "")
+  if setting != "auto":
+    return os.path.expanduser(setting)
+  base = os.environ.get("DMLJAX_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+      "dmljax")
+  return os.path.join(base, "jax")
+
+
+def enable_compilation_cache(config) -> str:
+  """Turns on JAX's persistent compilation cache (``config.compilation_cache``), unless one is
+  set already (by the user, or ``JAX_COMPILATION_CACHE_DIR``); returns the directory in use.
+
+  A restarted run (a requeued job, the next fold) then loads its train step and evaluation
+  executables instead of compiling them again (on a GPU, compiling includes autotuning).
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  path = compilation_cache_dir(config.get("compilation_cache", "auto"))
+  if path:
+    try:
+      if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+      jax.config.update("jax_compilation_cache_dir", path)
+    except OSError as e:
+      logging.warning("No persistent compilation cache (%s); set config.compilation_cache to a "
+                      "writable folder, or '' to silence this.", errors.message(e))
+      return ""
+  return path
 
 
 # ============================================================================= config records
@@ -147,7 +238,9 @@ class Logger:
 RESUME_SAFE_KEYS = ("progress", "log_every_steps", "plot_projections", "checkpoint.max_to_keep",
                     "checkpoint.save_best", "checkpoint.every_steps", "dataset.cache_dir",
                     "max_consecutive_nonfinite", "baselines", "num_devices", "eval_batch_size",
-                    "input.num_workers", "input.prefetch", "dataset.data_dir")
+                    "input.num_workers", "input.prefetch", "dataset.data_dir",
+                    "eval_cache.device_mb", "eval_cache.host_mb", "eval_cache.train",
+                    "checkpoint.async_save", "compilation_cache")
 SAMPLER_KEYS = ("seed", "batch_size", "sampler.name", "sampler.m", "sampler.small_classes")
 
 
