@@ -80,7 +80,8 @@ def backbone_options(model_config) -> dict[str, Any]:
   """
   get = model_config.get
   return dict(pooling=get("pooling", "avg"), gem_p=float(get("gem_p", 3.0)),
-              freeze_bn=get("freeze_bn", "none"), dtype=get("dtype", "float32"),
+              freeze_bn=get("freeze_bn", "none"),
+              dtype=layers.dtype_name(get("dtype", "float32")),
               remat=bool(get("remat", False)))
 
 
