@@ -165,6 +165,33 @@ def jit_train_step(step_fn, mesh):
                  donate_argnums=(0,))
 
 
+# ============================================================================= precision
+
+
+def resolve_precision(config):
+  """``config`` with ``model.dtype="auto"`` replaced by the dtype it means on this backend
+  (:func:`dmljax.models.layers.auto_dtype`), so the run's config.json and checkpoints record the
+  dtype actually used; other configs are returned as they are."""
+  from dmljax.models import layers  # pylint: disable=g-import-not-at-top
+  if config.model.get("dtype", "float32") != layers.AUTO_DTYPE:
+    return config
+  config = config.copy_and_resolve_references()
+  config.model.dtype = layers.auto_dtype()
+  logging.info("model.dtype='auto' on %s: %s compute.", jax.default_backend(), config.model.dtype)
+  return config
+
+
+def precision_record(config) -> dict:
+  """What a checkpoint records of the numerics: backend, compute dtype, float32 matmul precision.
+
+  ``matmul_precision`` is JAX's ``jax_default_matmul_precision`` (None: XLA's default, which on
+  NVIDIA GPUs from Ampere on runs float32 matmuls and convolutions in TF32, and on TPU in
+  bfloat16 passes; "highest" asks for full float32).
+  """
+  return {"backend": jax.default_backend(), "model_dtype": str(config.model.dtype),
+          "matmul_precision": jax.config.jax_default_matmul_precision}
+
+
 # ============================================================================= checkpointing
 
 
@@ -186,12 +213,22 @@ def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factor
   if restored is not None:
     host = restored[1]
     changed = rundir.config_changes(host["config"], cfg_now) if "config" in host else {}
+    backend = host.get("precision", {}).get("backend")
+    if "model.dtype" in changed and backend and backend != jax.default_backend():
+      logging.warning("%s was trained on %s with model.dtype=%s; this run is on %s with "
+                      "model.dtype=%s.", workdir, backend, changed["model.dtype"][0],
+                      jax.default_backend(), changed["model.dtype"][1])
     if changed and not allow_config_change:
       listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+      why = ""
+      if "model.dtype" in changed and backend and backend != jax.default_backend():
+        why = (f" (the run was trained on {backend}; model.dtype='auto' means bfloat16 on an "
+               "accelerator and float32 on CPU: pass the old dtype explicitly to continue "
+               "it here)")
       checkpointer.close()
       raise errors.ConfigChanged(
           f"the config differs from the one {workdir} was trained with, which breaks exact "
-          f"resumption: {listing}. Run with the old values, use a new --workdir, or pass "
+          f"resumption: {listing}{why}. Run with the old values, use a new --workdir, or pass "
           "--allow_config_change to continue with the new values.")
   logger = rundir.Logger(workdir, None if restored is None else int(restored[1]["step"]))
   ctx = ctx_factory(logger)
@@ -217,6 +254,7 @@ def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factor
           f"untrained/{name}/{k}": v for name in ("val", "test")
           for k, v in evaluator.evaluate(state.params["model"], state.batch_stats, name).items()}
   host["sampler"] = rundir.jsonable(host.get("sampler", {}))
+  host["precision"] = precision_record(config)
   host["config"], host["config_fingerprint"] = cfg_now, rundir.config_fingerprint(cfg_now)
   rundir.save_config(config, workdir)
   return state, host, sampler, ctx, logger, restored is not None
@@ -278,6 +316,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   """
   # ------------------------------------------------------------------- setup
   rundir.makedirs(workdir)  # a local folder, or a bucket path (gs://...)
+  rundir.enable_compilation_cache(config)
+  config = resolve_precision(config)
   if config.num_devices < 0 or config.num_devices > jax.device_count():
     raise ValueError(f"config.num_devices={config.num_devices} but there are "
                      f"{jax.device_count()} devices; use 0 (all) or 1..{jax.device_count()}.")
@@ -303,7 +343,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   checkpointer = None
   if config.checkpoint.enabled:
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                                         save_best=config.checkpoint.save_best)
+                                         save_best=config.checkpoint.save_best,
+                                         async_save=config.checkpoint.get("async_save", True))
   evaluator.checkpointer = checkpointer
   plot = rundir.make_plotter(config, workdir, framework, evaluator.embed_train, data.train_labels)
 
@@ -317,17 +358,20 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       config, workdir, checkpointer, state, framework, ctx_factory, evaluator, sampler, mesh,
       allow_config_change)[:5]
 
-  def save(step):
+  def save(step, wait=False):
     if checkpointer is not None:
       # The pipeline's state is that of this same step: the batches of steps > step are
-      # recomputed from (seed, step) on resume, whatever had been prefetched.
+      # recomputed from (seed, step) on resume, whatever had been prefetched. The save returns
+      # once the arrays are in host memory; the files are written while training goes on.
       checkpointer.save(step, state, dict(host, step=step,
-                                          pipeline=inputs.pipeline_state(step, data, config)))
+                                          pipeline=inputs.pipeline_state(step, data, config)),
+                        wait=wait)
 
   loader = None
 
   def close():
     logger.close()
+    evaluator.close()
     if loader is not None:
       loader.close()
     if checkpointer is not None:
@@ -385,7 +429,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         # Every process gets here at the same step (the flag is the OR over processes of the
         # previous step's input), so all of them write this step together and exit.
         host["step"] = step
-        save(step)
+        save(step, wait=True)  # on disk before the process exits
         logging.warning("Preemption (signal %s on this or another process): saved step %d, "
                         "exiting.", preempt.received, step)
         close()
