@@ -31,14 +31,16 @@ def model_variables(model_params, batch_stats) -> dict:
   return v
 
 
-def make_embed_fn(model, mesh):
+def make_embed_fn(model, mesh, normalize: bool = True):
   """Jitted inference-mode embedding ``(model_params, batch_stats, images) -> [B, D]``
-  (replicated)."""
+  (replicated); ``normalize=False``: the embedding before the model's normalisation."""
   rep, bat = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+  extra = {} if normalize else {"normalize": False}
 
   def embed(model_params, batch_stats, images):
     return model.apply(model_variables(model_params, batch_stats), numerics.prepare_images(images),
-                       train=False)
+                       train=False, **extra)
 
   return jax.jit(embed, in_shardings=(rep, rep, bat), out_shardings=rep)
 
@@ -180,6 +182,7 @@ class Evaluator:
   def __init__(self, config, model, mesh, data: inputs.Input):
     self.config, self.mesh, self.data = config, mesh, data
     self.embed_fn = make_embed_fn(model, mesh)
+    self.embed_fn_raw = make_embed_fn(model, mesh, normalize=False)  # compiled on first use
     self.checkpointer = None  # named in the divergence message once there is one
     self.step = 0
     self.num_workers = inputs.input_workers(config, data)
@@ -278,17 +281,17 @@ class Evaluator:
         out[b * per:(b + 1) * per] = images
       return ImageCache(where, n, bsz, host=out)
 
-  def _embed_cache(self, model_params, batch_stats, c: ImageCache) -> np.ndarray:
+  def _embed_cache(self, model_params, batch_stats, c: ImageCache, embed_fn) -> np.ndarray:
     if c.device is not None:
-      out = [self.embed_fn(model_params, batch_stats, x) for x in c.device]
+      out = [embed_fn(model_params, batch_stats, x) for x in c.device]
     else:
       per = c.batch_size // jax.process_count()
-      out = [self.embed_fn(model_params, batch_stats,
+      out = [embed_fn(model_params, batch_stats,
                            parallel.global_batch(c.host[b * per:(b + 1) * per], self.mesh))
              for b in range(len(c.host) // per)]
     return _read_back(out, c.num)
 
-  def _embed_rows(self, model_params, batch_stats, rows, indices) -> np.ndarray:
+  def _embed_rows(self, model_params, batch_stats, rows, indices, embed_fn) -> np.ndarray:
     """Embeddings of ``rows[indices]`` in the streaming path's batches (padding: the batch's
     first image), built from the cached rows."""
     indices = np.asarray(indices, np.int64)
@@ -301,7 +304,7 @@ class Evaluator:
       pos = np.full(bsz, lo, np.int64)
       pos[:min(bsz, n - lo)] = np.arange(lo, min(lo + bsz, n))
       local = rows[indices[pos[pi * per:(pi + 1) * per]]]
-      out.append(self.embed_fn(model_params, batch_stats, parallel.global_batch(local, self.mesh)))
+      out.append(embed_fn(model_params, batch_stats, parallel.global_batch(local, self.mesh)))
     return _read_back(out, n)
 
   def close(self):
@@ -313,29 +316,31 @@ class Evaluator:
 
   # --------------------------------------------------------------------------- embedding
 
-  def embed(self, model_params, batch_stats, images, indices=None) -> np.ndarray:
-    """Embeddings of an image source (array or records), or of its ``indices``."""
+  def embed(self, model_params, batch_stats, images, indices=None, raw=False) -> np.ndarray:
+    """Embeddings of an image source (array or records), or of its ``indices``; ``raw``: before
+    the model's normalisation."""
+    embed_fn = self.embed_fn_raw if raw else self.embed_fn
     c = self.cache(images)
     if c is not None and indices is None and c.rows is None:
-      return self._embed_cache(model_params, batch_stats, c)
+      return self._embed_cache(model_params, batch_stats, c, embed_fn)
     if c is not None and c.rows is not None:
       return self._embed_rows(model_params, batch_stats, c.rows,
-                              np.arange(c.num) if indices is None else indices)
+                              np.arange(c.num) if indices is None else indices, embed_fn)
     if indices is None and self.plan.get(id(images)) == STREAM:
       # A planned split too large for the caches: its workers live for the whole run.
       if id(images) not in self._streams:
         self._streams[id(images)] = self._eval_batches(
             images, jax.process_index(), jax.process_count(), persistent=True)
-      return embed_source(self.embed_fn, self.mesh, model_params, batch_stats, images,
+      return embed_source(embed_fn, self.mesh, model_params, batch_stats, images,
                           self.data.eval_transform, self.batch_size,
                           batches=self._streams[id(images)])
     source = images if indices is None else take(images, indices)
-    return embed_source(self.embed_fn, self.mesh, model_params, batch_stats, source,
+    return embed_source(embed_fn, self.mesh, model_params, batch_stats, source,
                         self.data.eval_transform, self.batch_size,
                         self._workers_for(len(source)), self.prefetch)
 
-  def embed_train(self, model_params, batch_stats, indices) -> np.ndarray:
-    return self.embed(model_params, batch_stats, self.data.train_images, indices)
+  def embed_train(self, model_params, batch_stats, indices, raw=False) -> np.ndarray:
+    return self.embed(model_params, batch_stats, self.data.train_images, indices, raw=raw)
 
   def metrics(self, embeddings, labels, gallery_embeddings=None,
               gallery_labels=None) -> dict[str, float]:
