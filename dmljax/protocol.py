@@ -100,6 +100,7 @@ def _options(config) -> dict:
   opts = dict(opts.to_dict() if hasattr(opts, "to_dict") else opts)
   opts.pop("protocol_fold", None)
   opts.pop("num_folds", None)
+  opts.pop("fold_cuts", None)
   return opts
 
 
@@ -112,7 +113,8 @@ def class_folds(config, num_folds: int = NUM_FOLDS) -> dict[str, Any]:
   pool = sorted({int(c) for s in ds.splits.values() for c in np.asarray(s.class_ids)})
   trainval, test = splits_lib.protocol_class_halves(pool)
   return {"pool": pool, "trainval": trainval, "test": test,
-          "folds": splits_lib.protocol_folds(trainval, num_folds)}
+          "folds": splits_lib.protocol_folds(
+              trainval, num_folds, str(config.dataset.options.get("fold_cuts", "even")))}
 
 
 # ============================================================================= results
