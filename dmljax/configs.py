@@ -57,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.freeze_bn = "none"         # none | stats (running statistics fixed) | stats_and_affine
   c.model.embedding_bn = False       # BatchNorm on the embedding layer's output
   c.model.head_bias = True           # the embedding layer's bias (the CCP authors' has none)
-  c.model.dtype = "float32"          # float32 | bfloat16 (compute; params, BN stats, losses f32)
+  c.model.dtype = "float32"          # float32 | bfloat16 | auto (bf16 on GPU/TPU, f32 on CPU);
+                                     # compute only: params, BN stats, losses, metrics f32
   c.model.remat = False              # rematerialise the trunk per block (large batches)
 
   c.framework = "ccp"
@@ -114,9 +115,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.map_ks = ()
   c.ndcg_ks = ()
   c.clustering = False
+  # Evaluation images are decoded once per run and kept (dmljax.evaluation.ImageCache): on the
+  # devices within device_mb (-1: a quarter of the accelerator's memory; none on CPU), else in host
+  # memory within host_mb, else streamed at every evaluation. train: also keep the training split
+  # under the eval transform (CCP's k-center pools) when it fits what the splits left of host_mb.
+  # JAX's persistent compilation cache: "auto" = ~/.cache/dmljax/jax (per user; $DMLJAX_CACHE_DIR
+  # or $XDG_CACHE_HOME move it), a folder, or "" for none. A cache set by the user wins.
+  c.compilation_cache = "auto"
+  c.eval_cache = ml_collections.ConfigDict()
+  c.eval_cache.device_mb = -1.0
+  c.eval_cache.host_mb = 4096.0
+  c.eval_cache.train = True
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True
+  c.checkpoint.async_save = True    # written by a background thread; False: the loop waits
   c.checkpoint.every_steps = 500
   c.checkpoint.max_to_keep = 2
   c.checkpoint.save_best = False

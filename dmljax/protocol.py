@@ -63,7 +63,7 @@ fractions in [0, 1]. ``python -m dmljax.report DIR`` prints them as the papers' 
 **Resuming.** Running the same command again skips finished folds (``fold.json`` says
 ``"finished": true`` and ``test_embeddings.npz`` exists), resumes a fold interrupted mid-run
 from its checkpoint, and starts the others. A fold trained with another config (other than the
-keys :data:`dmljax.train.RESUME_SAFE_KEYS`) is refused with the changed keys, unless
+keys :data:`dmljax.rundir.RESUME_SAFE_KEYS`) is refused with the changed keys, unless
 ``--allow_config_change``, which continues it (from its last checkpoint) with the new values.
 After a SIGTERM the running fold saves a checkpoint and the command stops. Errors are one line
 on stderr and exit status 2 (``--verbose`` or ``DMLJAX_VERBOSE=1`` for the traceback).
@@ -152,12 +152,12 @@ def concatenate_embeddings(embeddings: Sequence[np.ndarray], eps: float = 1e-12)
 def _metrics(config, embeddings, labels, num_queries: int = 0) -> dict[str, float]:
   """The trainer's metrics of one set of embeddings (the ones its final table reports); with
   ``num_queries`` > 0 the first rows are queries searched against the others (In-shop)."""
-  from dmljax import train  # pylint: disable=g-import-not-at-top
+  from dmljax import evaluation  # pylint: disable=g-import-not-at-top
   if num_queries:
     q = int(num_queries)
-    return train.embedding_metrics(config, embeddings[:q], labels[:q], embeddings[q:],
-                                   labels[q:])
-  return train.embedding_metrics(config, embeddings, labels)
+    return evaluation.embedding_metrics(config, embeddings[:q], labels[:q], embeddings[q:],
+                                        labels[q:])
+  return evaluation.embedding_metrics(config, embeddings, labels)
 
 
 def _read_json(path: str) -> dict:
@@ -281,7 +281,7 @@ def run_protocol(config, workdir: str, *, folds: Optional[Sequence[int]] = None,
       ``allow_config_change``).
     ValueError: a bad fold number, or a data set with fewer than 8 classes.
   """
-  from dmljax import train  # pylint: disable=g-import-not-at-top
+  from dmljax import rundir, train  # pylint: disable=g-import-not-at-top
   folds = list(range(NUM_FOLDS)) if folds is None else [int(k) for k in folds]
   bad = [k for k in folds if not 0 <= k < NUM_FOLDS]
   if bad or not folds:
@@ -292,10 +292,10 @@ def run_protocol(config, workdir: str, *, folds: Optional[Sequence[int]] = None,
   for k in sorted(set(folds)):
     d = fold_dir(workdir, k)
     cfg = fold_config(config, k)
-    cfg_now = train.config_dict(cfg)
+    cfg_now = rundir.config_dict(cfg)
     done = _fold_finished(d)
     if done is not None:
-      changed = train.config_changes(done.get("config", {}), cfg_now)
+      changed = rundir.config_changes(done.get("config", {}), cfg_now)
       if not changed:
         _say(f"fold {k}: finished, skipped ({d})")
         continue
