@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dmljax import train
+from dmljax import inputs, protocol, train
 from dmljax.data import builders, load_dataset, own, real, records, samplers, transforms
 from dmljax.data import prepare as prepare_lib
 from dmljax.data.splits import QueryGallery
@@ -349,3 +349,15 @@ def test_protocol_folds_over_the_prepared_training_classes(sixteen, capsys):
   assert ds.info["protocol"]["val_classes"] == [0, 1] and ds["test"].class_ids.tolist() == list(
       range(8, 16))
   assert not isinstance(ds["test"], QueryGallery)
+  # python -m dmljax.protocol: the folds it records are the ones the loader trains, read from
+  # dataset.data_dir; the conventional mode trains on all 8 training classes.
+  c = load_config("small")
+  c.dataset.name, c.dataset.data_dir = "sixteen", sixteen
+  folds = protocol.class_folds(c)
+  assert folds["trainval"] == list(range(8)) and folds["test"] == list(range(8, 16))
+  assert folds["folds"][1] == {"train": ds.info["protocol"]["train_classes"],
+                               "val": ds.info["protocol"]["val_classes"]}
+  conventional = inputs.create_input(protocol.conventional_config(c))
+  assert "sixteen: 8 training classes, all to train (val_fraction=0); test: 8 classes" in (
+      capsys.readouterr().out)
+  assert sorted(set(conventional.train_labels.tolist())) == list(range(8))

@@ -112,6 +112,7 @@ def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
     groups = splits_lib.protocol_folds(ids, int(num_folds), fold_cuts)[int(protocol_fold)]
   elif float(val_fraction) == 0.0:
     groups = {"train": list(ids), "val": []}
+    chose = f"{len(ids)} training classes, all to train (val_fraction=0)"
   else:
     if not 0 < float(val_fraction) < 1:
       raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction} (set "
