@@ -215,7 +215,9 @@ def _augment_refs(refs: np.ndarray, ref_block: int, min_rows: int) -> np.ndarray
   n_pad = _round_up(max(n, min_rows), ref_block)
   out = np.zeros((n_pad, d + 1), np.float32)
   out[:n, :d] = refs
-  out[:n, d] = -0.5 * np.einsum("nd,nd->n", refs.astype(np.float64), refs).astype(np.float32)
+  for i in range(0, n, 65536):  # float64 norms a slice at a time: no float64 copy of all rows
+    c = refs[i:i + 65536].astype(np.float64)
+    out[i:i + len(c), d] = -0.5 * np.einsum("nd,nd->n", c, c).astype(np.float32)
   out[n:, d] = -np.inf
   return out
 
