@@ -100,7 +100,7 @@ def draw(query_images: Sequence, neighbor_images: Sequence[Sequence], marks: np.
         pen.rectangle([x + pad, y + step - pad + 1, x + step - pad, y + step - 2], fill=MISS)
   if png_path:
     _makedirs_for(png_path)
-    canvas.save(png_path, format="PNG")
+    canvas.save(png_path, format="PNG", compress_level=1)
   if html_path:
     _makedirs_for(html_path)
     page = _html(query_images, neighbor_images, marks, query_captions, neighbor_captions, title,
@@ -112,7 +112,7 @@ def draw(query_images: Sequence, neighbor_images: Sequence[Sequence], marks: np.
 
 def _data_uri(image, cell: int) -> str:
   buf = io.BytesIO()
-  _thumb(image, cell).save(buf, format="PNG")
+  _thumb(image, cell).save(buf, format="PNG", compress_level=1)
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -192,6 +192,21 @@ def gallery(load_query: Callable[[int], np.ndarray], load_neighbor: Callable[[in
        [[load_neighbor(int(j)) for j in row] for row in neighbors], marks, png, html,
        query_captions=qcap, neighbor_captions=ncap, title=title)
   return png, html, marks
+
+
+def nearest(queries: np.ndarray, references: np.ndarray, k: int, exclude=None):
+  """``(distances, indices)`` ``[Q, k]`` of the few queries a gallery draws: squared Euclidean in
+  float64 numpy (no compile; the same order as the kNN kernel: distance, then index), each
+  query's row ``exclude[i]`` of the references left out."""
+  q = np.asarray(queries, np.float64)
+  r = np.asarray(references, np.float64)
+  d = (q * q).sum(1)[:, None] - 2.0 * q @ r.T + (r * r).sum(1)[None]
+  d = np.maximum(d, 0.0)
+  if exclude is not None:
+    d[np.arange(len(q)), np.asarray(exclude)] = np.inf
+  k = min(k, r.shape[0] - (0 if exclude is None else 1))
+  idx = np.stack([np.lexsort((np.arange(r.shape[0]), row))[:k] for row in d])
+  return np.take_along_axis(d, idx, 1).astype(np.float32), idx
 
 
 def sample_queries(num: int, count: int, seed: int = 0) -> np.ndarray:
@@ -280,27 +295,21 @@ def run_gallery(embeddings: np.ndarray, split, transform, out: str, *, seed: int
   """The retrievals of sampled queries of an evaluated split (same-set, or queries against the
   gallery of a query / gallery split); returns ``(png, html, marks)``."""
   from dmljax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
-  from dmljax.kernels import knn as knn_lib  # pylint: disable=g-import-not-at-top
   if isinstance(split, splits_lib.QueryGallery):
     nq = len(split.query.labels)
     q_emb, g_emb = embeddings[:nq], embeddings[nq:]
     load_q, q_lab, names = _split_images(split.query, transform)
     load_g, g_lab, _ = _split_images(split.gallery, transform)
     ids = sample_queries(nq, num_queries, seed)
-    res = knn_lib.knn(q_emb[ids], g_emb, k=min(k, len(g_emb)))
+    dist, nb = nearest(q_emb[ids], g_emb, k)
   else:
     load_q, q_lab, names = _split_images(split, transform)
     load_g, g_lab = load_q, q_lab
     ids = sample_queries(len(embeddings), num_queries, seed)
-    # Same-set: the sampled queries against all rows, each query's own row dropped.
-    res = knn_lib.knn(embeddings[ids], embeddings, k=min(k + 1, len(embeddings)))
-    keep = res.indices != ids[:, None]
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :min(k, len(embeddings) - 1)]
-    res = knn_lib.KNNResult(np.take_along_axis(res.distances, order, 1),
-                            np.take_along_axis(res.indices, order, 1))
+    dist, nb = nearest(embeddings[ids], embeddings, k, exclude=ids)  # same-set: self left out
   # Split labels index the split's own class_names.
-  return gallery(load_q, load_g, ids, res.indices, res.distances, out, query_labels=q_lab[ids],
-                 neighbor_labels=g_lab[res.indices], class_names=names,
+  return gallery(load_q, load_g, ids, nb, dist, out, query_labels=q_lab[ids],
+                 neighbor_labels=g_lab[nb], class_names=names,
                  title=f"retrievals ({len(embeddings)} embeddings)")
 
 
@@ -332,7 +341,7 @@ def write_projector(logdir: str, name: str, embeddings: np.ndarray, labels, clas
       t = Image.fromarray(_rgb(load_image(int(i))), "RGB").resize((thumb, thumb),
                                                                    Image.BILINEAR)
       canvas.paste(t, ((pos % side) * thumb, (pos // side) * thumb))
-    canvas.save(os.path.join(folder, "sprite.png"))
+    canvas.save(os.path.join(folder, "sprite.png"), compress_level=1)
     sprite = (f'  sprite {{\n    image_path: "projector/{name}/sprite.png"\n'
               f"    single_image_dim: {thumb}\n    single_image_dim: {thumb}\n  }}\n")
   entry = (f"embeddings {{\n  tensor_name: {json.dumps(name)}\n"
