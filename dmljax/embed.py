@@ -5,8 +5,9 @@ IMAGES_DIR (recursively; ``.jpg .jpeg .png .bmp .gif .webp .tif .tiff .ppm .pgm`
 order) or each path of FILE_LIST (a text file, one path a line; relative paths are relative to
 the list's folder), decodes and brings it to the model's input (:meth:`dmljax.export.Model.prepare`:
 the decode and resampling of :mod:`dmljax.data.transforms`, the exported eval transform, then
-channels and size), and embeds it in the model's fixed-size batches, a batch at a time (memory
-does not grow with the number of images), with a progress line on stderr.
+channels and size) in :func:`dmljax.data.pipeline.load_batch` on a few threads, and embeds it in
+the model's fixed-size batches, a batch at a time (memory does not grow with the number of
+images), with a progress line on stderr.
 
 ``EMB.npz`` holds
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -79,50 +81,67 @@ def labels_from_paths(paths: Sequence[str]):
   return np.asarray([index[p[0]] for p in parts], np.int64), names
 
 
-def _read(model, path):
-  """``(image, None)`` prepared for the model, or ``(None, reason)``."""
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-    return model.prepare(data), None
-  except Exception as e:  # pylint: disable=broad-except  (any decoder failure: skip the image)
-    return None, f"{type(e).__name__}: {cli.message(e)[:120]}"
+class _Files:
+  """Record source of the pipeline: image ``i`` read, decoded and brought to the model's input
+  (:meth:`dmljax.export.Model.prepare`); one that fails becomes a blank image, and its reason
+  is kept in ``failed`` (thread-safe: one dict entry per image)."""
+
+  def __init__(self, model, root, paths):
+    self.model, self.root, self.paths = model, root, list(paths)
+    self.failed = {}
+    self._blank = np.zeros(model.input_shape, np.uint8)
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, i):
+    p = self.paths[int(i)]
+    try:
+      with open(p if os.path.isabs(p) else os.path.join(self.root, p), "rb") as f:
+        return self.model.prepare(f.read())
+    except Exception as e:  # pylint: disable=broad-except  (any decoder failure: skip the image)
+      why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", cli.message(e))
+      self.failed[int(i)] = f"{type(e).__name__}: {why[:120]}"
+      return self._blank
 
 
 def embed_paths(model, root: str, paths: Sequence[str], *, num_threads: Optional[int] = None,
                 progress: bool = True) -> dict:
   """Embeds the images ``root/path`` in the model's batches.
 
+  Each batch of ``model.batch_size`` files is decoded by :func:`dmljax.data.pipeline.load_batch`
+  (spread over ``num_threads`` threads) and embedded by ``model.embed``; images that do not
+  decode are left out.
+
   Returns:
     ``{"embeddings": [M, D], "paths": the M embedded paths, "skipped": [(path, reason)]}``.
   """
+  from dmljax.data import pipeline, transforms  # pylint: disable=g-import-not-at-top
   threads = num_threads or min(8, os.cpu_count() or 1)
+  source = _Files(model, root, paths)
+  as_is = transforms.TransformConfig(kind="none")  # the source already applied the transform
   b = model.batch_size
-  out, kept, skipped = [], [], []
+  out, kept = [], []
   t0, last = time.time(), 0.0
   with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="dmljax-embed") as pool:
     for lo in range(0, len(paths), b):
-      chunk = paths[lo:lo + b]
-      full = [p if os.path.isabs(p) else os.path.join(root, p) for p in chunk]
-      images = []
-      for p, (image, why) in zip(chunk, pool.map(lambda q: _read(model, q), full)):
-        if image is None:
-          skipped.append((p, why))
-        else:
-          images.append(image)
-          kept.append(p)
-      if images:
-        out.append(model.embed(np.stack(images)))
-      done = lo + len(chunk)
+      idx = np.arange(lo, min(lo + b, len(paths)))
+      images = pipeline.load_batch(source, as_is, idx, executor=pool, num_threads=threads)
+      good = np.asarray([i not in source.failed for i in idx], bool)
+      if good.any():
+        out.append(model.embed(images[good]))
+        kept.extend(paths[i] for i in idx[good])
+      done = int(idx[-1]) + 1
       now = time.time()
       if progress and (now - last > 2.0 or done == len(paths)):
         last = now
+        nbad = len(source.failed)
         print(f"\rembedded {done}/{len(paths)} images ({done / max(now - t0, 1e-9):.0f}/s"
-              f"{f', {len(skipped)} skipped' if skipped else ''})", end="", file=sys.stderr,
-              flush=True)
+              f"{f', {nbad} skipped' if nbad else ''})", end="", file=sys.stderr, flush=True)
   if progress:
     print(file=sys.stderr)
   emb = np.concatenate(out) if out else np.zeros((0, model.embedding_dim), np.float32)
+  skipped = [(paths[i], why) for i, why in sorted(source.failed.items())]
   return {"embeddings": emb, "paths": kept, "skipped": skipped}
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import dmljax
-from configs import glyphs_ccp
+from configs import glyphs_contrastive
 from dmljax import embed, evaluate, export, gallery, search, train
 
 LETTERS = tuple("ABCDEFGHKLMNPRSTabdefghkmnr")
@@ -20,10 +20,10 @@ LETTERS = tuple("ABCDEFGHKLMNPRSTabdefghkmnr")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cache_dir):
-  """A 4-step glyphs run (16 x 16 grey images); its final test embeddings as the trainer made
+  """A 4-step glyphs run (contrastive loss, 16 x 16 grey images); its final test embeddings as the trainer made
   them."""
   del cache_dir
-  c = glyphs_ccp.get_config("small")
+  c = glyphs_contrastive.get_config("small")
   c.dataset.options = dict(letters=LETTERS, samples_per_font=2, image_size=16)
   c.total_steps, c.eval_every_steps, c.checkpoint.every_steps = 4, 2, 2
   c.progress, c.num_devices, c.baselines = False, 1, ()
