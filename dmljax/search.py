@@ -208,8 +208,9 @@ class Index:
     if emb.shape != (meta["size"], meta["dim"]):
       raise ValueError(f"{path}: embeddings.npy has shape {emb.shape}, index.json says "
                        f"{(meta['size'], meta['dim'])}; build the index again.")
-    index._chunks, index._emb = [emb], emb  # pylint: disable=protected-access
-    for name, store in (("labels", index._labels), ("paths", index._paths)):  # pylint: disable=protected-access
+    # pylint: disable=protected-access
+    index._chunks, index._emb = [emb], emb
+    for name, store in (("labels", index._labels), ("paths", index._paths)):
       p = os.path.join(path, f"{name}.npy")
       if os.path.exists(p):
         store.append(np.load(p))

@@ -20,8 +20,8 @@ LETTERS = tuple("ABCDEFGHKLMNPRSTabdefghkmnr")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cache_dir):
-  """A 4-step glyphs run (contrastive loss, 16 x 16 grey images); its final test embeddings as the trainer made
-  them."""
+  """A 4-step glyphs run (contrastive loss, 16 x 16 grey images) and its final test embeddings,
+  as the trainer made them."""
   del cache_dir
   c = glyphs_contrastive.get_config("small")
   c.dataset.options = dict(letters=LETTERS, samples_per_font=2, image_size=16)
@@ -82,6 +82,14 @@ def test_export_load_embed_bit_for_bit(run, tmp_path, capsys):
   # Any size and mode comes to the input shape: a 40 x 30 RGB of a test image embeds like it.
   big = np.repeat(np.repeat(split.images[5], 3, axis=0), 2, axis=1)
   assert model.prepare(np.repeat(big, 3, axis=2)).shape == (16, 16, 1)
+  # An index of the file, queried with one of its images: the model the index records embeds
+  # it, and it finds itself first.
+  search.main(["build", str(tmp_path / "emb.npz"), "--out", str(tmp_path / "index")])
+  capsys.readouterr()
+  search.main(["query", str(tmp_path / "index"), str(images / rel[7]), "-k", "2", "--json"])
+  doc = json.loads(capsys.readouterr().out)
+  assert doc[0]["query"] == str(images / rel[7]) and doc[0]["neighbors"][0]["path"] == rel[7]
+  assert doc[0]["neighbors"][0]["distance"] < 1e-6
   # `dmljax.evaluate` reads the file (its metrics are those of the trainer's embeddings).
   res = evaluate.main([str(tmp_path / "emb.npz"), "--no_clustering", "--gallery",
                        str(tmp_path / "g")])
