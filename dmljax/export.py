@@ -148,8 +148,8 @@ def _input_facts(config: dict, host: dict) -> tuple[dict, tuple]:
   if eval_tf is None or shape is None:
     # Older checkpoints: rebuild the input description from the config (loads the data set).
     import ml_collections  # pylint: disable=g-import-not-at-top
-    from dmljax import train  # pylint: disable=g-import-not-at-top
-    data = train.create_input(ml_collections.ConfigDict(config))
+    from dmljax import inputs  # pylint: disable=g-import-not-at-top
+    data = inputs.create_input(ml_collections.ConfigDict(config))
     eval_tf = data.eval_transform.to_dict() if eval_tf is None else eval_tf
     shape = data.image_shape if shape is None else shape
   return dict(eval_tf), tuple(int(v) for v in shape)

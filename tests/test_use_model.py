@@ -109,6 +109,8 @@ def test_export_steps_and_live_run(run, tmp_path):
   assert last.meta["source"]["checkpoint_step"] == 4
   two = export.load_model(export.export(live, str(tmp_path / "two"), "2"))
   assert two.meta["source"]["checkpoint_step"] == 2 and two.fingerprint != last.fingerprint
+  # The checkpoint records the model's input shape, so exporting needs no data set.
+  assert export.read_run(workdir, "last")["host"]["pipeline"]["image_shape"] == [16, 16, 1]
 
 
 def test_end_of_run_gallery_and_projector(run):
