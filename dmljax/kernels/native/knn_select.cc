@@ -138,12 +138,10 @@ struct Scratch {
   std::vector<int32_t> groups;
 };
 
-void SelectRow(const Problem& p, int64_t row, Scratch& s) {
+// Re-scores the references of groups[0..kg) (sorted, increasing) against query row `row` and
+// writes its best k (score desc, index asc), the query itself left out in same-set mode.
+void RescoreRow(const Problem& p, int64_t row, Scratch& s) {
   const int64_t kg = p.kg, group = p.group, dim = p.dim;
-  BestOf(p.gmax + row * p.num_groups, p.num_groups, kg, s.best, s.seg, s.scratch);
-  s.groups.resize(kg);
-  for (int64_t i = 0; i < kg; ++i) s.groups[i] = s.best[i].index;
-  std::sort(s.groups.begin(), s.groups.end());
   const float* qrow = p.q + row * dim;
   const int64_t self = p.exclude_self ? p.qid[row] : -1;
   s.cand.clear();
@@ -168,6 +166,15 @@ void SelectRow(const Problem& p, int64_t row, Scratch& s) {
     p.out_s[row * p.k + i] = s.best[i].value;
     p.out_i[row * p.k + i] = s.cand[s.best[i].index].index;
   }
+}
+
+void SelectRow(const Problem& p, int64_t row, Scratch& s) {
+  const int64_t kg = p.kg;
+  BestOf(p.gmax + row * p.num_groups, p.num_groups, kg, s.best, s.seg, s.scratch);
+  s.groups.resize(kg);
+  for (int64_t i = 0; i < kg; ++i) s.groups[i] = s.best[i].index;
+  std::sort(s.groups.begin(), s.groups.end());
+  RescoreRow(p, row, s);
 }
 
 // Rows handed out in chunks to whichever thread asks next. Shared by pointer with the pool's
@@ -331,4 +338,296 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DmljaxPutColumns, PutColumnsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("max_threads"));
+
+// ----------------------------------------------------------------------------- same-set symmetry
+//
+// In same-set mode the dot products are symmetric: the block of P = X_I X_J^T (rows of block I,
+// columns of block J) holds every pair of the two blocks once. knn.py computes each block pair
+// once (J >= I) and hands P to DmljaxSymMerge, which turns it into scores for both sides:
+//
+//   S[i, j] = P[i, j] - (h_i + h_j),   h = |x|^2 / 2 (+inf on padding rows),
+//
+// i.e. -|x_i - x_j|^2 / 2, the same number for the query i against reference j and for the query
+// j against reference i (the sum h_i + h_j is commutative in floating point, and P[i, j] is the
+// same sum of the same products in the same order whichever side is the row). Rows of P: the
+// group maxima over `group` consecutive columns go to the queries of block I (their references
+// j); columns: the maxima over `group` consecutive rows go to the queries of block J (references
+// i). The diagonal block (I == J) holds every pair twice and is used for its rows only.
+//
+// Each query keeps a running list of its best groups (value, group index) in the state buffers
+// (aliased in place): up to `cap` entries, compacted to the best `kg` by Before (value desc,
+// group index asc) when full, the kg-th of which becomes a threshold that a new group must beat
+// to enter. Every group of every query arrives exactly once over the whole scan, so after it the
+// best kg entries are exactly the best kg groups of the group-max buffer of the other path.
+// DmljaxSymSelect then re-scores those groups' references exactly (RescoreRow, as above).
+
+namespace {
+
+// Runs body(a, b) over [0, n) in chunks on the pool (the calling thread takes chunks too). As in
+// KnnSelectImpl, a task that starts after all chunks are taken touches nothing but `sh`.
+template <typename Body>
+void ParallelChunks(ffi::ThreadPool& pool, int64_t n, int64_t chunk, int64_t max_threads,
+                    Body body) {
+  if (n <= 0) return;
+  int64_t threads = pool.num_threads();
+  if (max_threads > 0) threads = std::min(threads, max_threads);
+  threads = std::min(threads, (n + chunk - 1) / chunk);
+  if (threads <= 1) {
+    body(int64_t{0}, n);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto sh = std::make_shared<Shared>();
+  auto run = [sh, n, chunk, body] {
+    int64_t mine = 0;
+    for (;;) {
+      const int64_t a = sh->next.fetch_add(chunk, std::memory_order_relaxed);
+      if (a >= n) break;
+      const int64_t b = std::min(n, a + chunk);
+      body(a, b);
+      mine += b - a;
+    }
+    if (mine > 0 && sh->done.fetch_add(mine, std::memory_order_acq_rel) + mine == n) {
+      std::lock_guard<std::mutex> lock(sh->mu);
+      sh->cv.notify_all();
+    }
+  };
+  for (int64_t i = 1; i < threads; ++i) pool.Schedule([run] { run(); });
+  run();
+  std::unique_lock<std::mutex> lock(sh->mu);
+  sh->cv.wait(lock, [&] { return sh->done.load(std::memory_order_acquire) == n; });
+}
+
+// One query's running list of best groups.
+struct RunningBest {
+  float* v;      // [cap]
+  int32_t* id;   // [cap]
+  int32_t* cnt;  // entries in use
+  float* tv;     // threshold value (valid when *ti >= 0)
+  int32_t* ti;   // threshold group index, -1 before the first compaction
+};
+
+void Compact(const RunningBest& rb, int64_t kg, std::vector<Item>& tmp) {
+  const int64_t n = *rb.cnt;
+  tmp.resize(n);
+  for (int64_t i = 0; i < n; ++i) tmp[i] = Item{rb.v[i], rb.id[i]};
+  std::nth_element(tmp.begin(), tmp.begin() + (kg - 1), tmp.end(), Before);
+  for (int64_t i = 0; i < kg; ++i) {
+    rb.v[i] = tmp[i].value;
+    rb.id[i] = tmp[i].index;
+  }
+  *rb.cnt = static_cast<int32_t>(kg);
+  *rb.tv = tmp[kg - 1].value;
+  *rb.ti = tmp[kg - 1].index;
+}
+
+// Offers groups base, base + stride, ... with maxima m[0], m[mstride], ... (n of them).
+inline void Offer(const RunningBest& rb, const float* m, int64_t mstride, int64_t n, int32_t base,
+                  int64_t cap, int64_t kg, std::vector<Item>& tmp) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float val = Rank(m[t * mstride]);
+    const int32_t g = base + static_cast<int32_t>(t);
+    if (*rb.ti >= 0 && !(val > *rb.tv || (val == *rb.tv && g < *rb.ti))) continue;
+    const int32_t c = *rb.cnt;
+    rb.v[c] = val;
+    rb.id[c] = g;
+    *rb.cnt = c + 1;
+    if (c + 1 == cap) Compact(rb, kg, tmp);
+  }
+}
+
+ffi::Error SymMergeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals_in,
+                        ffi::Buffer<ffi::S32> ids_in, ffi::Buffer<ffi::S32> cnt_in,
+                        ffi::Buffer<ffi::F32> tv_in, ffi::Buffer<ffi::S32> ti_in,
+                        ffi::Buffer<ffi::F32> prod, ffi::Buffer<ffi::F32> half_norms,
+                        ffi::Buffer<ffi::S32> offsets, ffi::ResultBuffer<ffi::F32> vals,
+                        ffi::ResultBuffer<ffi::S32> ids, ffi::ResultBuffer<ffi::S32> cnt,
+                        ffi::ResultBuffer<ffi::F32> tv, ffi::ResultBuffer<ffi::S32> ti,
+                        int64_t kg, int64_t group, int64_t max_threads) {
+  const auto sdims = vals_in.dimensions();
+  const auto pdims = prod.dimensions();
+  const auto hdims = half_norms.dimensions();
+  if (sdims.size() != 2 || pdims.size() != 2 || hdims.size() != 1 ||
+      ids_in.dimensions().size() != 2 || cnt_in.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument("sym_merge: wrong ranks of the operands");
+  }
+  const int64_t n = sdims[0], cap = sdims[1], b = pdims[0];
+  if (pdims[1] != b || hdims[0] != n || group < 1 || b % group || kg < 1 || cap <= kg ||
+      ids_in.dimensions()[0] != n || ids_in.dimensions()[1] != cap || cnt_in.dimensions()[0] != n ||
+      tv_in.dimensions()[0] != n || ti_in.dimensions()[0] != n) {
+    return ffi::Error::InvalidArgument("sym_merge: inconsistent shapes");
+  }
+  // The state is updated in place (XLA passes the same buffers when the aliasing holds).
+  auto same_or_copy = [](auto& in, auto& out) {
+    const auto* src = in.typed_data();
+    auto* dst = out->typed_data();
+    if (dst != src) std::copy(src, src + in.element_count(), dst);
+  };
+  same_or_copy(vals_in, vals);
+  same_or_copy(ids_in, ids);
+  same_or_copy(cnt_in, cnt);
+  same_or_copy(tv_in, tv);
+  same_or_copy(ti_in, ti);
+  const int64_t row0 = offsets.typed_data()[0], col0 = offsets.typed_data()[1];
+  if (row0 < 0 || col0 < 0 || row0 + b > n || col0 + b > n || row0 % group || col0 % group) {
+    return ffi::Error::InvalidArgument("sym_merge: block offsets out of range");
+  }
+  const bool diagonal = row0 == col0;
+  const float* p = prod.typed_data();
+  const float* h = half_norms.typed_data();
+  float* sv = vals->typed_data();
+  int32_t* si = ids->typed_data();
+  int32_t* sc = cnt->typed_data();
+  float* stv = tv->typed_data();
+  int32_t* sti = ti->typed_data();
+  auto state = [=](int64_t q) {
+    return RunningBest{sv + q * cap, si + q * cap, sc + q, stv + q, sti + q};
+  };
+  const int64_t gpb = b / group;  // groups per block
+  // colmax[u * b + j]: best score of rows u*group .. u*group+group-1 against column j.
+  std::vector<float> colmax(diagonal ? 0 : gpb * b);
+  float* cm = colmax.data();
+  // Phase 1, over row groups: scores, the rows' group maxima (offered to the row queries), and
+  // the column maxima of the row group.
+  ParallelChunks(pool, gpb, 4, max_threads, [=](int64_t ua, int64_t ub) {
+    std::vector<float> srow(b), rmax(gpb);
+    std::vector<Item> tmp;
+    const float* hj = h + col0;
+    for (int64_t u = ua; u < ub; ++u) {
+      float* acc = diagonal ? nullptr : cm + u * b;
+      for (int64_t c = 0; c < group; ++c) {
+        const int64_t i = u * group + c;
+        const float hi = h[row0 + i];
+        const float* prow = p + i * b;
+        float* s = srow.data();
+        for (int64_t j = 0; j < b; ++j) s[j] = prow[j] - (hi + hj[j]);
+        if (acc != nullptr) {
+          if (c == 0) {
+            std::copy(s, s + b, acc);
+          } else {
+            for (int64_t j = 0; j < b; ++j) acc[j] = s[j] > acc[j] ? s[j] : acc[j];
+          }
+        }
+        for (int64_t t = 0; t < gpb; ++t) {
+          float m = s[t * group];
+          for (int64_t e = 1; e < group; ++e) m = s[t * group + e] > m ? s[t * group + e] : m;
+          rmax[t] = m;
+        }
+        Offer(state(row0 + i), rmax.data(), 1, gpb, static_cast<int32_t>(col0 / group), cap, kg,
+              tmp);
+      }
+    }
+  });
+  if (diagonal) return ffi::Error::Success();
+  // Phase 2, over columns: each column's query takes the row groups' maxima.
+  ParallelChunks(pool, b, 64, max_threads, [=](int64_t ja, int64_t jb) {
+    std::vector<Item> tmp;
+    for (int64_t j = ja; j < jb; ++j) {
+      Offer(state(col0 + j), cm + j, b, gpb, static_cast<int32_t>(row0 / group), cap, kg, tmp);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Same-set selection from the running lists: the best kg groups of the union of `slices` lists
+// per query (one per device of the scan), then RescoreRow.
+ffi::Error SymSelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> queries,
+                         ffi::Buffer<ffi::S32> query_ids, ffi::Buffer<ffi::F32> vals,
+                         ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> cnt,
+                         ffi::Buffer<ffi::F32> refs, ffi::ResultBuffer<ffi::F32> top_scores,
+                         ffi::ResultBuffer<ffi::S32> top_indices, int64_t k, int64_t group,
+                         int64_t max_threads) {
+  const auto qdims = queries.dimensions();
+  const auto vdims = vals.dimensions();
+  const auto rdims = refs.dimensions();
+  if (qdims.size() != 2 || vdims.size() != 3 || rdims.size() != 2 ||
+      ids.dimensions().size() != 3 || cnt.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("sym_select: wrong ranks of the operands");
+  }
+  const int64_t qb = qdims[0], dim = qdims[1], slices = vdims[0], cap = vdims[2];
+  const int64_t kg = k + 1, num_groups = rdims[0] / std::max<int64_t>(group, 1);
+  if (k < 1 || group < 1 || vdims[1] != qb || rdims[1] != dim || rdims[0] % group ||
+      kg > num_groups || query_ids.dimensions()[0] != qb || cnt.dimensions()[0] != slices ||
+      cnt.dimensions()[1] != qb || top_scores->dimensions()[0] != qb ||
+      top_scores->dimensions()[1] != k || top_indices->dimensions()[0] != qb ||
+      top_indices->dimensions()[1] != k) {
+    return ffi::Error::InvalidArgument("sym_select: inconsistent shapes or k/group");
+  }
+  Problem p{queries.typed_data(), query_ids.typed_data(), nullptr, refs.typed_data(),
+            top_scores->typed_data(), top_indices->typed_data(), dim, num_groups, group, k, kg,
+            true};
+  const float* v = vals.typed_data();
+  const int32_t* id = ids.typed_data();
+  const int32_t* c = cnt.typed_data();
+  ParallelChunks(pool, qb, 4, max_threads, [=](int64_t a, int64_t b) {
+    Scratch s;
+    for (int64_t row = a; row < b; ++row) {
+      s.best.clear();
+      for (int64_t sl = 0; sl < slices; ++sl) {
+        const int64_t base = (sl * qb + row) * cap;
+        const int64_t n = std::min<int64_t>(std::max(c[sl * qb + row], 0), cap);
+        for (int64_t e = 0; e < n; ++e) {
+          const int32_t g = id[base + e];
+          if (g >= 0 && g < num_groups) s.best.push_back(Item{Rank(v[base + e]), g});
+        }
+      }
+      // Every group reaches exactly one list, and the scan offers all of them; should a list be
+      // short anyway, the first groups not listed fill up (never a read out of bounds).
+      if (static_cast<int64_t>(s.best.size()) < kg) {
+        std::vector<char> seen(num_groups, 0);
+        for (const Item& it : s.best) seen[it.index] = 1;
+        for (int32_t g = 0; g < num_groups && static_cast<int64_t>(s.best.size()) < kg; ++g) {
+          if (!seen[g]) s.best.push_back(Item{kNegInf, g});
+        }
+      }
+      std::nth_element(s.best.begin(), s.best.begin() + (kg - 1), s.best.end(), Before);
+      s.groups.resize(kg);
+      for (int64_t i = 0; i < kg; ++i) s.groups[i] = s.best[i].index;
+      std::sort(s.groups.begin(), s.groups.end());
+      RescoreRow(p, row, s);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DmljaxSymMerge, SymMergeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kg")
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DmljaxSymSelect, SymSelectImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("group")
                                   .Attr<int64_t>("max_threads"));
