@@ -45,6 +45,29 @@ pool (XLA's own update runs on one thread). The matrix product and its group max
 XLA kernel on the pool anyway, so with JAX's default single CPU device no step of the search keeps
 one core busy while the others idle.
 
+Same-set mode (no separate references) scores each pair of rows once. The dot products are
+symmetric, so the rows are cut into blocks of ``ref_block`` and only the block pairs ``(I, J)``
+with ``J >= I`` are multiplied; ``P = X_I X_J^T`` then feeds both the queries of block I (its
+rows) and those of block J (its columns), as ``S = P - (h_i + h_j)`` with ``h = |x|^2 / 2``:
+``-|x_i - x_j|^2 / 2``, the very same float for the pair seen from either side (the sum of the two
+half norms is commutative, and a matrix product sums the same products in the same order for
+``x_i . x_j`` and ``x_j . x_i``). Each query keeps a running list of its best candidates, which
+block pairs touching it update:
+
+* compiled CPU path: the k best references themselves (a list of up to 2k, compacted to the
+  best k by (score, index) when full; scores below the list's k-th are rejected by a vectorised
+  compare), so no re-scoring is needed: the scores are ``S`` and the distances ``-2 S``;
+* XLA path: the k + 1 best groups (group maxima of ``S``, merged with ``lax.top_k``; a device's
+  block pairs reach each list in increasing group index, so the stable top-k keeps ties by
+  index), then steps 2-3 above re-score their references.
+
+With several devices each one takes every n-th row block and keeps lists for all rows; their
+union (an all-gather) holds every pair once. The lists cost ``O(N k)`` memory per device
+(:data:`MAX_SYMMETRIC_STATE` bounds it; larger sets use the per-query-block path). Ties: equal
+distances from identical rows are equal scores, ranked by index. Two references whose float64
+distances differ by about a float32 rounding of ``S`` can come in either order, and in a
+different order than on the per-query-block path or in faiss (which round differently again).
+
 Inputs are checked (:func:`prepare_embeddings`): NaN/inf values, and rows whose squared norm
 could make a float32 score overflow, are rejected with the row and the fix. Should non-finite
 scores still arise, both selection paths rank them last, never return a query as its own
@@ -317,9 +340,10 @@ def _rescore_xla(q, qi, best_groups, ra, *, k, group, exclude_self):
 # ----------------------------------------------------------------------------- same-set symmetry
 
 
-def _sym_cap(kg: int, use_native: bool) -> int:
-  """Entries of a query's running list: the compiled merge compacts a full list of 2 kg to kg."""
-  return 2 * kg if use_native else kg
+def _sym_cap(k: int, use_native: bool) -> int:
+  """Entries of a query's running list: the compiled merge keeps references (a full list of 2 k
+  is compacted to k), the XLA path the best k + 1 groups."""
+  return 2 * k if use_native else k + 1
 
 
 def _sym_blocks(blocks, ra, *, num_blocks, block, k, group, use_native, num_devices,
@@ -334,7 +358,7 @@ def _sym_blocks(blocks, ra, *, num_blocks, block, k, group, use_native, num_devi
   d = da - 1
   kg = k + 1
   gpb = block // group
-  cap = _sym_cap(kg, use_native)
+  cap = _sym_cap(k, use_native)
   x = ra[:, :d]
   h = -ra[:, d]  # |x|^2 / 2; +inf on padding rows
   highest = jax.lax.Precision.HIGHEST
@@ -372,8 +396,7 @@ def _sym_blocks(blocks, ra, *, num_blocks, block, k, group, use_native, num_devi
       prod = jnp.dot(xi, xj.T, precision=highest)  # once for both sides
       if use_native:
         offsets = jnp.stack([bi * block, bj * block]).astype(jnp.int32)
-        return merge(*st, prod, h, offsets, kg=np.int64(kg), group=np.int64(group),
-                     max_threads=np.int64(native_threads))
+        return merge(*st, prod, h, offsets, k=np.int64(k), max_threads=np.int64(native_threads))
       hj = jax.lax.dynamic_slice_in_dim(h, bj * block, block)
       s = prod - (hi[:, None] + hj[None, :])  # the same number from either side
       st = merge_xla(st, bi * block, s.reshape(block, gpb, group).max(axis=2), bj * gpb)
@@ -402,8 +425,7 @@ def _sym_blocks(blocks, ra, *, num_blocks, block, k, group, use_native, num_devi
       out_types = (jax.ShapeDtypeStruct((block, k), jnp.float32),
                    jax.ShapeDtypeStruct((block, k), jnp.int32))
       return jax.ffi.ffi_call(native.SYM_SELECT, out_types)(
-          q, qi, *part, ra, k=np.int64(k), group=np.int64(group),
-          max_threads=np.int64(native_threads))
+          *part, max_threads=np.int64(native_threads))
     vals, ids = (jnp.moveaxis(a, 0, 1).reshape(block, -1) for a in part)
     # The best kg by (value desc, group index asc) across the devices' lists.
     _, ids = jax.lax.sort((-vals, ids), dimension=1, num_keys=2)
@@ -428,7 +450,7 @@ MAX_SYMMETRIC_STATE = 1 << 29
 
 
 def _sym_state_bytes(num_rows: int, k: int, use_native: bool, num_devices: int) -> int:
-  per_list = num_rows * _sym_cap(k + 1, use_native) * 8
+  per_list = num_rows * _sym_cap(k, use_native) * 8
   return per_list * (1 + (num_devices if num_devices > 1 else 0))
 
 
@@ -575,6 +597,9 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
     order = np.argsort(assign.reshape(-1)[keep])
     top = top[keep][order].reshape(-1, k)[:q.shape[0]]
     idx = idx[keep][order].reshape(-1, k)[:q.shape[0]]
+    if native_on:  # the scores are -|q - r|^2 / 2 themselves
+      dist = np.maximum(-2.0 * top.astype(np.float64), 0.0).astype(np.float32)
+      return KNNResult(dist, idx.astype(np.int32))
     return _result(q, top, idx)
   rows, _ = _query_layout(q.shape[0], query_block, mesh.size)
   qa = _augment_queries(q, rows).reshape(-1, query_block, q.shape[1] + 1)

@@ -342,25 +342,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DmljaxPutColumns, PutColumnsImpl,
 
 // ----------------------------------------------------------------------------- same-set symmetry
 //
-// In same-set mode the dot products are symmetric: the block of P = X_I X_J^T (rows of block I,
+// In same-set mode the dot products are symmetric: the block P = X_I X_J^T (rows of block I,
 // columns of block J) holds every pair of the two blocks once. knn.py computes each block pair
 // once (J >= I) and hands P to DmljaxSymMerge, which turns it into scores for both sides:
 //
 //   S[i, j] = P[i, j] - (h_i + h_j),   h = |x|^2 / 2 (+inf on padding rows),
 //
-// i.e. -|x_i - x_j|^2 / 2, the same number for the query i against reference j and for the query
-// j against reference i (the sum h_i + h_j is commutative in floating point, and P[i, j] is the
-// same sum of the same products in the same order whichever side is the row). Rows of P: the
-// group maxima over `group` consecutive columns go to the queries of block I (their references
-// j); columns: the maxima over `group` consecutive rows go to the queries of block J (references
-// i). The diagonal block (I == J) holds every pair twice and is used for its rows only.
+// i.e. -|x_i - x_j|^2 / 2, the same number for the query i against the reference j as for the
+// query j against the reference i: h_i + h_j is commutative in floating point, and P[i, j] is the
+// same sum of the same products in the same order whichever of the two is the row (so identical
+// references also get identical scores, and ties stay real ties). Rows of P feed the queries of
+// block I (references j), columns the queries of block J (references i); the diagonal block
+// (I == J) holds every pair twice and feeds its rows only, the query itself left out.
 //
-// Each query keeps a running list of its best groups (value, group index) in the state buffers
-// (aliased in place): up to `cap` entries, compacted to the best `kg` by Before (value desc,
-// group index asc) when full, the kg-th of which becomes a threshold that a new group must beat
-// to enter. Every group of every query arrives exactly once over the whole scan, so after it the
-// best kg entries are exactly the best kg groups of the group-max buffer of the other path.
-// DmljaxSymSelect then re-scores those groups' references exactly (RescoreRow, as above).
+// Each query keeps a running list of its best references (score, index) in the state buffers
+// (aliased in place): up to `cap` entries, compacted to the best k by Before (score desc, index
+// asc) when full; the k-th of those becomes a threshold that a new reference must beat. Every
+// reference reaches every query exactly once over the scan, so the best k of the final list are
+// the query's k nearest neighbours by S, ties by index. No re-scoring: S is the score.
+// DmljaxSymSelect takes the union of the lists (one per device of the scan) and sorts it.
 
 namespace {
 
@@ -403,42 +403,38 @@ void ParallelChunks(ffi::ThreadPool& pool, int64_t n, int64_t chunk, int64_t max
   sh->cv.wait(lock, [&] { return sh->done.load(std::memory_order_acquire) == n; });
 }
 
-// One query's running list of best groups.
+// One query's running list of best references.
 struct RunningBest {
   float* v;      // [cap]
   int32_t* id;   // [cap]
   int32_t* cnt;  // entries in use
-  float* tv;     // threshold value (valid when *ti >= 0)
-  int32_t* ti;   // threshold group index, -1 before the first compaction
+  float* tv;     // threshold score (-inf until the first compaction)
+  int32_t* ti;   // threshold index, -1 until the first compaction
 };
 
-void Compact(const RunningBest& rb, int64_t kg, std::vector<Item>& tmp) {
+void Compact(const RunningBest& rb, int64_t k, std::vector<Item>& tmp) {
   const int64_t n = *rb.cnt;
   tmp.resize(n);
   for (int64_t i = 0; i < n; ++i) tmp[i] = Item{rb.v[i], rb.id[i]};
-  std::nth_element(tmp.begin(), tmp.begin() + (kg - 1), tmp.end(), Before);
-  for (int64_t i = 0; i < kg; ++i) {
+  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), Before);
+  for (int64_t i = 0; i < k; ++i) {
     rb.v[i] = tmp[i].value;
     rb.id[i] = tmp[i].index;
   }
-  *rb.cnt = static_cast<int32_t>(kg);
-  *rb.tv = tmp[kg - 1].value;
-  *rb.ti = tmp[kg - 1].index;
+  *rb.cnt = static_cast<int32_t>(k);
+  *rb.tv = tmp[k - 1].value;
+  *rb.ti = tmp[k - 1].index;
 }
 
-// Offers groups base, base + stride, ... with maxima m[0], m[mstride], ... (n of them).
-inline void Offer(const RunningBest& rb, const float* m, int64_t mstride, int64_t n, int32_t base,
-                  int64_t cap, int64_t kg, std::vector<Item>& tmp) {
-  for (int64_t t = 0; t < n; ++t) {
-    const float val = Rank(m[t * mstride]);
-    const int32_t g = base + static_cast<int32_t>(t);
-    if (*rb.ti >= 0 && !(val > *rb.tv || (val == *rb.tv && g < *rb.ti))) continue;
-    const int32_t c = *rb.cnt;
-    rb.v[c] = val;
-    rb.id[c] = g;
-    *rb.cnt = c + 1;
-    if (c + 1 == cap) Compact(rb, kg, tmp);
-  }
+// Offers reference `index` with score `val` (already ranked: never NaN).
+inline void Offer(const RunningBest& rb, float val, int32_t index, int64_t cap, int64_t k,
+                  std::vector<Item>& tmp) {
+  if (*rb.ti >= 0 && !(val > *rb.tv || (val == *rb.tv && index < *rb.ti))) return;
+  const int32_t c = *rb.cnt;
+  rb.v[c] = val;
+  rb.id[c] = index;
+  *rb.cnt = c + 1;
+  if (c + 1 == cap) Compact(rb, k, tmp);
 }
 
 ffi::Error SymMergeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals_in,
@@ -448,7 +444,7 @@ ffi::Error SymMergeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals_in,
                         ffi::Buffer<ffi::S32> offsets, ffi::ResultBuffer<ffi::F32> vals,
                         ffi::ResultBuffer<ffi::S32> ids, ffi::ResultBuffer<ffi::S32> cnt,
                         ffi::ResultBuffer<ffi::F32> tv, ffi::ResultBuffer<ffi::S32> ti,
-                        int64_t kg, int64_t group, int64_t max_threads) {
+                        int64_t k, int64_t max_threads) {
   const auto sdims = vals_in.dimensions();
   const auto pdims = prod.dimensions();
   const auto hdims = half_norms.dimensions();
@@ -457,8 +453,8 @@ ffi::Error SymMergeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals_in,
     return ffi::Error::InvalidArgument("sym_merge: wrong ranks of the operands");
   }
   const int64_t n = sdims[0], cap = sdims[1], b = pdims[0];
-  if (pdims[1] != b || hdims[0] != n || group < 1 || b % group || kg < 1 || cap <= kg ||
-      ids_in.dimensions()[0] != n || ids_in.dimensions()[1] != cap || cnt_in.dimensions()[0] != n ||
+  if (pdims[1] != b || hdims[0] != n || k < 1 || cap <= k || ids_in.dimensions()[0] != n ||
+      ids_in.dimensions()[1] != cap || cnt_in.dimensions()[0] != n ||
       tv_in.dimensions()[0] != n || ti_in.dimensions()[0] != n) {
     return ffi::Error::InvalidArgument("sym_merge: inconsistent shapes");
   }
@@ -474,7 +470,7 @@ ffi::Error SymMergeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals_in,
   same_or_copy(tv_in, tv);
   same_or_copy(ti_in, ti);
   const int64_t row0 = offsets.typed_data()[0], col0 = offsets.typed_data()[1];
-  if (row0 < 0 || col0 < 0 || row0 + b > n || col0 + b > n || row0 % group || col0 % group) {
+  if (row0 < 0 || col0 < 0 || row0 + b > n || col0 + b > n) {
     return ffi::Error::InvalidArgument("sym_merge: block offsets out of range");
   }
   const bool diagonal = row0 == col0;
@@ -488,108 +484,106 @@ ffi::Error SymMergeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals_in,
   auto state = [=](int64_t q) {
     return RunningBest{sv + q * cap, si + q * cap, sc + q, stv + q, sti + q};
   };
-  const int64_t gpb = b / group;  // groups per block
-  // colmax[u * b + j]: best score of rows u*group .. u*group+group-1 against column j.
-  std::vector<float> colmax(diagonal ? 0 : gpb * b);
-  float* cm = colmax.data();
-  // Phase 1, over row groups: scores, the rows' group maxima (offered to the row queries), and
-  // the column maxima of the row group.
-  ParallelChunks(pool, gpb, 4, max_threads, [=](int64_t ua, int64_t ub) {
-    std::vector<float> srow(b), rmax(gpb);
+  // Rows: the queries of block I against the references of block J. Eight scores at a time are
+  // compared with the row's threshold (vectorised); only those that reach it are offered.
+  ParallelChunks(pool, b, 16, max_threads, [=](int64_t ra, int64_t rb_) {
     std::vector<Item> tmp;
     const float* hj = h + col0;
-    for (int64_t u = ua; u < ub; ++u) {
-      float* acc = diagonal ? nullptr : cm + u * b;
-      for (int64_t c = 0; c < group; ++c) {
-        const int64_t i = u * group + c;
-        const float hi = h[row0 + i];
-        const float* prow = p + i * b;
-        float* s = srow.data();
-        for (int64_t j = 0; j < b; ++j) s[j] = prow[j] - (hi + hj[j]);
-        if (acc != nullptr) {
-          if (c == 0) {
-            std::copy(s, s + b, acc);
-          } else {
-            for (int64_t j = 0; j < b; ++j) acc[j] = s[j] > acc[j] ? s[j] : acc[j];
-          }
+    for (int64_t i = ra; i < rb_; ++i) {
+      const int64_t q = row0 + i;
+      const RunningBest st = state(q);
+      const float hi = h[q];
+      const float* prow = p + i * b;
+      for (int64_t j0 = 0; j0 < b; j0 += 8) {
+        const int64_t w = std::min<int64_t>(8, b - j0);
+        float s[8];
+        bool any = false;
+        const float t = *st.tv;
+        for (int64_t l = 0; l < w; ++l) {
+          s[l] = prow[j0 + l] - (hi + hj[j0 + l]);
+          any |= !(s[l] < t);  // NaN passes here; Rank makes it -inf below
         }
-        for (int64_t t = 0; t < gpb; ++t) {
-          float m = s[t * group];
-          for (int64_t e = 1; e < group; ++e) m = s[t * group + e] > m ? s[t * group + e] : m;
-          rmax[t] = m;
+        if (!any) continue;
+        for (int64_t l = 0; l < w; ++l) {
+          const int64_t r = col0 + j0 + l;
+          if (r == q) continue;  // never a neighbour of itself
+          Offer(st, Rank(s[l]), static_cast<int32_t>(r), cap, k, tmp);
         }
-        Offer(state(row0 + i), rmax.data(), 1, gpb, static_cast<int32_t>(col0 / group), cap, kg,
-              tmp);
       }
     }
   });
   if (diagonal) return ffi::Error::Success();
-  // Phase 2, over columns: each column's query takes the row groups' maxima.
-  ParallelChunks(pool, b, 64, max_threads, [=](int64_t ja, int64_t jb) {
+  // Columns: the queries of block J against the references of block I, in strips of 64 columns
+  // (each thread owns its columns' lists), compared with the columns' thresholds.
+  constexpr int64_t kStrip = 64;
+  ParallelChunks(pool, (b + kStrip - 1) / kStrip, 1, max_threads, [=](int64_t sa, int64_t sb) {
     std::vector<Item> tmp;
-    for (int64_t j = ja; j < jb; ++j) {
-      Offer(state(col0 + j), cm + j, b, gpb, static_cast<int32_t>(row0 / group), cap, kg, tmp);
+    float hj[kStrip], t[kStrip], s[kStrip];
+    for (int64_t strip = sa; strip < sb; ++strip) {
+      const int64_t j0 = strip * kStrip, w = std::min(kStrip, b - j0);
+      for (int64_t l = 0; l < w; ++l) hj[l] = h[col0 + j0 + l];
+      for (int64_t l = 0; l < w; ++l) t[l] = stv[col0 + j0 + l];
+      for (int64_t i = 0; i < b; ++i) {
+        const float hi = h[row0 + i];
+        const float* prow = p + i * b + j0;
+        bool any = false;
+        for (int64_t l = 0; l < w; ++l) {
+          s[l] = prow[l] - (hi + hj[l]);
+          any |= !(s[l] < t[l]);
+        }
+        if (!any) continue;
+        for (int64_t l = 0; l < w; ++l) {
+          if (s[l] < t[l]) continue;
+          const int64_t q = col0 + j0 + l;
+          Offer(state(q), Rank(s[l]), static_cast<int32_t>(row0 + i), cap, k, tmp);
+          t[l] = stv[q];
+        }
+      }
     }
   });
   return ffi::Error::Success();
 }
 
-// Same-set selection from the running lists: the best kg groups of the union of `slices` lists
-// per query (one per device of the scan), then RescoreRow.
-ffi::Error SymSelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> queries,
-                         ffi::Buffer<ffi::S32> query_ids, ffi::Buffer<ffi::F32> vals,
+// The best k of the union of `slices` running lists per query (one per device of the scan),
+// sorted by Before.
+ffi::Error SymSelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals,
                          ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> cnt,
-                         ffi::Buffer<ffi::F32> refs, ffi::ResultBuffer<ffi::F32> top_scores,
-                         ffi::ResultBuffer<ffi::S32> top_indices, int64_t k, int64_t group,
-                         int64_t max_threads) {
-  const auto qdims = queries.dimensions();
+                         ffi::ResultBuffer<ffi::F32> top_scores,
+                         ffi::ResultBuffer<ffi::S32> top_indices, int64_t max_threads) {
   const auto vdims = vals.dimensions();
-  const auto rdims = refs.dimensions();
-  if (qdims.size() != 2 || vdims.size() != 3 || rdims.size() != 2 ||
-      ids.dimensions().size() != 3 || cnt.dimensions().size() != 2) {
+  const auto odims = top_scores->dimensions();
+  if (vdims.size() != 3 || ids.dimensions().size() != 3 || cnt.dimensions().size() != 2 ||
+      odims.size() != 2 || top_indices->dimensions().size() != 2) {
     return ffi::Error::InvalidArgument("sym_select: wrong ranks of the operands");
   }
-  const int64_t qb = qdims[0], dim = qdims[1], slices = vdims[0], cap = vdims[2];
-  const int64_t kg = k + 1, num_groups = rdims[0] / std::max<int64_t>(group, 1);
-  if (k < 1 || group < 1 || vdims[1] != qb || rdims[1] != dim || rdims[0] % group ||
-      kg > num_groups || query_ids.dimensions()[0] != qb || cnt.dimensions()[0] != slices ||
-      cnt.dimensions()[1] != qb || top_scores->dimensions()[0] != qb ||
-      top_scores->dimensions()[1] != k || top_indices->dimensions()[0] != qb ||
-      top_indices->dimensions()[1] != k) {
-    return ffi::Error::InvalidArgument("sym_select: inconsistent shapes or k/group");
+  const int64_t slices = vdims[0], qb = vdims[1], cap = vdims[2], k = odims[1];
+  if (odims[0] != qb || k < 1 || cnt.dimensions()[0] != slices || cnt.dimensions()[1] != qb ||
+      top_indices->dimensions()[0] != qb || top_indices->dimensions()[1] != k) {
+    return ffi::Error::InvalidArgument("sym_select: inconsistent shapes");
   }
-  Problem p{queries.typed_data(), query_ids.typed_data(), nullptr, refs.typed_data(),
-            top_scores->typed_data(), top_indices->typed_data(), dim, num_groups, group, k, kg,
-            true};
   const float* v = vals.typed_data();
   const int32_t* id = ids.typed_data();
   const int32_t* c = cnt.typed_data();
-  ParallelChunks(pool, qb, 4, max_threads, [=](int64_t a, int64_t b) {
-    Scratch s;
+  float* out_s = top_scores->typed_data();
+  int32_t* out_i = top_indices->typed_data();
+  ParallelChunks(pool, qb, 16, max_threads, [=](int64_t a, int64_t b) {
+    std::vector<Item> items;
     for (int64_t row = a; row < b; ++row) {
-      s.best.clear();
+      items.clear();
       for (int64_t sl = 0; sl < slices; ++sl) {
         const int64_t base = (sl * qb + row) * cap;
         const int64_t n = std::min<int64_t>(std::max(c[sl * qb + row], 0), cap);
-        for (int64_t e = 0; e < n; ++e) {
-          const int32_t g = id[base + e];
-          if (g >= 0 && g < num_groups) s.best.push_back(Item{Rank(v[base + e]), g});
-        }
+        for (int64_t e = 0; e < n; ++e) items.push_back(Item{Rank(v[base + e]), id[base + e]});
       }
-      // Every group reaches exactly one list, and the scan offers all of them; should a list be
-      // short anyway, the first groups not listed fill up (never a read out of bounds).
-      if (static_cast<int64_t>(s.best.size()) < kg) {
-        std::vector<char> seen(num_groups, 0);
-        for (const Item& it : s.best) seen[it.index] = 1;
-        for (int32_t g = 0; g < num_groups && static_cast<int64_t>(s.best.size()) < kg; ++g) {
-          if (!seen[g]) s.best.push_back(Item{kNegInf, g});
-        }
+      // Every reference but the query reaches exactly one list, so there are at least k (and a
+      // padding row's list is never read); stay in bounds should a list be short anyway.
+      while (static_cast<int64_t>(items.size()) < k) items.push_back(Item{kNegInf, 0});
+      std::nth_element(items.begin(), items.begin() + (k - 1), items.end(), Before);
+      std::sort(items.begin(), items.begin() + k, Before);
+      for (int64_t i = 0; i < k; ++i) {
+        out_s[row * k + i] = items[i].value;
+        out_i[row * k + i] = items[i].index;
       }
-      std::nth_element(s.best.begin(), s.best.begin() + (kg - 1), s.best.end(), Before);
-      s.groups.resize(kg);
-      for (int64_t i = 0; i < kg; ++i) s.groups[i] = s.best[i].index;
-      std::sort(s.groups.begin(), s.groups.end());
-      RescoreRow(p, row, s);
     }
   });
   return ffi::Error::Success();
@@ -613,8 +607,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DmljaxSymMerge, SymMergeImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("kg")
-                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("k")
                                   .Attr<int64_t>("max_threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DmljaxSymSelect, SymSelectImpl,
@@ -622,12 +615,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DmljaxSymSelect, SymSelectImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("k")
-                                  .Attr<int64_t>("group")
                                   .Attr<int64_t>("max_threads"));
