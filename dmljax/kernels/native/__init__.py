@@ -5,7 +5,10 @@ selection step of the blocked kNN (:mod:`dmljax.kernels.knn`) almost half as exp
 matrix product. ``knn_select.cc`` does that step as an XLA FFI custom call (same order, same
 tie-breaking), its query rows spread over XLA's intra-op thread pool; the matrix product stays in
 XLA. A second call there writes each reference block's group maxima into the block's buffer in
-place, also over the pool (XLA's own in-place update runs on one thread). Nothing here is needed
+place, also over the pool (XLA's own in-place update runs on one thread). In same-set mode two
+more calls carry the kNN's symmetric scan: one turns a block pair's dot products into scores for
+both blocks' queries and updates their running lists of best references in place, the other
+sorts those lists into the result (see knn.py). Nothing here is needed
 on GPU or TPU, and nothing changes a result beyond the last-bit rounding of re-scored dot
 products.
 
