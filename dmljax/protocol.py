@@ -84,10 +84,14 @@ def fold_dir(workdir: str, fold: int) -> str:
 
 
 def fold_config(config, fold: int):
-  """A copy of ``config`` whose data set is fold ``fold`` (``dataset.options.protocol_fold``)."""
+  """A copy of ``config`` whose data set is fold ``fold`` (``dataset.options.protocol_fold``) of
+  the 4-fold protocol (a config's own ``dataset.options.num_folds``, e.g. the 3-fold cut of a
+  paper config's ``:ablation`` variant, is set back to 4)."""
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
     cfg.dataset.options.protocol_fold = int(fold)
+    if "num_folds" in cfg.dataset.options:
+      cfg.dataset.options.num_folds = NUM_FOLDS
   return cfg
 
 
@@ -95,6 +99,7 @@ def _options(config) -> dict:
   opts = config.dataset.options
   opts = dict(opts.to_dict() if hasattr(opts, "to_dict") else opts)
   opts.pop("protocol_fold", None)
+  opts.pop("num_folds", None)
   return opts
 
 
