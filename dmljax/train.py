@@ -518,6 +518,14 @@ def _save_config(config, workdir):
 TABLE_METRICS = ("map_at_r", "r_precision", "precision_at_1")
 
 
+def _random_init_variables(config, image_shape) -> dict:
+  """The model's variables as :func:`create_state` initialises them, before any pretrained load."""
+  init_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)[0]
+  model = models.get_model(config.model)
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.uint8)
+  return jax.jit(lambda r, x: model.init(r, _prepare_images(x), train=False))(init_rng, dummy)
+
+
 def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factory, evaluator,
                      sampler, mesh, allow_config_change: bool = False):
   """Resumes from the newest intact checkpoint, or starts fresh.
@@ -566,6 +574,14 @@ def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factor
       host["baselines"] = {
           f"untrained/{name}/{k}": v for name in ("val", "test")
           for k, v in evaluator.evaluate(state.params["model"], state.batch_stats, name).items()}
+      if config.model.get("pretrained", ""):
+        # With a pretrained trunk the row above is that trunk without fine-tuning (and its
+        # untrained head); the randomly initialised network is measured beside it.
+        rand = parallel.replicate(_random_init_variables(config, evaluator.data.image_shape), mesh)
+        host["baselines"].update({
+            f"random_init/{name}/{k}": v for name in ("val", "test")
+            for k, v in evaluator.evaluate(rand["params"], rand.get("batch_stats", {}),
+                                           name).items()})
   host["sampler"] = _jsonable(host.get("sampler", {}))
   host["config"], host["config_fingerprint"] = cfg_now, config_fingerprint(cfg_now)
   _save_config(config, workdir)
@@ -698,7 +714,11 @@ def _print_table(final: dict[str, float]):
                   if k.startswith("test/") and k.rsplit("/", 1)[1].startswith("recall_at_")})
   cols = list(TABLE_METRICS) + [k for k in extra if k not in TABLE_METRICS]
   lines = ["", f"{'model':<10} {'split':<6} " + " ".join(f"{c:>15}" for c in cols)]
-  for model, prefix in (("trained", ""), ("untrained", "untrained/"), ("pixels", "pixels/")):
+  # With a pretrained trunk "untrained/" is that trunk, not fine-tuned; "random_init/" the
+  # randomly initialised network.
+  pretrained = "random_init/val/map_at_r" in final
+  for model, prefix in (("trained", ""), ("pretrained" if pretrained else "untrained", "untrained/"),
+                        ("random", "random_init/"), ("pixels", "pixels/")):
     for split in ("val", "test"):
       if f"{prefix}{split}/map_at_r" not in final:
         continue
