@@ -161,6 +161,7 @@ class MPerClassSampler:
     3. when fewer than ``K`` classes still have chunks (the epoch's tail), the batch is completed
        with random extra classes and random ``m``-subsets of them, the only samples drawn twice in
        an epoch.
+
   Step ``s`` is batch ``s % T`` of epoch ``s // T``. Rows of the global batch are classes: the
   global batch is ``[K, m]`` flattened row-major.
 
