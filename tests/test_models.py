@@ -25,6 +25,8 @@ def test_shapes_and_normalisation(norm):
       lambda p, a: a * 50.0 if "head" in str(p) and "kernel" in str(p) else a, v)
   out = m.apply(v, x, train=False)
   raw = m.clone(normalization="none").apply(v, x, train=False)
+  # normalize=False: the embedding before the normalisation (CCP's k-center pool).
+  np.testing.assert_allclose(m.apply(v, x, train=False, normalize=False), raw)
   assert out.shape == (4, 6) and out.dtype == jnp.float32
   n_raw = np.linalg.norm(np.asarray(raw), axis=1)
   n = np.linalg.norm(np.asarray(out), axis=1)
@@ -34,6 +36,14 @@ def test_shapes_and_normalisation(norm):
     np.testing.assert_allclose(n, 1.0, rtol=1e-5)
   else:
     np.testing.assert_allclose(out, raw)
+
+
+def test_embedding_layer_without_bias():
+  def head(**kw):  # parameter shapes only (no compile)
+    x = jnp.zeros((1, 8, 8, 1))
+    return set(jax.eval_shape(lambda: _model(**kw).init(jax.random.PRNGKey(1), x,
+                                                         train=False))["params"]["head"])
+  assert head(head_bias=False) == {"kernel"} and head() == {"kernel", "bias"}
 
 
 def test_32x32_input_and_batch_stats_update():
@@ -52,3 +62,19 @@ def test_unknown_model_and_normalisation():
     _model(name="resnet9")
   with pytest.raises(ValueError, match=r"Unknown normalization 'unit'.*bounded"):
     _model(normalization="unit")
+
+
+def test_auto_dtype_is_bf16_on_accelerators_f32_on_cpu():
+  # Issue 17: model.dtype="auto" resolves by backend; the run records the dtype it used.
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dmljax import train  # pylint: disable=g-import-not-at-top
+  from dmljax.models import layers  # pylint: disable=g-import-not-at-top
+  assert layers.auto_dtype("gpu") == layers.auto_dtype("tpu") == "bfloat16"
+  assert layers.auto_dtype("cpu") == "float32"
+  assert layers.dtype_name("bfloat16", "cpu") == "bfloat16"  # an explicit dtype is kept
+  cfg = ml_collections.ConfigDict({"model": {"dtype": "auto"}})
+  resolved = train.resolve_precision(cfg)
+  assert resolved.model.dtype == layers.auto_dtype() and cfg.model.dtype == "auto"
+  record = train.precision_record(resolved)
+  assert record["backend"] == jax.default_backend()
+  assert record["model_dtype"] == layers.auto_dtype()

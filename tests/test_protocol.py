@@ -12,7 +12,7 @@ import pytest
 from dmljax import metrics as metrics_lib
 from dmljax import protocol
 from dmljax import report
-from dmljax import train
+from dmljax import errors, train
 from dmljax.data import Dataset, Split, load_dataset
 from dmljax.data import splits
 
@@ -83,6 +83,32 @@ def test_folds_cub_and_cars_examples():
   assert splits.protocol_class_halves(range(7)) == ([0, 1, 2], [3, 4, 5, 6])
   with pytest.raises(ValueError, match="at least 4 train\\+val classes"):
     splits.protocol_folds(range(3))
+
+
+def _authors_held_out(n, model, k=4):
+  """The classes the CCP authors' code holds out for its model ``model`` (1-based) of ``k``:
+  block ``k - model`` of the sorted positions cut at ``int(j * n / k)`` (float, then truncated)."""
+  cuts = [int(j * n / k) for j in range(k + 1)]
+  return list(range(cuts[k - model], cuts[k - model + 1]))
+
+
+@pytest.mark.parametrize("n", [100, 98, 11318, 3997, 9])
+def test_authors_fold_cuts_hold_out_the_authors_blocks(n):
+  folds = splits.protocol_folds(range(n), cuts="authors")
+  # Fold 0 = the authors' first model's block; folds 1..3 = their models 4, 3, 2.
+  assert [f["val"] for f in folds] == [_authors_held_out(n, m) for m in (1, 4, 3, 2)]
+  for f in folds:
+    assert f["train"] == sorted(set(range(n)) - set(f["val"]))
+  assert sorted(sum((f["val"] for f in folds), [])) == list(range(n))   # a partition
+  assert [f["val"] for f in splits.protocol_folds(range(n), 3, cuts="authors")] == [
+      _authors_held_out(n, m, 3) for m in (1, 3, 2)]
+  if n % 4 == 0:
+    assert folds == splits.protocol_folds(range(n))
+  if n == 98:   # Cars: the authors hold out 73-97; the even cut 74-97
+    assert folds[0]["val"] == list(range(73, 98))
+    assert splits.protocol_folds(range(98))[0]["val"] == list(range(74, 98))
+  with pytest.raises(ValueError, match="Unknown fold cut"):
+    splits.protocol_folds(range(n), cuts="linspace")
 
 
 def _toy_dataset():
@@ -225,7 +251,7 @@ def test_orchestration_layout_skip_and_config_check(tmp_path, monkeypatch):
   # Everything finished: a rerun trains nothing; a changed config is refused, naming the key.
   protocol.run_protocol(cfg, workdir)
   assert calls == [0, 2, 1, 3]
-  with pytest.raises(train.cli.ConfigChanged, match=r"fold 0 .*optim.learning_rate: 0.001 -> 0.5"):
+  with pytest.raises(errors.ConfigChanged, match=r"fold 0 .*optim.learning_rate: 0.001 -> 0.5"):
     protocol.run_protocol(_config(**{"optim.learning_rate": 0.5}), workdir)
   protocol.run_protocol(_config(progress=True), workdir)      # a resume-safe key may change
   assert calls == [0, 2, 1, 3]

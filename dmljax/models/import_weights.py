@@ -2,8 +2,8 @@
 
   python -m dmljax.models.import_weights ARCH FILE.pth [--cache-dir DIR]
 
-``ARCH`` is ``bn_inception``, ``googlenet``, ``resnet50`` or ``resnet_v2_20``. The converted
-variables go to the weight cache (``~/.cache/dmljax/weights/ARCH-<sha256>.npz`` unless
+``ARCH`` is ``bn_inception``, ``googlenet``, ``resnet50``, ``resnet_v2_20`` or ``small_cnn``. The
+converted variables go to the weight cache (``~/.cache/dmljax/weights/ARCH-<sha256>.npz`` unless
 ``--cache-dir`` or ``$DMLJAX_WEIGHTS_CACHE`` says otherwise), where training with
 ``--config.model.pretrained=FILE.pth`` finds them. Exit status 1 (and the list of missing,
 unexpected and mis-shaped tensors) when the file does not fit the backbone.
