@@ -370,6 +370,7 @@ class ClassRepresentativeSampler:
   PROFS (Can, Gürbüz, Alatan, Algorithm 1) draws one representative per class, ``R``, keeps it for
   ``M`` steps (one approximate projection), and at each step samples a subset ``R'`` of the
   representatives plus examples ``E`` and builds the exemplar batch from pairs ``(R', E)``. Here:
+
     * the representatives of period ``q = step // M`` are pass ``q`` of the one-per-class scheme
       (each class cycles through all its samples as representatives over ``n_c`` periods);
     * ``R'`` is ``K = batch_size // m`` classes drawn uniformly without replacement for every step
