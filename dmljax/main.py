@@ -20,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from dmljax import cli
+from dmljax import config_check
 from dmljax import distributed
 
 PROG = "python -m dmljax.main"
@@ -34,6 +35,12 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Resume a run whose config differs from its checkpoint's, continuing with the new values.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks with error messages.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print every key of the config (after the overrides) and exit; needs "
+    "no --workdir and creates nothing.")
+_CHECK = flags.DEFINE_bool(
+    "check", False, "Check the config (keys, values, loss arguments, weight file, data set) and "
+    "exit; needs no --workdir, trains nothing and creates nothing.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "Multi-process runs: HOST:PORT of process 0's coordinator, the same for every process "
@@ -58,6 +65,12 @@ _DISTRIBUTED = flags.DEFINE_enum(
 def _parse_flags(argv):
   """absl's flag parsing, with every failure (a config override too) as one clear message."""
   try:
+    # The config file and the keys of its overrides, checked before absl loads it (absl's
+    # messages for these cases are tracebacks or a bare key name).
+    config_check.precheck(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(cli.report(PROG, e, argv))
+  try:
     rest = flags.FLAGS(argv)
     for name in ("config",):
       if flags.FLAGS[name].value is None:
@@ -65,7 +78,10 @@ def _parse_flags(argv):
                                           "glyphs_ccp.py --workdir=/tmp/dmljax/run).")
     return rest
   except flags.Error as e:
-    sys.exit(cli.report(PROG, ValueError(f"{e} (see --helpshort)"), argv))
+    text = str(e)
+    if text.startswith("flag --config."):
+      text += "; give a value of the type of the key's default (see --print_config)"
+    sys.exit(cli.report(PROG, ValueError(f"{text} (see --helpshort)"), argv))
   except AttributeError as e:
     # ml_collections raises AttributeError for an override of a key the config does not have.
     sys.exit(cli.report(PROG, ValueError(
@@ -89,6 +105,14 @@ def main(argv):
     sys.exit(cli.report(PROG, ValueError(f"unexpected arguments: {argv[1:]}")))
   try:
     config = _CONFIG.value  # a config file that fails to load raises here
+    if _PRINT_CONFIG.value:
+      print(config_check.format_config(config))
+      return
+    config_check.check(config)  # values, loss arguments, weight file, data set
+    if _CHECK.value:
+      print(f"{PROG}: config OK ({len(config_check.flatten(config))} keys checked; "
+            "run without --check to train)")
+      return
     # Before anything touches a JAX backend (train's import and everything after it).
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                  _LOCAL_DEVICE_IDS.value, mode=_DISTRIBUTED.value)

@@ -91,22 +91,28 @@ def fold_config(config, fold: int):
   return cfg
 
 
-def _options(config) -> dict:
-  opts = config.dataset.options
-  opts = dict(opts.to_dict() if hasattr(opts, "to_dict") else opts)
-  opts.pop("protocol_fold", None)
-  return opts
-
-
 def class_folds(config, num_folds: int = NUM_FOLDS) -> dict[str, Any]:
   """The protocol's classes for ``config.dataset``: ``{"pool", "trainval", "test", "folds"}``
-  (original class ids; ``folds[k]`` is ``{"train": ids, "val": ids}``)."""
-  from dmljax.data import load_dataset  # pylint: disable=g-import-not-at-top
-  dc = config.dataset
-  ds = load_dataset(dc.name, seed=dc.seed, cache_dir=dc.cache_dir or None, **_options(config))
-  pool = sorted({int(c) for s in ds.splits.values() for c in np.asarray(s.class_ids)})
-  trainval, test = splits_lib.protocol_class_halves(pool)
-  return {"pool": pool, "trainval": trainval, "test": test,
+  (original class ids; ``folds[k]`` is ``{"train": ids, "val": ids}``).
+
+  Read from the data set as the trainer loads it (fold 0 through :func:`fold_config`, with
+  ``dataset.data_dir`` and every option the trainer passes), so the classes recorded are the
+  classes trained: for the prepared benchmark data sets the folds of the prepared train split's
+  classes, for the embedded ones the folds of the first half of all classes.
+  """
+  from dmljax.data import load_dataset, real  # pylint: disable=g-import-not-at-top
+  dc = fold_config(config, 0).dataset
+  options = dict(dc.options)  # as dmljax.train.create_input passes them
+  if dc.name in real.REAL_DATASETS:
+    options.setdefault("data_dir", dc.get("data_dir", "") or None)
+  ds = load_dataset(dc.name, seed=dc.seed, cache_dir=dc.cache_dir or None, **options)
+  info = dict(ds.info).get("protocol")
+  if not info:
+    raise ValueError(f"data set {config.dataset.name!r} does not support the protocol's folds "
+                     "(dataset.options.protocol_fold)")
+  trainval = sorted(int(c) for c in list(info["train_classes"]) + list(info["val_classes"]))
+  test = sorted(int(c) for c in info["test_classes"])
+  return {"pool": sorted(set(trainval) | set(test)), "trainval": trainval, "test": test,
           "folds": splits_lib.protocol_folds(trainval, num_folds)}
 
 
@@ -254,15 +260,29 @@ def run_protocol(config, workdir: str, *, folds: Optional[Sequence[int]] = None,
     dmljax.cli.ConfigChanged: a fold was trained with another config (see
       ``allow_config_change``).
     ValueError: a bad fold number, or a data set with fewer than 8 classes.
+    dmljax.lock.WorkdirLocked: another protocol command runs on ``workdir``.
   """
-  from dmljax import train  # pylint: disable=g-import-not-at-top
   folds = list(range(NUM_FOLDS)) if folds is None else [int(k) for k in folds]
   bad = [k for k in folds if not 0 <= k < NUM_FOLDS]
   if bad or not folds:
     raise ValueError(f"Bad --folds {folds}; give fold numbers in 0..{NUM_FOLDS - 1}, "
                      "e.g. --folds=0,1.")
-  classes = class_folds(config)  # ValueError for a data set with too few classes
+  from dmljax import config_check, lock as lock_lib  # pylint: disable=g-import-not-at-top
+  config_check.check_values(config)
   os.makedirs(workdir, exist_ok=True)
+  # The protocol's directory is one run: a second protocol command on it is refused (each fold's
+  # trainer also locks its own fold_k/).
+  lock = lock_lib.acquire_for_run(workdir)
+  try:
+    return _run_folds(config, workdir, folds, allow_config_change)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run_folds(config, workdir, folds, allow_config_change):
+  from dmljax import train  # pylint: disable=g-import-not-at-top
+  classes = class_folds(config)  # ValueError for a data set with too few classes
   for k in sorted(set(folds)):
     d = fold_dir(workdir, k)
     cfg = fold_config(config, k)
@@ -284,7 +304,10 @@ def run_protocol(config, workdir: str, *, folds: Optional[Sequence[int]] = None,
               "train_class_ids": classes["folds"][k]["train"],
               "val_class_ids": classes["folds"][k]["val"], "test_class_ids": classes["test"],
               "config": cfg_now, "finished": False}
-    _write_json(os.path.join(d, FOLD_FILE), record)
+    if not os.path.exists(os.path.join(d, FOLD_FILE)):
+      # A fold already there keeps its record until the trainer accepts the new config (a
+      # refused change is never written as if it were).
+      _write_json(os.path.join(d, FOLD_FILE), record)
     _say(f"fold {k}/{NUM_FOLDS}: {len(record['train_class_ids'])} training and "
          f"{len(record['val_class_ids'])} validation classes, {len(classes['test'])} test "
          f"classes ({d})")
@@ -349,6 +372,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(__doc__.strip() + "\n\nFlags:\n" + fv.get_help(include_special_flags=False))
     return 0
   try:
+    from dmljax import config_check  # pylint: disable=g-import-not-at-top
+    config_check.precheck(argv)  # the config file and its override keys, one message each
     rest = fv(argv)
     if len(rest) > 1:
       raise ValueError(f"unexpected arguments: {rest[1:]}")

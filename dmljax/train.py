@@ -537,10 +537,20 @@ def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factor
           f"the config differs from the one {workdir} was trained with, which breaks exact "
           f"resumption: {listing}. Run with the old values, use a new --workdir, or pass "
           "--allow_config_change to continue with the new values.")
+    if changed:  # allowed: refuse what the resumed run would not honour
+      from dmljax import extend  # pylint: disable=g-import-not-at-top
+      try:
+        extend.check_changes(config, host, parallel.to_host(restored[0].tracker), changed,
+                             workdir)
+      except cli.ConfigChanged:
+        checkpointer.close()
+        raise
   logger = _Logger(workdir, None if restored is None else int(restored[1]["step"]))
   ctx = ctx_factory(logger)
   if restored is not None:
     state, host = restored
+    from dmljax import extend  # pylint: disable=g-import-not-at-top
+    host = extend.reopen(config, host, parallel.to_host(state.tracker), workdir)
     state = parallel.replicate(state, mesh)
     if changed:
       logging.warning("Continuing %s with changed config keys: %s", workdir, sorted(changed))
@@ -643,22 +653,26 @@ class _Logger:
     if resume_step is not None and _exists(self.path):
       # Drop lines written after the checkpoint we resume from (they will be written again) and
       # any partial line; the rewrite is atomic, so a kill here loses nothing.
-      keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+      keep = [r for r in read_jsonl(self.path)
+              if r.get("step", 0) <= resume_step and r.get("kind") != "final"]
       self.lines = [json.dumps(r) + "\n" for r in keep]
       _write_atomic(self.path, "".join(self.lines))
     elif resume_step is None and _exists(self.path):
       _path(self.path).unlink() if self.remote else os.remove(self.path)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     tb = _join(workdir, "tensorboard")
+    # A resumed run writes the steps after its checkpoint again: TensorBoard drops the points
+    # at and after purge_step that an earlier process wrote, so no step appears twice.
+    purge = None if resume_step is None else resume_step + 1
     try:
-      self.writer = SummaryWriter(tb)
+      self.writer = SummaryWriter(tb, purge_step=purge)
     except Exception as e:  # pylint: disable=broad-except
       import hashlib, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
       local = os.path.join(tempfile.gettempdir(), "dmljax-tensorboard",
                            hashlib.sha256(workdir.encode()).hexdigest()[:12])
       logging.warning("TensorBoard cannot write to %s (%s); writing to %s instead.", tb,
                       cli.message(e), local)
-      self.writer = SummaryWriter(local)
+      self.writer = SummaryWriter(local, purge_step=purge)
 
   def log(self, step: int, values: dict[str, Any], kind: str = "train"):
     if not self.active:
@@ -799,6 +813,32 @@ def _check_config(config, mesh):
 
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
                        on_final_embeddings: Optional[Callable] = None) -> dict[str, Any]:
+  """Checks ``config``, locks ``workdir`` and runs :func:`_train_and_evaluate` (same
+  arguments and result); a run already finished with this config returns its final metrics
+  without loading, compiling or evaluating anything (:mod:`dmljax.extend`).
+
+  Raises:
+    dmljax.lock.WorkdirLocked: another live run holds ``workdir``.
+    dmljax.config_check.ConfigError: a bad value, loss argument, weight file or data set.
+  """
+  from dmljax import config_check, extend, lock as lock_lib  # pylint: disable=g-import-not-at-top
+  config_check.check_values(config)  # before anything is created or compiled
+  _makedirs(workdir)
+  lock = lock_lib.acquire_for_run(workdir)
+  try:
+    final = extend.finished_result(config, workdir)
+    if final is not None:
+      extend.announce_finished(workdir, final)
+      return final
+    return _train_and_evaluate(config, workdir, allow_config_change=allow_config_change,
+                               on_final_embeddings=on_final_embeddings)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
+                        on_final_embeddings: Optional[Callable] = None) -> dict[str, Any]:
   """Trains and evaluates the model described by ``config``; returns the final metrics.
 
   Args:
