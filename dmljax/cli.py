@@ -26,6 +26,11 @@ class ConfigChanged(DmljaxError, ValueError):
   """A resumed run's config differs from the checkpoint's in a way that breaks exact resumption."""
 
 
+#: Exit status of a run stopped by SIGTERM after saving its checkpoint (every process saved):
+#: not 0, so a scheduler does not take it for a finished run, and not 1 / 2 (errors), so a
+#: requeue script can tell it apart (``EX_TEMPFAIL``; see docs/running.md).
+EXIT_PREEMPTED = 75
+
 # Error types whose message is meant for the user as it is.
 USER_ERRORS = (DmljaxError, ValueError, OSError, KeyError)
 

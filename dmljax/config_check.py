@@ -25,7 +25,6 @@ import difflib
 import importlib.util
 import inspect
 import os
-import sys
 from typing import Any, Iterable, Optional, Sequence
 
 #: Blocks whose keys are free: they are keyword arguments of something chosen by name (a loss,

@@ -123,8 +123,9 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     sys.exit(cli.report(PROG, e))
   if result.get("preempted"):
-    print(f"Preempted at step {result['step']}; run the same command again to resume.",
-          file=sys.stderr)
+    print(f"Preempted at step {result['step']}: saved; run the same command again to resume "
+          f"(exit status {cli.EXIT_PREEMPTED}).", file=sys.stderr)
+    sys.exit(cli.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -407,8 +407,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except Exception as e:  # pylint: disable=broad-except
     return cli.report(PROG, e, argv)
   if result.get("preempted"):
-    print(f"Preempted in fold {result['fold']} at step {result['step']}; run the same command "
-          "again to resume.", file=sys.stderr)
+    print(f"Preempted in fold {result['fold']} at step {result['step']}: saved; run the same "
+          f"command again to resume (exit status {cli.EXIT_PREEMPTED}).", file=sys.stderr)
+    return cli.EXIT_PREEMPTED
   return 0
 
 

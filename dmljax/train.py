@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -565,6 +564,8 @@ def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factor
     host = {"step": 0, "done": False,
             "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else {}}
     if "untrained" in config.baselines:
+      from dmljax import console  # pylint: disable=g-import-not-at-top
+      console.phase("Measuring the untrained network (the baseline row of the final table)")
       # The untrained network (after the framework's start, e.g. CCP's first proxies: the model
       # is still the initial one), measured before step 1 and kept with the checkpoints.
       host["baselines"] = {
@@ -755,18 +756,6 @@ def _progress_enabled(config) -> bool:
   return bool(config.progress) and jax.process_index() == 0
 
 
-def _progress(config, step, rate, vals, state, framework):
-  if not _progress_enabled(config):
-    return
-  extra = framework.progress(state)
-  line = (f"step {step}/{config.total_steps} | {rate:.1f} steps/s | "
-          f"loss {float(vals['loss']):.4f}{' | ' + extra if extra else ''}")
-  if sys.stdout.isatty():
-    print("\r" + line.ljust(78), end="", flush=True)
-  else:
-    print(line, flush=True)
-
-
 def _check_finite(config, metrics, step, checkpointer, workdir):
   """Raises TrainingDiverged once ``max_consecutive_nonfinite`` steps in a row were skipped."""
   if metrics is None:
@@ -871,7 +860,11 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
   _check_config(config, mesh)
 
   # ------------------------------------------------------------------- input, model, state
+  from dmljax import console as console_lib  # pylint: disable=g-import-not-at-top
+  console_lib.phase(f"Loading data set {config.dataset.name!r} for {workdir}")
   data = create_input(config)
+  console_lib.phase(f"Building {config.model.name} and the {config.framework} train state "
+                    f"({data.num_classes} training classes, {len(data.train_labels)} images)")
   model = models.get_model(config.model)
   framework = frameworks.get_framework(config, num_classes=data.num_classes,
                                        embedding_dim=config.model.embedding_dim)
@@ -927,6 +920,10 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
   preempt = ckpt_lib.PreemptionFlag().install()
   pi, pc = jax.process_index(), jax.process_count()
   t0, t_steps, last, pending = time.time(), 0, {}, None
+  if not host["done"] and step < config.total_steps:
+    console_lib.phase(f"Training from step {step} to {config.total_steps} (the first step "
+                      "compiles)")
+  console = console_lib.Console(config.total_steps, step, _progress_enabled(config))
   try:
     while not host["done"] and step < config.total_steps:
       idx, extras = framework.sample(sampler, state, step, pi, pc)
@@ -957,14 +954,18 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
         vals = parallel.to_host(last)
         rate = t_steps / max(time.time() - t0, 1e-9)
         logger.log(step, dict(vals, steps_per_second=rate))
-        _progress(config, step, rate, vals, state, framework)
+        console.train(step, rate, float(vals["loss"]), framework.progress(state))
         t0, t_steps = time.time(), 0
 
       if step % config.eval_every_steps == 0 or step == config.total_steps:
         _check_finite(config, pending, step, checkpointer, workdir)
         state, stop = _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger,
-                                      checkpointer)
+                                      checkpointer, console)
         host["done"] = bool(stop or step >= config.total_steps)
+        if stop and step < config.total_steps:
+          tr = parallel.to_host(state.tracker)
+          console.early_stop(step, int(tr["evals_since_best"]), config.patience_evals,
+                             float(tr["best_metric"]), int(tr["best_step"]))
         t0, t_steps = time.time(), 0  # steps/s counts training only
 
       if preempted:
@@ -972,6 +973,9 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
         # previous step's input), so all of them write this step together and exit.
         host["step"] = step
         save(step)
+        console.close()
+        from dmljax import distributed  # pylint: disable=g-import-not-at-top
+        distributed.barrier("dmljax_preemption_saved")  # every process has saved: then exit
         logging.warning("Preemption (signal %s on this or another process): saved step %d, "
                         "exiting.", preempt.received, step)
         close()
@@ -983,6 +987,7 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
         save(step)
     _check_finite(config, pending, step, checkpointer, workdir)
   except BaseException:
+    console.close()
     close()
     raise
   finally:
@@ -991,10 +996,11 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
   # ------------------------------------------------------------------- final
   host["done"], host["step"] = True, step
   save(step)  # final checkpoint (a restart from here only re-runs the final evaluation)
-  if _progress_enabled(config):
-    print(flush=True)
+  console.close()
   best = state.best
   tracker = parallel.to_host(state.tracker)
+  console_lib.phase(f"Final evaluation of the best parameters (step {int(tracker['best_step'])}"
+                    ") on the validation and test splits")
   final: dict[str, Any] = {"step": step, "best_step": int(tracker["best_step"]),
                            "nonfinite_steps": int(tracker["nonfinite_steps"]),
                            "train_step_traces": traces[0]}
@@ -1015,6 +1021,7 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
                   json.dumps({k: v for k, v in final.items() if k != "table"}, indent=2,
                              sort_keys=True))
   close()
+  console_lib.results(workdir, plot is not None)
   return final
 
 
@@ -1025,7 +1032,8 @@ def _pipeline_state(step: int, data: Input, config) -> dict:
           "eval_transform": data.eval_transform.to_dict()}
 
 
-def _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger, checkpointer):
+def _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger, checkpointer,
+                    console=None):
   """Validation metrics, best-params bookkeeping, the framework's hook, overall early stopping."""
   metrics = evaluator.evaluate(state.params["model"], state.batch_stats, "val")
   metric = metrics["map_at_r"]
@@ -1049,6 +1057,9 @@ def _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger, chec
   logger.log(step, {**{f"val/{k}": v for k, v in metrics.items()},
                     "val/best_map_at_r": float(tracker["best_metric"]), **events}, kind="eval")
   stop = int(tracker["evals_since_best"]) >= config.patience_evals
+  if console is not None:
+    console.evaluation(step, metrics, float(tracker["best_metric"]), int(tracker["best_step"]),
+                       events)
   return state, stop
 
 
