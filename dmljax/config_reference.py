@@ -15,8 +15,8 @@ MEANINGS = {
     "dataset.name": "Data set: digits, digits_closed, glyphs (embedded), cub, cars, sop, inshop "
                     "(prepared records, docs/data.md).",
     "dataset.seed": "Seed of the class split (the same for every training seed).",
-    "dataset.cache_dir": "Where generated data are cached (glyphs); \"\" = $DMLJAX_CACHE, else "
-                         "~/.cache/dmljax.",
+    "dataset.cache_dir": "Where generated data are cached (glyphs); \"\" = $DMLJAX_CACHE/glyphs, else "
+                         "~/.cache/dmljax/glyphs.",
     "dataset.data_dir": "TFDS folder of the prepared benchmark data sets (a gs:// path works); "
                         "\"\" = $TFDS_DATA_DIR, else ~/tensorflow_datasets.",
     "dataset.options": "Free-form: keyword options of the data set's loader (val_fraction, "
