@@ -117,9 +117,37 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return  # already saved at this step (e.g. final right after periodic): same content
     state_dict = flax.serialization.to_state_dict(state)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state_dict), host=ocp.args.JsonSave(host)), force=force)
-    self.manager.wait_until_finished()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state_dict), host=ocp.args.JsonSave(host)), force=force)
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed_save(step, e) from e
+
+  def _failed_save(self, step: int, error: Exception) -> OSError:
+    """Removes the unfinished temporary folder of ``step`` (a full disk, a read-only or vanished
+    file system) and returns the one-line error to raise: what failed, the step to resume from."""
+    removed = []
+    if jax.process_index() == 0:
+      try:
+        for p in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+          if p.is_dir():
+            p.rmtree()
+          else:
+            p.unlink()
+          removed.append(p.name)
+      except Exception:  # pylint: disable=broad-except
+        pass  # the file system is gone: nothing more to clean
+    try:
+      last = self.manager.latest_step()
+    except Exception:  # pylint: disable=broad-except
+      last = None
+    resume = (f"run again to resume from step {last}" if last is not None else
+              "run again to start over")
+    return OSError(f"cannot write checkpoint step {step} in {self.directory} "
+                   f"({_describe(error)}); is the disk full or read-only? Free space or fix the "
+                   f"permissions, then {resume}"
+                   + (" (its temporary folder was removed)" if removed else ""))
 
   def save_best(self, step: int, params, batch_stats) -> None:
     if self.best_manager is None or step in self.best_manager.all_steps():

@@ -119,6 +119,9 @@ class WorkdirLock:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
         return False
+      except OSError as e:
+        raise OSError(f"cannot write in workdir {self.workdir} ({e.strerror}); give a writable "
+                      "--workdir with free space") from e
       with os.fdopen(fd, "w") as f:
         f.write(text)
       return True

@@ -275,3 +275,37 @@ def test_console_plain_lines(capsys):
   assert out[2].startswith("Early stop at step 60 of 100") and "patience_evals=3" in out[2]
   assert "/tmp/w/final_metrics.json" in out[3] and "tensorboard --logdir /tmp/w/tensorboard" \
       in out[3]
+
+
+# ============================================================================= full or read-only disks
+
+
+def test_failed_checkpoint_save_leaves_no_temporary_folder(tmp_path):
+  import errno  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dmljax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2, save_best=False)
+  ckpt.save(1, {"w": np.zeros(3, np.float32)}, {"step": 1})
+
+  def full_disk(step, **kw):
+    del kw
+    os.makedirs(os.path.join(ckpt.directory, f"{step}.orbax-checkpoint-tmp-99", "state"))
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  ckpt.manager.save = full_disk
+  with pytest.raises(OSError, match=r"cannot write checkpoint step 2 .*No space left on device.*"
+                     r"disk full or read-only.*resume from step 1 \(its temporary folder was "
+                     r"removed\)"):
+    ckpt.save(2, {"w": np.ones(3, np.float32)}, {"step": 2})
+  assert sorted(os.listdir(ckpt.directory)) == ["1"]
+  ckpt.close()
+
+
+def test_read_only_workdir_is_one_message(tmp_path, monkeypatch):
+  def read_only(*a, **k):
+    raise PermissionError(13, "Permission denied")
+  monkeypatch.setattr(lock.os, "open", read_only)  # root ignores chmod: simulate it
+  with pytest.raises(OSError, match=r"cannot write in workdir .* \(Permission denied\); give a "
+                     "writable --workdir"):
+    lock.WorkdirLock(str(tmp_path), heartbeat_s=0).acquire()
+  assert os.listdir(tmp_path) == []
