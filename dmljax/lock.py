@@ -260,3 +260,34 @@ def acquire_for_run(workdir: str, **kwargs) -> Optional[WorkdirLock]:
   if error is not None:
     raise error
   return lock
+
+
+def main(argv=None) -> int:
+  """``python -m dmljax.lock WORKDIR``: exit status 2 and the holder if a live run holds the
+  workdir's lock, else 0 (free, or stale: a new run would take it over). The launchers ask this
+  before starting a trainer."""
+  import sys  # pylint: disable=g-import-not-at-top
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if len(argv) != 1 or argv[0].startswith("-"):
+    print("Usage: python -m dmljax.lock WORKDIR", file=sys.stderr)
+    return 2
+  probe = WorkdirLock(argv[0], heartbeat_s=0)
+  try:
+    rec = probe._read()  # pylint: disable=protected-access
+  except OSError as e:
+    print(f"python -m dmljax.lock: error: cannot read {probe.path} ({e})", file=sys.stderr)
+    return 2
+  if rec is None:
+    print(f"{argv[0]}: not locked")
+    return 0
+  why = probe.holder_gone(rec) if rec else None
+  if why is not None:
+    print(f"{argv[0]}: lock is stale ({why}); a new run takes it over")
+    return 0
+  print(f"{argv[0]} is locked by {probe.describe(rec)}", file=sys.stderr)
+  return 2
+
+
+if __name__ == "__main__":
+  import sys as _sys  # pylint: disable=g-import-not-at-top
+  _sys.exit(main())

@@ -73,7 +73,7 @@ FOLD_FILE = "fold.json"
 EMBEDDINGS_FILE = "test_embeddings.npz"
 
 __all__ = ["fold_dir", "fold_config", "class_folds", "concatenate_embeddings", "load_embeddings",
-           "run_protocol", "summarize", "main"]
+           "run_protocol", "report_only", "summarize", "main"]
 
 
 # ============================================================================= folds
@@ -331,6 +331,26 @@ def _run_folds(config, workdir, folds, allow_config_change):
   return results
 
 
+def report_only(config, workdir: str) -> dict[str, Any]:
+  """Gathers the finished folds without training any (the gathering job of an array of folds):
+  names each fold that did not finish; writes ``protocol_results.json`` once all four have.
+
+  Raises:
+    ValueError: some folds are not finished (the message names them and their folders).
+  """
+  missing = [k for k in range(NUM_FOLDS) if _fold_finished(fold_dir(workdir, k)) is None]
+  if missing:
+    names = ", ".join(f"fold {k} ({fold_dir(workdir, k)})" for k in missing)
+    raise ValueError(f"{len(missing)} of {NUM_FOLDS} folds did not finish (failed, preempted or "
+                     f"still running): {names}; rerun them with --folds="
+                     f"{','.join(map(str, missing))}, then gather again.")
+  results = summarize(config, workdir)
+  _write_json(os.path.join(workdir, RESULTS_FILE), results)
+  from dmljax import report  # pylint: disable=g-import-not-at-top
+  print(report.render([report.load_source(workdir)]), flush=True)
+  return results
+
+
 # ============================================================================= command line
 
 
@@ -350,6 +370,9 @@ def _flag_values(argv: Sequence[str]):
                     "Continue folds trained with another config, with the new values.",
                     flag_values=fv)
   flags.DEFINE_bool("verbose", False, "Show tracebacks with error messages.", flag_values=fv)
+  flags.DEFINE_bool("report_only", False,
+                    "Train nothing: gather the finished folds into protocol_results.json, or "
+                    "name the folds that did not finish (exit status 2).", flag_values=fv)
   return fv
 
 
@@ -401,6 +424,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Several processes (an srun step of several tasks, a TPU slice, DMLJAX_* variables): start
     # jax.distributed as dmljax.main does, before anything touches a backend.
     from dmljax import distributed  # pylint: disable=g-import-not-at-top
+    if fv["report_only"].value:
+      report_only(config, fv["workdir"].value)
+      return 0
     distributed.maybe_initialize()
     result = run_protocol(config, fv["workdir"].value, folds=folds,
                           allow_config_change=fv["allow_config_change"].value)

@@ -215,8 +215,6 @@ def test_finished_run_rerun_extended_and_refused(tmp_path, monkeypatch, capsys, 
                      r"above it"):
     train.train_and_evaluate(_config(**{"optim.learning_rate": 1e-4}), w,
                              allow_config_change=True)
-  with pytest.raises(cli.ConfigChanged, match=r"seed: 0 -> 1.*read only when a run starts"):
-    train.train_and_evaluate(_config(seed=1, total_steps=30), w, allow_config_change=True)
   assert open(os.path.join(w, "config.json")).read() == saved
   # Extending: steps 21-30 train, the final metrics say step 30.
   out = train.train_and_evaluate(_config(total_steps=30), w, allow_config_change=True)
@@ -227,9 +225,12 @@ def test_finished_run_rerun_extended_and_refused(tmp_path, monkeypatch, capsys, 
   assert [r["step"] for r in records if r["kind"] == "final"] == [30]
 
 
-def test_extension_by_patience():
+def test_extension_by_patience_and_start_only_keys():
   c = _config(total_steps=100, patience_evals=2)
   host, tracker = {"step": 40, "done": True}, {"evals_since_best": 2}
+  with pytest.raises(cli.ConfigChanged, match=r"seed: 0 -> 1.*read only when a run starts"):
+    extend.check_changes(c, {"step": 10, "done": False}, {"evals_since_best": 0},
+                         {"seed": (0, 1), "total_steps": (40, 100)}, "W")
   with pytest.raises(cli.ConfigChanged, match=r"patience_evals above 2"):
     extend.check_changes(c, host, tracker, {"total_steps": (40, 100)}, "W")
   c.patience_evals = 5
