@@ -253,7 +253,11 @@ def check_values(config) -> None:
 def check_inputs(config) -> None:
   """The weight file of ``model.pretrained`` and a prepared data set exist (local paths)."""
   weights = str(config.model.get("pretrained", "") or "")
-  if weights and "://" not in weights and not os.path.isfile(weights):
+  if "://" in weights:
+    raise ConfigError(f"config.model.pretrained={weights}: weight files are read from a local "
+                      "path only; copy it to every host first (launch/tpu_pod.sh --weights="
+                      f"{weights} does) and give that path")
+  if weights and not os.path.isfile(weights):
     from dmljax.configs import BN_INCEPTION_WEIGHTS  # pylint: disable=g-import-not-at-top
     raise ConfigError(f"weight file {weights} (config.model.pretrained) not found; download it "
                       f"(docs/backbones.md: {BN_INCEPTION_WEIGHTS} for bn_inception) into "
