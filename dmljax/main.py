@@ -1,10 +1,20 @@
 """Command line: ``python -m dmljax.main --config=configs/glyphs_ccp.py --workdir=/tmp/run``.
 
-``--config.key=value`` overrides any config entry; the config is locked, so a misspelt key is an
-error instead of a silently ignored setting. An existing checkpoint in ``--workdir`` is resumed;
-if the config changed in a way that breaks exact resumption the run refuses, naming the keys,
-unless ``--allow_config_change`` is given. Errors are one line on stderr and a non-zero exit
-(``--verbose`` or ``DMLJAX_VERBOSE=1`` shows the traceback).
+``--config.key=value`` overrides any config entry. Before anything compiles the config file and
+its keys are checked (a key the defaults do not have, outside the free-form blocks, is an error
+naming the closest valid one; see :mod:`dmljax.config_check`), and so are sizes, the loss's
+keyword arguments, the weight file and the data set. ``--print_config`` prints every key and
+``--check`` runs the checks; both need no ``--workdir`` and create nothing. Without ``--workdir``
+the run goes to ``runs/NAME``.
+
+The workdir is locked for the run (:mod:`dmljax.lock`: a second run on it is refused). An
+existing checkpoint in it is resumed; a finished run says so and exits 0; if the config changed
+in a way that breaks exact resumption the run refuses, naming the keys, unless
+``--allow_config_change`` is given, which also extends a finished run to a larger
+``total_steps`` / ``patience_evals`` (:mod:`dmljax.extend`). Errors are one line on stderr and
+exit status 2 (``--verbose`` or ``DMLJAX_VERBOSE=1`` shows the traceback); a run stopped by
+SIGTERM saves and exits with status 75 (:data:`dmljax.cli.EXIT_PREEMPTED`). See
+docs/running.md.
 
 Several processes (docs/multihost.md): under SLURM (``srun``) and on multi-host Cloud TPU slices
 ``jax.distributed`` is initialised by itself; elsewhere give every process
