@@ -207,7 +207,8 @@ def check_loss_kwargs(config) -> None:
   """``loss.kwargs`` (and ``ccp.in_batch_kwargs``) against the chosen losses' signatures."""
   from dmljax import losses  # pylint: disable=g-import-not-at-top
   pairs = [("loss.kwargs", config.loss.name, "loss.name")]
-  if config.get("framework") == "ccp" and "ccp" in config:
+  if config.get("framework") == "ccp" and "ccp" in config and config.ccp.get("in_batch_loss"):
+    # "" = the in-batch term is config.loss itself (in_batch_kwargs unused).
     pairs.append(("ccp.in_batch_kwargs", config.ccp.in_batch_loss, "ccp.in_batch_loss"))
   for block, name, name_key in pairs:
     kwargs = flatten(config.get(block.split(".")[0]).get(block.split(".")[1]) or {})

@@ -46,6 +46,7 @@ MEANINGS = {
     "model.freeze_bn": "BatchNorm of the trunk: none, stats (running statistics fixed), "
                        "stats_and_affine.",
     "model.embedding_bn": "BatchNorm on the embedding layer's output.",
+    "model.head_bias": "The embedding layer's bias (the CCP authors' has none).",
     "model.dtype": "Compute dtype: float32 or bfloat16 (parameters, statistics, losses f32).",
     "model.remat": "Rematerialise the trunk per block (less memory, more compute).",
     "framework": "Training method: standard, ccp, profs, xbm, dro.",
@@ -60,7 +61,7 @@ MEANINGS = {
     "batch_size": "Global training batch (all devices, all processes).",
     "optim.name": "Optimizer: adam, adamw, sgd.",
     "optim.learning_rate": "Peak learning rate.",
-    "optim.weight_decay": "Weight decay (not on BatchNorm or biases).",
+    "optim.weight_decay": "Weight decay (on the parameters optim.weight_decay_scope names).",
     "optim.grad_clip_norm": "Global gradient norm clip (0 = off).",
     "optim.b1": "Adam beta1.",
     "optim.b2": "Adam beta2.",
@@ -70,6 +71,10 @@ MEANINGS = {
     "optim.decay_every_epochs": "step schedule: multiply by decay_factor every this many epochs.",
     "optim.decay_factor": "step schedule: the factor.",
     "optim.warmup_steps": "Linear warm-up steps.",
+    "optim.weight_decay_scope": "Parameters decayed: kernels, or all_but_batchnorm (the CCP "
+                                "authors').",
+    "optim.clip_value": "Per-value gradient clip (0 = off).",
+    "optim.decay_before_clip": "Add the L2 term before clipping (the CCP authors' order).",
     "optim.freeze_trunk_epochs": "Epochs training only the embedding layer (proxy baselines).",
     "optim.lr_multipliers": "Free-form: learning-rate multiplier per parameter group "
                             "(proxies, ...).",
@@ -81,14 +86,21 @@ MEANINGS = {
                                 "only).",
     "ccp.proxy_weight": "CCP: weight of the sample-to-proxy loss.",
     "ccp.in_batch_weight": "CCP: weight of the in-batch loss.",
-    "ccp.in_batch_loss": "CCP: the in-batch pair loss.",
-    "ccp.in_batch_kwargs": "Free-form: keyword hyperparameters of ccp.in_batch_loss.",
+    "ccp.in_batch_loss": "CCP: the in-batch pair loss; \"\" = loss.name with loss.kwargs (the "
+                         "authors').",
+    "ccp.in_batch_kwargs": "Free-form: keyword hyperparameters of ccp.in_batch_loss (when set).",
+    "ccp.min_improvement": "CCP: an evaluation improves a projection by more than this.",
+    "ccp.pool_embeddings": "CCP: k-center pool from raw (before the model's normalisation) or "
+                           "normalized embeddings.",
+    "ccp.lagged_metric": "CCP: a projection end decides on the previous evaluation (the "
+                         "authors' callback order).",
     "ccp.alternate": "CCP: False = one proxy problem, never re-initialised (ablation).",
-    "ccp.start_from": "CCP: what a projection starts from: projection_best, converged, "
-                      "run_best.",
+    "ccp.start_from": "CCP: where the next projection trains from: current (the authors'), "
+                      "projection_best, converged, run_best.",
     "ccp.reset_proxy_opt_state": "CCP: zero the proxies' optimizer moments at "
                                  "re-initialisation.",
-    "ccp.proxy_normalization": "CCP: what the proxy loss sees: none, l2, bounded.",
+    "ccp.proxy_normalization": "CCP: what the loss sees of the proxies: model (the "
+                               "embeddings' normalisation), none, l2, bounded.",
     "standard.use_proxies": "standard: pair losses against learnable proxies.",
     "standard.proxies_per_class": "standard: proxies per class.",
     "standard.normalize_proxies": "standard: the loss sees L2-normalised proxies.",

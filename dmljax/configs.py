@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.gem_p = 3.0
   c.model.freeze_bn = "none"         # none | stats (running statistics fixed) | stats_and_affine
   c.model.embedding_bn = False       # BatchNorm on the embedding layer's output
+  c.model.head_bias = True           # the embedding layer's bias (the CCP authors' has none)
   c.model.dtype = "float32"          # float32 | bfloat16 (compute; params, BN stats, losses f32)
   c.model.remat = False              # rematerialise the trunk per block (large batches)
 
@@ -79,7 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.name = "adam"
   c.optim.learning_rate = 1e-3
   c.optim.weight_decay = 1e-4
+  c.optim.weight_decay_scope = "kernels"  # kernels | all_but_batchnorm (the CCP authors')
   c.optim.grad_clip_norm = 10.0
+  c.optim.clip_value = 0.0           # per-value gradient clip (0 = off; the CCP authors: 10)
+  c.optim.decay_before_clip = False  # True: L2 added before the clipping (the CCP authors' order)
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
@@ -175,44 +179,83 @@ CCP_PAPER = {
 BN_INCEPTION_WEIGHTS = "bn_inception-52deb4733.pth"
 
 
+def ccp_authors_optim(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sets the CCP authors' optimiser on ``c.optim`` (returns ``c``).
+
+  The update as their code builds it: the proximal term (part of dmljax's CCP loss) -> coupled L2
+  1e-4 on every trainable variable but BatchNorm's (biases and proxies included) -> clip to
+  global norm 10 -> clip each value to +-10 -> Adam lr 1e-5. Adam's betas: (0.9, 0.99) as the
+  paper gives them (the code's Keras Adam runs beta2 = 0.999); epsilon 1e-7 as the code's Keras
+  Adam (the paper is silent). Keras adds epsilon to sqrt(v) before the bias correction, optax
+  after it: the same update up to epsilon's scale early in training (1e-7 either way).
+  """
+  c.optim.name = "adam"
+  c.optim.learning_rate = 1e-5
+  c.optim.b1, c.optim.b2 = 0.9, 0.99   # the paper (the code: 0.999)
+  c.optim.eps = 1e-7                   # the code (Keras's Adam; the paper is silent)
+  c.optim.weight_decay = 1e-4
+  c.optim.weight_decay_scope = "all_but_batchnorm"
+  c.optim.decay_before_clip = True
+  c.optim.grad_clip_norm = 10.0
+  c.optim.clip_value = 10.0
+  c.optim.schedule = "constant"
+  return c
+
+
+#: Variants of :func:`ccp_paper_config`.
+CCP_PAPER_VARIANTS = ("small", "ablation")
+
+
 def ccp_paper_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
-  """C2-CCP on a benchmark data set with the CCP paper's settings (``configs/{name}_ccp.py``).
+  """C2-CCP on a benchmark data set, as the CCP paper and its authors' code run it
+  (``configs/{name}_ccp.py``).
 
-  BN-Inception (ImageNet weights from ``$DMLJAX_WEIGHTS/bn_inception-52deb4733.pth``, frozen
-  BatchNorm), Adam lr 1e-5 with betas (0.9, 0.99), weight decay 1e-4 (not on BatchNorm),
-  gradient clipping at 10, batch 32 = 8 classes x 4, embedding 128 with the bounded
-  normalisation, lambda 2e-4, projections ending after 3 evaluations without improvement, the
-  run after 60; protocol transforms at 227 x 227.
+  BN-Inception (ImageNet weights from ``$DMLJAX_WEIGHTS/bn_inception-52deb4733.pth``) with
+  BatchNorm frozen entirely (statistics and affine), an embedding layer of 128 without bias, the
+  bounded normalisation; the optimiser of :func:`ccp_authors_optim` (Adam lr 1e-5, betas (0.9,
+  0.99) from the paper, epsilon 1e-7 from the code; proximal -> L2 1e-4 on all but BatchNorm ->
+  clip global norm 10 -> clip values 10); batch 32 = 8 classes x 4; CCP as authored (the
+  framework's defaults: the model continues at a projection end, the in-batch term is C2 itself,
+  proxies normalised as the embeddings, the pool from raw embeddings), lambda 2e-4, projections
+  ending after 3 evaluations without improvement, the run after 60; protocol transforms at
+  227 x 227.
 
-  ``variant="small"``: the same pipeline and framework on a tiny from-scratch backbone, two
-  classes x 2 per batch, 32 x 32 crops, a few steps (tests, on tiny prepared data).
+  Validation classes: a single run validates on 1/4 of the training classes, the protocol's fold
+  0 (train on the first 3/4 of the training classes sorted by id, validate on the last quarter:
+  the quarter the authors' first model holds out); ``python -m dmljax.protocol`` runs all four
+  folds with the same config.
+
+  Variants: ``"ablation"``: validation on 1/3 of the training classes (the paper's single-model
+  ablations train on 2/3), fold 0 of a 3-fold cut; ``"small"``: the same pipeline and framework
+  on a tiny from-scratch backbone, two classes x 2 per batch, 32 x 32 crops, a few steps (tests,
+  on tiny prepared data).
   """
   import os  # pylint: disable=g-import-not-at-top
+  if variant and variant not in CCP_PAPER_VARIANTS:
+    raise ValueError(f"Unknown variant {variant!r} of {name}_ccp.py; valid: "
+                     f"{', '.join(repr(v) for v in CCP_PAPER_VARIANTS)}.")
   p = CCP_PAPER[name]
   c = base_config()
   c.dataset.name = name
-  c.dataset.options.val_fraction = 0.2  # validation classes, taken from the training classes
+  # Validation = fold 0 of the protocol's class folds (4 folds: 1/4; the ablation: 3 folds, 1/3).
+  c.dataset.options.protocol_fold = 0
+  c.dataset.options.num_folds = 3 if variant == "ablation" else 4
   c.model.name = "bn_inception"
   c.model.pretrained = os.path.join(os.environ.get("DMLJAX_WEIGHTS", "weights"),
                                     BN_INCEPTION_WEIGHTS)
-  c.model.freeze_bn = "stats"
+  c.model.freeze_bn = "stats_and_affine"
+  c.model.head_bias = False
   c.model.embedding_dim = 128
   c.model.normalization = "bounded"
   c.framework = "ccp"
   c.loss.name = "contrastive"
   c.loss.kwargs = ml_collections.ConfigDict({"pos_margin": p["margins"][0],
                                              "neg_margin": p["margins"][1]})
-  c.ccp.in_batch_kwargs = ml_collections.ConfigDict({"pos_margin": p["margins"][0],
-                                                     "neg_margin": p["margins"][1]})
   c.ccp.proxies_per_class = p["proxies"]
   c.ccp.pool_size = p["pool"]
   c.ccp.lam = 2e-4
   c.ccp.patience = 3
-  c.optim.name = "adam"
-  c.optim.learning_rate = 1e-5
-  c.optim.b1, c.optim.b2 = 0.9, 0.99
-  c.optim.weight_decay = 1e-4
-  c.optim.grad_clip_norm = 10.0
+  ccp_authors_optim(c)
   c.batch_size = 32
   c.sampler.m = 4
   # SOP classes hold 2-12 images, In-shop items 1-2 (train): their 4 rows repeat images.
@@ -239,6 +282,4 @@ def ccp_paper_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
     c.total_steps, c.eval_every_steps, c.log_every_steps = 4, 2, 2
     c.checkpoint.every_steps = 2
     c.eval_batch_size = 16
-  elif variant:
-    raise ValueError(f"Unknown variant {variant!r} of {name}_ccp.py; valid: 'small'.")
   return c

@@ -1,9 +1,14 @@
 """The optax chain built from ``config.optim``.
 
-Order of the chain (each step explained where it is built): clip the raw gradient by its global
-norm -> (Adam only) coupled L2 weight decay -> Adam moments (or SGD momentum), kept per parameter
-group -> (AdamW only) decoupled weight decay -> learning rate (schedule) -> per-group
-learning-rate multipliers.
+Order of the chain (each step explained where it is built), by default: clip the raw gradient by
+its global norm (and, with ``clip_value``, each value) -> (Adam / SGD) coupled L2 weight decay ->
+Adam moments (or SGD momentum), kept per parameter group -> (AdamW only) decoupled weight decay
+-> learning rate (schedule) -> per-group learning-rate multipliers.
+
+``decay_before_clip = True`` is the CCP authors' order: the coupled L2 term is added to the loss
+gradient (which already holds CCP's proximal term, part of the loss here) *before* the clipping
+to global norm ``grad_clip_norm`` and then to ``+-clip_value`` per value, then Adam. (Their
+gradient transformers, in this order: proximal term, weight decay, global-norm clip, value clip.)
 
 The moments live in one state per group (:func:`per_group`), each with its own step count, so a
 group whose state is reset (CCP's re-initialised proxies, when ``ccp.reset_proxy_opt_state``) is
@@ -11,13 +16,16 @@ exactly a freshly started Adam for that group: its bias correction restarts with
 learning-rate schedule keeps the run's step count.
 
 Parameter groups are the top-level keys of the params dict: ``"model"`` (backbone + head) and
-whatever a framework adds (``"proxies"``, ...). Weight decay applies to ``kernel`` leaves of the
-model only: never to biases, BatchNorm scale/bias, or proxies (the authors' CCP code exempts
-BatchNorm; proxies are exempt because decay would pull them towards the origin, changing the
-geometry the proxy losses rely on).
+whatever a framework adds (``"proxies"``, ...). Which leaves weight decay acts on is
+``weight_decay_scope`` (:data:`DECAY_SCOPES`): ``"kernels"`` (the default) is the ``kernel``
+leaves of the model only, never biases, BatchNorm scale/bias or proxies (decay would pull proxies
+towards the origin, changing the geometry the proxy losses rely on); ``"all_but_batchnorm"`` is
+the CCP authors' (every trainable variable whose name lacks "bn": biases and proxies included,
+BatchNorm's scale and bias excluded).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -33,8 +41,39 @@ def _path_keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
 
 
-def weight_decay_mask(params) -> Any:
-  """True for leaves that get weight decay: model ``kernel`` leaves only."""
+#: Which leaves weight decay acts on (``optim.weight_decay_scope``).
+DECAY_SCOPES = ("kernels", "all_but_batchnorm")
+
+
+def batchnorm_leaves(params) -> Any:
+  """True for the ``scale`` / ``bias`` leaves of normalisation layers.
+
+  A normalisation layer is recognised by its parameters, not by its name: a module holding a
+  ``scale`` parameter (every BatchNorm of the models here, whatever the PyTorch name it was
+  ported under, and the head's ``head_bn``). Convolutions and dense layers hold ``kernel`` and
+  ``bias``, never ``scale``.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  norm_modules = {_path_keys(p)[:-1] for p, _ in flat if _path_keys(p)[-1:] == ("scale",)}
+
+  def decide(path, _):
+    keys = _path_keys(path)
+    return keys[:-1] in norm_modules and keys[-1] in ("scale", "bias")
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def weight_decay_mask(params, scope: str = "kernels") -> Any:
+  """True for leaves that get weight decay.
+
+  ``scope="kernels"``: model ``kernel`` leaves only. ``"all_but_batchnorm"`` (the CCP authors'):
+  every leaf (biases and proxies included) except the normalisation layers' ``scale`` / ``bias``
+  (:func:`batchnorm_leaves`).
+  """
+  if scope not in DECAY_SCOPES:
+    raise ValueError(f"Unknown optim.weight_decay_scope {scope!r}; valid: {list(DECAY_SCOPES)}.")
+  if scope == "all_but_batchnorm":
+    return jax.tree.map(lambda is_bn: not is_bn, batchnorm_leaves(params))
+
   def decide(path, _):
     keys = _path_keys(path)
     return bool(keys) and keys[0] == "model" and keys[-1] == "kernel"
@@ -170,10 +209,13 @@ def make_optimizer(oc, total_steps: int, steps_per_epoch: Optional[int] = None
 
   Args:
     oc: ConfigDict with ``name`` (adam | adamw | sgd), ``learning_rate``, ``weight_decay``,
-      ``grad_clip_norm`` (0 disables), ``b1``, ``b2``, ``eps``, ``momentum`` (sgd),
-      ``schedule`` (+ ``decay_every_epochs``, ``decay_factor`` for ``"step"``),
-      ``warmup_steps``, ``lr_multipliers`` (dict group -> factor) and
-      ``freeze_trunk_epochs`` (warm-up of the embedding layer alone; 0 = off).
+      ``weight_decay_scope`` (:data:`DECAY_SCOPES`, default ``"kernels"``),
+      ``grad_clip_norm`` (0 disables), ``clip_value`` (per-value clip, 0 disables; default 0),
+      ``decay_before_clip`` (coupled decay added before the clipping, the CCP authors' order;
+      default False), ``b1``, ``b2``, ``eps``, ``momentum`` (sgd), ``schedule`` (+
+      ``decay_every_epochs``, ``decay_factor`` for ``"step"``), ``warmup_steps``,
+      ``lr_multipliers`` (dict group -> factor) and ``freeze_trunk_epochs`` (warm-up of the
+      embedding layer alone; 0 = off).
     total_steps: training length, for the cosine schedule.
     steps_per_epoch: ``ceil(training samples / batch size)``, for the epoch-based settings.
 
@@ -182,25 +224,36 @@ def make_optimizer(oc, total_steps: int, steps_per_epoch: Optional[int] = None
   """
   if oc.name not in OPTIMIZERS:
     raise ValueError(f"Unknown optim.name {oc.name!r}; valid optimizers: {list(OPTIMIZERS)}.")
-  parts = []
-  if oc.grad_clip_norm and oc.grad_clip_norm > 0:
-    # Clip the loss gradient before anything else (the CCP authors clip at norm 10).
-    parts.append(optax.clip_by_global_norm(float(oc.grad_clip_norm)))
+  scope = oc.get("weight_decay_scope", "kernels")
+  if scope not in DECAY_SCOPES:
+    raise ValueError(f"Unknown optim.weight_decay_scope {scope!r}; valid: {list(DECAY_SCOPES)} "
+                     "(set --config.optim.weight_decay_scope).")
+  decay_first = bool(oc.get("decay_before_clip", False))
+  if decay_first and oc.name == "adamw":
+    raise ValueError("optim.decay_before_clip needs a coupled weight decay (optim.name adam or "
+                     "sgd); adamw's decay is decoupled, applied after the moments.")
+  clip_value = float(oc.get("clip_value", 0.0) or 0.0)
+  if clip_value < 0:
+    raise ValueError(f"optim.clip_value must be >= 0 (0 = off), got {clip_value}.")
+  mask = functools.partial(weight_decay_mask, scope=scope)
   wd = float(oc.weight_decay)
-  if oc.name == "adam":
-    if wd > 0:
-      # Coupled L2 (what "Adam with weight decay" means in TF/Keras regularizers).
-      parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask))
+  coupled = ([optax.add_decayed_weights(wd, mask=mask)]
+             if wd > 0 and oc.name in ("adam", "sgd") else [])
+  clips = []
+  if oc.grad_clip_norm and oc.grad_clip_norm > 0:
+    # The CCP authors clip at global norm 10 (then each value at 10).
+    clips.append(optax.clip_by_global_norm(float(oc.grad_clip_norm)))
+  if clip_value > 0:
+    clips.append(optax.clip(clip_value))
+  # Coupled L2 (what "Adam with weight decay" means in TF/Keras regularizers): by default after
+  # the clipping (the decay term is never clipped), with decay_before_clip before it.
+  parts = coupled + clips if decay_first else clips + coupled
+  if oc.name in ("adam", "adamw"):
     parts.append(per_group(optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps)))
-  elif oc.name == "adamw":
-    parts.append(per_group(optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps)))
-    if wd > 0:
-      parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask))
-  else:
-    if wd > 0:
-      parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask))
-    if oc.momentum:
-      parts.append(per_group(optax.trace(decay=float(oc.momentum), nesterov=False)))
+    if oc.name == "adamw" and wd > 0:
+      parts.append(optax.add_decayed_weights(wd, mask=mask))
+  elif oc.momentum:
+    parts.append(per_group(optax.trace(decay=float(oc.momentum), nesterov=False)))
   parts.append(optax.scale_by_learning_rate(make_schedule(oc, total_steps, steps_per_epoch)))
   if oc.lr_multipliers:
     parts.append(scale_by_group(oc.lr_multipliers))

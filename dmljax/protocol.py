@@ -84,10 +84,14 @@ def fold_dir(workdir: str, fold: int) -> str:
 
 
 def fold_config(config, fold: int):
-  """A copy of ``config`` whose data set is fold ``fold`` (``dataset.options.protocol_fold``)."""
+  """A copy of ``config`` whose data set is fold ``fold`` (``dataset.options.protocol_fold``) of
+  the 4-fold protocol (a config's own ``dataset.options.num_folds``, e.g. the 3-fold cut of a
+  paper config's ``:ablation`` variant, is set back to 4)."""
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
     cfg.dataset.options.protocol_fold = int(fold)
+    if "num_folds" in cfg.dataset.options:
+      cfg.dataset.options.num_folds = NUM_FOLDS
   return cfg
 
 

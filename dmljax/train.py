@@ -290,13 +290,16 @@ def jit_train_step(step_fn, mesh):
                  donate_argnums=(0,))
 
 
-def make_embed_fn(model, mesh):
-  """Jitted inference-mode embedding ``(model_params, batch_stats, images) -> [B, D]`` (replicated)."""
+def make_embed_fn(model, mesh, normalize: bool = True):
+  """Jitted inference-mode embedding ``(model_params, batch_stats, images) -> [B, D]`` (replicated);
+  ``normalize=False``: the embedding before the model's normalisation."""
   rep, bat = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+  extra = {} if normalize else {"normalize": False}
 
   def embed(model_params, batch_stats, images):
     return model.apply(_variables(model_params, batch_stats), _prepare_images(images),
-                       train=False)
+                       train=False, **extra)
 
   return jax.jit(embed, in_shardings=(rep, rep, bat), out_shardings=rep)
 
@@ -363,22 +366,25 @@ class Evaluator:
   def __init__(self, config, model, mesh, data: Input):
     self.config, self.mesh, self.data = config, mesh, data
     self.embed_fn = make_embed_fn(model, mesh)
+    self.embed_fn_raw = make_embed_fn(model, mesh, normalize=False)  # compiled on first use
     self.checkpointer = None  # named in the divergence message once there is one
     self.step = 0
     self.num_workers = input_workers(config, data)
 
-  def embed(self, model_params, batch_stats, images, indices=None) -> np.ndarray:
-    """Embeddings of an image source (array or records), or of its ``indices``."""
+  def embed(self, model_params, batch_stats, images, indices=None, raw=False) -> np.ndarray:
+    """Embeddings of an image source (array or records), or of its ``indices``; ``raw``: before
+    the model's normalisation."""
     source = images if indices is None else take(images, indices)
     # Worker processes pay off for large splits only: starting them costs seconds, about what
     # decoding a few thousand images in this process costs.
     workers = self.num_workers if len(source) >= EVAL_WORKERS_MIN_IMAGES else 0
-    return embed_source(self.embed_fn, self.mesh, model_params, batch_stats, source,
-                        self.data.eval_transform, self.config.eval_batch_size,
-                        workers, max(1, int(self.config.input.prefetch)))
+    return embed_source(self.embed_fn_raw if raw else self.embed_fn, self.mesh, model_params,
+                        batch_stats, source, self.data.eval_transform,
+                        self.config.eval_batch_size, workers,
+                        max(1, int(self.config.input.prefetch)))
 
-  def embed_train(self, model_params, batch_stats, indices) -> np.ndarray:
-    return self.embed(model_params, batch_stats, self.data.train_images, indices)
+  def embed_train(self, model_params, batch_stats, indices, raw=False) -> np.ndarray:
+    return self.embed(model_params, batch_stats, self.data.train_images, indices, raw=raw)
 
   def metrics(self, embeddings, labels, gallery_embeddings=None,
               gallery_labels=None) -> dict[str, float]:

@@ -99,8 +99,10 @@ def test_unknown_framework_and_loss_list_valid_names():
     frameworks.get_framework(c, num_classes=C, embedding_dim=D)
 
 
-def test_ccp_start_projection_end_by_patience_reinit_anchor():
-  c, fw, ctx, st, calls = _setup()
+def test_ccp_rollback_projection_end_by_patience_reinit_anchor():
+  # The rollback ablation (dmljax's default before issue 18, when the default became the
+  # authors' "current"; see test_ccp_authored_projection_ends_match_a_hand_written_loop).
+  c, fw, ctx, st, calls = _setup(start_from="projection_best")
   st = fw.on_start(st, ctx)
   # First proxies: pool 0, no seeds.
   assert calls[-1][1] == 0
@@ -236,25 +238,38 @@ def test_ccp_start_from_modes(mode):
     assert not np.array_equal(start2["params"]["model"]["w"], best0["params"]["model"]["w"])
 
 
-def test_ccp_in_batch_term_is_its_own_loss():
-  # Guards issue 12: MS-CCP / Triplet-CCP silently reused the proxy loss in-batch.
-  c, fw, ctx, st, _ = _setup()
+@pytest.mark.parametrize("name,kwargs", [
+    ("multi_similarity", {"alpha": 3.0, "beta": 40.0, "base": 0.4}),
+    ("triplet_margin", {"margin": 0.3})])
+def test_ccp_in_batch_term_is_the_configured_loss(name, kwargs):
+  # Issue 18: the authors' CCP loss subclasses the configured pair loss, so MS-CCP's in-batch
+  # term is multi-similarity and Triplet-CCP's triplet, with the loss's own settings, at 0.1.
+  c, _, ctx, st, _ = _setup()
   c.unlock()
-  c.loss.name = "multi_similarity"
-  c.loss.kwargs = {}
+  c.loss.name = name
+  c.loss.kwargs = kwargs
   c.lock()
   fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
   fw.embed_pool = lambda ctx, model_params, batch_stats, index: _pool(index)
   st = fw.on_start(st, ctx)
   rng = np.random.default_rng(3)
-  emb = jnp.asarray(rng.normal(size=(6, D)), jnp.float32)
+  emb = losses.bounded_normalize(jnp.asarray(rng.normal(size=(6, D)), jnp.float32))
   labels = jnp.asarray([0, 0, 1, 1, 2, 2], jnp.int32)
+  total, (parts, _) = fw.loss(st.params, emb, labels, st, None)
+  fn = losses.get_loss(name)
+  proxies = losses.bounded_normalize(st.params["proxies"])   # the model's normalisation
+  s2p = fn(emb, labels, ref_embeddings=proxies, ref_labels=st.framework["proxy_labels"], **kwargs)
+  inb = fn(emb, labels, **kwargs)
+  assert abs(float(inb)) > 1e-4 and abs(float(inb) - float(s2p)) > 1e-4   # distinct terms
+  np.testing.assert_allclose(float(parts["loss/in_batch"]), float(inb), rtol=1e-5)
+  np.testing.assert_allclose(float(total), float(s2p) + 0.1 * float(inb), rtol=1e-5)
+  # The ablation: a named in-batch loss with its own settings (contrastive for every variant).
+  c.unlock()
+  c.ccp.in_batch_loss = "contrastive"
+  fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
   total, _ = fw.loss(st.params, emb, labels, st, None)
-  s2p = losses.multi_similarity(emb, labels, ref_embeddings=st.params["proxies"],
-                                ref_labels=st.framework["proxy_labels"])
   inb = losses.contrastive(emb, labels, **dict(c.ccp.in_batch_kwargs))
   np.testing.assert_allclose(float(total), float(s2p) + 0.1 * float(inb), rtol=1e-5)
-  c.unlock()
   c.ccp.in_batch_loss = "proxy_anchor"
   with pytest.raises(ValueError, match="in_batch_loss"):
     frameworks.get_framework(c, num_classes=C, embedding_dim=D)
@@ -310,7 +325,8 @@ def test_ccp_loss_proximal_off_in_first_projection():
   np.testing.assert_allclose(float(l1) - float(l0), lam / 2 * sq, atol=1e-6)
   # The data term: 1.0 x sample-to-proxy C1 + 0.1 x in-batch C1 (the authors' weights).
   kw = dict(c.loss.kwargs)
-  s2p = losses.contrastive(emb, labels, ref_embeddings=params["proxies"],
+  s2p = losses.contrastive(emb, labels,
+                           ref_embeddings=losses.bounded_normalize(params["proxies"]),
                            ref_labels=st.framework["proxy_labels"], **kw)
   inb = losses.contrastive(emb, labels, **kw)
   np.testing.assert_allclose(float(l0), float(s2p) + 0.1 * float(inb), rtol=1e-5)
@@ -341,20 +357,147 @@ def test_standard_proxy_and_pair_losses():
   np.testing.assert_array_equal(np.asarray(fs["proxy_labels"]), [0, 0, 1, 1, 2, 2])
 
 
-def test_ccp_proxy_normalization_inside_the_loss():
-  # Similarity losses need normalised proxies: a free proxy's dot product grows without bound.
-  c, fw, ctx, st, _ = _setup(proxy_normalization="l2")
+@pytest.mark.parametrize("mode,model_norm,fn", [
+    ("model", "bounded", losses.bounded_normalize),   # the default: as the embeddings
+    ("model", "l2", losses.l2_normalize),
+    ("l2", "bounded", losses.l2_normalize),
+    ("none", "none", lambda x: x)])
+def test_ccp_proxy_normalization_inside_the_loss(mode, model_norm, fn):
+  # Issue 18: proxies are stored raw and the loss normalises them as the embeddings.
+  c, fw, ctx, st, _ = _setup(proxy_normalization=mode,
+                             pool_embeddings="normalized" if mode == "none" else "raw")
+  assert base_config().ccp.proxy_normalization == "model"
+  c.unlock()
+  c.model.normalization = model_norm
+  fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+  fw.embed_pool = lambda ctx, model_params, batch_stats, index: _pool(index)
   st = fw.on_start(st, ctx)
   emb = losses.l2_normalize(jnp.asarray(np.random.default_rng(5).normal(size=(6, D)), jnp.float32))
   labels = jnp.asarray([0, 0, 1, 1, 2, 2], jnp.int32)
   scaled = dict(st.params, proxies=st.params["proxies"] * 5.0)
   got, _ = fw.loss(scaled, emb, labels, st, None)
   kw = dict(c.loss.kwargs)
-  want = (losses.contrastive(emb, labels, ref_embeddings=losses.l2_normalize(scaled["proxies"]),
+  want = (losses.contrastive(emb, labels, ref_embeddings=fn(scaled["proxies"]),
                              ref_labels=st.framework["proxy_labels"], **kw)
-          + 0.1 * losses.contrastive(emb, labels, **dict(c.ccp.in_batch_kwargs)))
+          + 0.1 * losses.contrastive(emb, labels, **kw))
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
-  c.unlock()
   c.ccp.proxy_normalization = "unit"
   with pytest.raises(ValueError, match="proxy_normalization"):
     frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+  # A raw pool compared unnormalised with normalised embeddings is refused.
+  c.ccp.proxy_normalization, c.model.normalization = "none", "bounded"
+  c.ccp.pool_embeddings = "raw"
+  with pytest.raises(ValueError, match="pool_embeddings"):
+    frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+
+
+def _authors_loop(metrics, deltas, lagged, patience, margin=1e-5):
+  """The authors' CCP callback, as a plain loop over evaluations (issue 18's reading of
+  ``callback.py``): improvement = beating the projection's best by more than ``margin``; each
+  improvement stores the current model and proxies as the projection's best; after ``patience``
+  evaluations without one, the anchor becomes the best model, the proxies are all replaced by
+  greedy k-center on a pool embedded with the *current* model, seeded with the best proxies
+  (zeros before the first projection), and the model carries on. Returns the sequence of
+  ``(model, proxies, anchor, pool model, projection)`` after every evaluation."""
+  model = {"b": np.zeros(2, np.float32), "w": np.ones((2, 2), np.float32)}
+  best_model, best_proxies = None, np.zeros((C * P, D), np.float32)
+  pool0, _ = _pool(0)
+  proxies = np.concatenate([_naive_kcenter(pool0[k], np.zeros((P, D)), P) for k in range(C)])
+  anchor, projection, pool_model = dict(model), 0, dict(model)
+  best, since, logged = -np.inf, 0, 0.0
+  out = []
+  for metric, delta in zip(metrics, deltas):
+    model = {k: v + delta for k, v in model.items()}      # training moves model and proxies
+    proxies = proxies + delta
+    seen, logged = (logged, metric) if lagged else (metric, metric)
+    if seen > best + margin:
+      best, since = seen, 0
+      best_model, best_proxies = dict(model), proxies.copy()
+    else:
+      since += 1
+    if since == patience:
+      anchor, pool_model, projection = dict(best_model), dict(model), projection + 1
+      pool, _ = _pool(projection)
+      seeds = best_proxies.reshape(C, P, D)
+      proxies = np.concatenate([_naive_kcenter(pool[k], seeds[k], P) for k in range(C)])
+      best, since = -np.inf, 0
+    out.append((dict(model), proxies.copy(), dict(anchor), dict(pool_model), projection))
+  return out
+
+
+@pytest.mark.parametrize("lagged", [False, True])
+def test_ccp_authored_projection_ends_match_a_hand_written_loop(lagged):
+  # Issue 18: at a projection end the authors set only the anchor to the projection's best; the
+  # model keeps its current weights, the pool is embedded with it, and k-center is seeded with
+  # the projection's best proxies. Projection 0 ends on evaluations worse than its best;
+  # projection 1 never beats projection 0 (its own best is still the anchor); projection 2 beats
+  # both; ties within the 1e-5 margin do not count as improvements.
+  metrics = [0.5, 0.4, 0.45, 0.3, 0.35, 0.2, 0.25, 0.6, 0.6 + 5e-6, 0.55, 0.7]
+  deltas = [0.1 * (i + 1) for i in range(len(metrics))]
+  c, fw, ctx, st, calls = _setup(patience=2, lagged_metric=lagged, max_projection_steps=0)
+  assert base_config().ccp.start_from == "current" and c.ccp.start_from == "current"
+  st = fw.on_start(st, ctx)
+  want = _authors_loop(metrics, deltas, lagged, patience=2)
+  pool0, _ = _pool(0)
+  np.testing.assert_allclose(np.asarray(st.params["proxies"]), np.concatenate(
+      [_naive_kcenter(pool0[k], np.zeros((P, D)), P) for k in range(C)]), atol=1e-6)
+  ends = []
+  for i, (metric, delta, (model, proxies, anchor, pool_model, projection)) in enumerate(
+      zip(metrics, deltas, want)):
+    st = _advance(st, 10, delta)
+    st, ev = fw.after_eval(st, ctx, {"map_at_r": metric})
+    assert int(st.framework["projection"]) == projection
+    for k in model:
+      np.testing.assert_allclose(np.asarray(st.params["model"][k]), model[k], atol=1e-6)
+      if projection:
+        np.testing.assert_allclose(np.asarray(st.anchor[k]), anchor[k], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(st.params["proxies"]), proxies, atol=1e-6)
+    if "ccp/projection" in ev:
+      ends.append(i)
+      assert calls[-1][1] == projection           # pool ``projection``, embedded with ...
+      for k in model:                             # ... the current (not rolled back) model
+        np.testing.assert_allclose(calls[-1][0][k], pool_model[k], atol=1e-6)
+  assert len(ends) == want[-1][-1] == 3
+  # One evaluation late: each end comes one evaluation after the unlagged run's.
+  assert ends == ([3, 7, 10] if lagged else [2, 6, 9])
+
+
+def test_ccp_first_proxies_are_the_largest_norm_raw_embeddings():
+  # Issue 18: the pool holds embeddings before the model's normalisation, and zero seeds make
+  # each class's first pick its largest-norm embedding.
+  c = _config()
+  fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+  labels = np.repeat(np.arange(C), 7)
+  raw = np.random.default_rng(4).normal(size=(len(labels), D)).astype(np.float32) * 3.0
+  asked = []
+
+  def embed(model_params, batch_stats, indices, raw_emb=False):
+    asked.append(raw_emb)
+    x = raw[np.asarray(indices)]
+    return x if raw_emb else np.asarray(losses.bounded_normalize(jnp.asarray(x)))
+
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  ctx = frameworks.HostContext(
+      config=c, tx=optim.make_optimizer(c.optim, 10), num_classes=C, train_labels=labels,
+      embed=lambda p, b, i, raw=False: embed(p, b, i, raw), evaluate=None,
+      replicate=lambda t: parallel.replicate(t, mesh), log=lambda *a, **k: None)
+  model_params = {"w": jnp.ones((2, 2))}
+  extra, fs = fw.init(jax.random.PRNGKey(0), model_params, {})
+  st = state_lib.create_train_state(rng=jax.random.PRNGKey(1), model_params=model_params,
+                                    batch_stats={}, extra_params=extra, framework_state=fs,
+                                    tx=ctx.tx)
+  st = fw.on_start(st, ctx)
+  assert asked == [True]
+  idx, mask = fw._pool_sampler.pool(0, B)     # the pool the framework drew
+  assert mask.all()
+  got = np.asarray(st.params["proxies"]).reshape(C, P, D)
+  for k in range(C):
+    pts = raw[idx[k]]
+    np.testing.assert_allclose(got[k], _naive_kcenter(pts, np.zeros((P, D)), P), atol=1e-6)
+    np.testing.assert_allclose(got[k, 0], pts[np.argmax(np.linalg.norm(pts, axis=1))])
+  assert np.linalg.norm(got, axis=-1).max() > 1.0        # raw: not inside the unit ball
+  c.unlock()
+  c.ccp.pool_embeddings = "normalized"
+  fw = frameworks.get_framework(c, num_classes=C, embedding_dim=D)
+  fw.on_start(st, ctx)
+  assert asked == [True, False]

@@ -25,6 +25,8 @@ def test_shapes_and_normalisation(norm):
       lambda p, a: a * 50.0 if "head" in str(p) and "kernel" in str(p) else a, v)
   out = m.apply(v, x, train=False)
   raw = m.clone(normalization="none").apply(v, x, train=False)
+  # normalize=False: the embedding before the normalisation (CCP's k-center pool).
+  np.testing.assert_allclose(m.apply(v, x, train=False, normalize=False), raw)
   assert out.shape == (4, 6) and out.dtype == jnp.float32
   n_raw = np.linalg.norm(np.asarray(raw), axis=1)
   n = np.linalg.norm(np.asarray(out), axis=1)
@@ -34,6 +36,14 @@ def test_shapes_and_normalisation(norm):
     np.testing.assert_allclose(n, 1.0, rtol=1e-5)
   else:
     np.testing.assert_allclose(out, raw)
+
+
+def test_embedding_layer_without_bias():
+  m = _model(head_bias=False)
+  v = m.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 1)), train=False)
+  assert set(v["params"]["head"]) == {"kernel"}
+  assert set(_model().init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 1)),
+                           train=False)["params"]["head"]) == {"kernel", "bias"}
 
 
 def test_32x32_input_and_batch_stats_update():

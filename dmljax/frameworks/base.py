@@ -69,8 +69,9 @@ class HostContext:
     tx: the optax optimizer (to re-initialise parts of its state).
     num_classes: training classes (labels are ``0..num_classes-1``).
     train_labels: ``[N]`` numpy labels of the training split.
-    embed: ``(model_params, batch_stats, indices) -> [len(indices), D]`` numpy: training images
-      ``indices`` embedded in inference mode (fixed-size batches, one compile).
+    embed: ``(model_params, batch_stats, indices, raw=False) -> [len(indices), D]`` numpy:
+      training images ``indices`` embedded in inference mode (fixed-size batches, one compile);
+      ``raw=True``: the embeddings before the model's normalisation (CCP's k-center pool).
     evaluate: ``(model_params, batch_stats, split) -> dict`` retrieval metrics of ``split``
       (``"val"`` or ``"test"``) as the trainer computes them.
     replicate: places host arrays on the mesh (replicated).

@@ -116,11 +116,11 @@ def ccp_objective(embeddings, labels, proxies, proxy_labels, *,
   ``total = proxy_weight * proxy_loss(embeddings, labels, ref_embeddings=proxies,
   ref_labels=proxy_labels, ref_mask=proxy_mask) + batch_weight * batch_loss(embeddings, labels)``
 
-  The CCP authors' code uses 1.0 x sample-to-proxy contrastive + 0.1 x in-batch contrastive,
-  both averaged over non-zero terms (the defaults here, with the library's ``contrastive`` and
-  its PML defaults ``pos_margin=0, neg_margin=1``; pass ``proxy_loss_kwargs`` /
-  ``batch_loss_kwargs`` for C1 / C2 settings). The proximal term is separate
-  (:func:`proximal`), since it acts on the weights, not the embeddings.
+  The CCP authors' code uses 1.0 x the sample-to-proxy loss + 0.1 x *the same loss with the
+  same settings* over in-batch pairs (their CCP loss subclasses the configured pair loss: C2-CCP's
+  in-batch term is C2, MS-CCP's multi-similarity); the ``ccp`` framework passes the same loss and
+  keyword arguments for both by default. The proximal term is separate (:func:`proximal`), since
+  it acts on the weights, not the embeddings.
 
   Args:
     embeddings: ``[B, D]`` sample embeddings; labels: ``[B]`` int.

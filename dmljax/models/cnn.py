@@ -128,24 +128,34 @@ class EmbeddingModel(nn.Module):
   ``preprocessing`` says (channel order, range, mean, std), others (grayscale) and those of
   backbones without one to ``x / 255``. Float images are taken as already normalised.
 
-  Parameters: ``backbone`` (the trunk), ``head`` (the embedding layer: ``kernel``, ``bias``)
-  and, with ``embedding_bn``, ``head_bn`` (``scale``, ``bias``; batch_stats ``head_bn``).
+  Parameters: ``backbone`` (the trunk), ``head`` (the embedding layer: ``kernel`` and, with
+  ``head_bias``, ``bias``) and, with ``embedding_bn``, ``head_bn`` (``scale``, ``bias``;
+  batch_stats ``head_bn``).
+
+  The normalisation is the model's last operation, and ``normalize=False`` returns the embedding
+  before it (the "raw" embedding). The model's output is what every loss and every retrieval
+  metric sees; the raw embedding is offered for what needs the vector the normalisation maps
+  from, e.g. CCP's k-center pool (the CCP authors' head does not normalise and their loss
+  normalises samples and proxies alike; normalising at the end of the model instead gives the
+  loss the same values, and the evaluation one definition of the embedding for every framework).
 
   Attributes:
     backbone: the trunk, ``[B, H, W, C] -> [B, F]``.
     embedding_dim: D.
     normalization: a key of :data:`NORMALIZATIONS`.
     embedding_bn: BatchNorm on the embedding layer's output (never frozen).
+    head_bias: whether the embedding layer has a bias (the CCP authors' has none).
     dtype: compute dtype name of the head (``"float32"`` / ``"bfloat16"``); output float32.
   """
   backbone: nn.Module
   embedding_dim: int
   normalization: str = "bounded"
   embedding_bn: bool = False
+  head_bias: bool = True
   dtype: Optional[str] = "float32"
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
+  def __call__(self, x, *, train: bool = False, normalize: bool = True):
     if x.dtype == jnp.uint8:
       spec = getattr(self.backbone, "preprocessing", None)
       if spec is None or x.shape[-1] != 3:
@@ -155,11 +165,14 @@ class EmbeddingModel(nn.Module):
     else:
       x = jnp.asarray(x, jnp.float32)
     feats = self.backbone(x, train=train)
-    emb = nn.Dense(self.embedding_dim, dtype=layers.resolve_dtype(self.dtype),
-                   param_dtype=jnp.float32, name="head")(feats)
+    emb = nn.Dense(self.embedding_dim, use_bias=self.head_bias,
+                   dtype=layers.resolve_dtype(self.dtype), param_dtype=jnp.float32,
+                   name="head")(feats)
     emb = emb.astype(jnp.float32)
     if self.embedding_bn:
       emb = layers.BatchNorm(name="head_bn")(emb, train)
+    if not normalize:
+      return emb
     return NORMALIZATIONS[self.normalization](emb)
 
 
@@ -177,7 +190,8 @@ def get_model(model_config) -> EmbeddingModel:
 
   Reads ``name``, ``embedding_dim``, ``normalization`` and, with defaults, ``pooling`` ("avg"),
   ``gem_p`` (3.0), ``freeze_bn`` ("none"), ``dtype`` ("float32"), ``remat`` (False),
-  ``embedding_bn`` (False); ``widths`` / ``convs_per_block`` for ``small_cnn``.
+  ``embedding_bn`` (False), ``head_bias`` (True); ``widths`` / ``convs_per_block`` for
+  ``small_cnn``.
   """
   if model_config.name not in BACKBONES:
     raise ValueError(f"Unknown model {model_config.name!r}; valid models: {sorted(BACKBONES)} "
@@ -195,4 +209,5 @@ def get_model(model_config) -> EmbeddingModel:
                         embedding_dim=model_config.embedding_dim,
                         normalization=model_config.normalization,
                         embedding_bn=bool(model_config.get("embedding_bn", False)),
+                        head_bias=bool(model_config.get("head_bias", True)),
                         dtype=opts["dtype"])
