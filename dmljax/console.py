@@ -36,10 +36,15 @@ def _primary() -> bool:
     return True
 
 
-def say(text: str) -> None:
-  """One line on stdout (process 0)."""
-  if _primary():
+def say(text: str, primary_only: bool = True) -> None:
+  """One line on stdout (process 0; any process with ``primary_only=False``)."""
+  if not primary_only or _primary():
     print(text, flush=True)
+
+
+def elapsed() -> float:
+  """Seconds since this module was imported (about when the process started)."""
+  return time.time() - _T0
 
 
 def phase(text: str) -> None:

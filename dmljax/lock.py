@@ -21,8 +21,8 @@ same message.
 Local files are created with ``O_EXCL`` (atomic on POSIX file systems, NFS included since
 v3). A bucket (``gs://``, through ``etils.epath``) has no exclusive create there: the lock is
 written and read back, and a run that reads back another holder's id stops; two runs started
-within the same second on one bucket workdir can still both pass, which the heartbeat then
-detects (the one whose heartbeat write finds another id stops at its next log line).
+within the same fraction of a second on one bucket workdir can still both pass; the heartbeat
+thread of the one that lost then finds the other's id and prints a warning naming it.
 """
 from __future__ import annotations
 
@@ -202,6 +202,10 @@ class WorkdirLock:
         rec = self._read() or {}
         if rec.get("run_id") != self.run_id:
           self.lost = rec
+          import sys  # pylint: disable=g-import-not-at-top
+          print(f"WARNING: the lock of {self.workdir} was taken by {self.describe(rec)}; two "
+                "runs may now write this workdir: stop one of them.", file=sys.stderr,
+                flush=True)
           return
         self._write(self._record())
       except OSError:

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from dmljax import cli
 from dmljax import config_check
+from dmljax import console  # its clock starts here: the phases count from process start
 from dmljax import distributed
 
 PROG = "python -m dmljax.main"
@@ -123,6 +124,13 @@ def main(argv):
       print(f"{PROG}: config OK ({len(config_check.flatten(config))} keys checked; "
             "run without --check to train)")
       return
+    # A sign of life before JAX starts (it cannot ask JAX which process it is yet: the backend
+    # must start after jax.distributed; the given or SLURM process id says it).
+    import os  # pylint: disable=g-import-not-at-top
+    if (_PROCESS_ID.value or int(os.environ.get(distributed.ENV_PROCESS_ID, "0") or 0)
+        or int(os.environ.get("SLURM_PROCID", "0") or 0)) == 0:
+      console.say(f"[{console.elapsed():6.1f}s] Config checked; starting JAX for "
+                  f"{_WORKDIR.value or default_workdir()}", primary_only=False)
     # Before anything touches a JAX backend (train's import and everything after it).
     distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                  _LOCAL_DEVICE_IDS.value, mode=_DISTRIBUTED.value)

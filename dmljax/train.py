@@ -630,11 +630,16 @@ def _write_atomic(path: str, text: str) -> None:
     _path(path).write_text(text)
     return
   tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:  # a full or read-only disk: no temporary file left behind
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise OSError(f"cannot write {path} ({e.strerror or e}); is the disk full or read-only?") from e
 
 
 def _exists(path: str) -> bool:
