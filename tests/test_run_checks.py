@@ -69,7 +69,8 @@ def test_free_form_blocks_take_new_keys(cfg_dir):
     ({"loss.name": "multi_similarity"},
      r"loss\.kwargs has \['neg_margin', 'pos_margin'\] but loss 'multi_similarity' takes "
      r"\['alpha', 'beta', 'base', 'reduction'\]"),
-    ({"ccp.in_batch_kwargs.margin": 0.5}, r"ccp\.in_batch_kwargs has \['margin'\]"),
+    ({"ccp.in_batch_loss": "contrastive", "ccp.in_batch_kwargs.margin": 0.5},
+     r"ccp\.in_batch_kwargs has \['margin'\]"),
     ({"model.pretrained": "/nonexistent/bn_inception.pth"},
      r"weight file /nonexistent/bn_inception\.pth \(config\.model\.pretrained\) not found"),
     ({"dataset.name": "cub", "dataset.data_dir": "{tmp}"}, r"Data set 'cub' is not prepared in"),
