@@ -185,7 +185,8 @@ def test_lock_heartbeat_moves(tmp_path):
 
 def _config(**extra):
   c = digits_ccp.get_config("small")
-  base = {"total_steps": 20, "eval_every_steps": 10, "checkpoint.every_steps": 10,
+  base = {"total_steps": 4, "eval_every_steps": 2, "checkpoint.every_steps": 2,
+          "log_every_steps": 2,
           "progress": False, "num_devices": 1, "baselines": ()}
   for k, v in {**base, **extra}.items():
     node = c
@@ -200,7 +201,7 @@ def test_finished_run_rerun_extended_and_refused(tmp_path, monkeypatch, capsys, 
   del cache_dir
   w = str(tmp_path / "run")
   first = train.train_and_evaluate(_config(), w)
-  assert first["step"] == 20
+  assert first["step"] == 4
   assert not os.path.exists(os.path.join(w, lock.LOCK_FILE))      # released at the end
   capsys.readouterr()
   real = train._train_and_evaluate  # pylint: disable=protected-access
@@ -212,18 +213,18 @@ def test_finished_run_rerun_extended_and_refused(tmp_path, monkeypatch, capsys, 
   monkeypatch.setattr(train, "_train_and_evaluate", real)
   saved = open(os.path.join(w, "config.json")).read()
   # A change that trains nothing, and a key read only at the start: refused, nothing written.
-  with pytest.raises(cli.ConfigChanged, match=r"finished at step 20 .*total_steps=20 is not "
+  with pytest.raises(cli.ConfigChanged, match=r"finished at step 4 .*total_steps=4 is not "
                      r"above it"):
     train.train_and_evaluate(_config(**{"optim.learning_rate": 1e-4}), w,
                              allow_config_change=True)
   assert open(os.path.join(w, "config.json")).read() == saved
-  # Extending: steps 21-30 train, the final metrics say step 30.
-  out = train.train_and_evaluate(_config(total_steps=30), w, allow_config_change=True)
-  assert out["step"] == 30
-  assert json.load(open(os.path.join(w, "final_metrics.json")))["step"] == 30
+  # Extending: steps 5-6 train, the final metrics say step 6.
+  out = train.train_and_evaluate(_config(total_steps=6), w, allow_config_change=True)
+  assert out["step"] == 6
+  assert json.load(open(os.path.join(w, "final_metrics.json")))["step"] == 6
   records = [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
-  assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20, 30]
-  assert [r["step"] for r in records if r["kind"] == "final"] == [30]
+  assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4, 6]
+  assert [r["step"] for r in records if r["kind"] == "final"] == [6]
 
 
 def test_extension_by_patience_and_start_only_keys():
