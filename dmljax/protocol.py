@@ -117,7 +117,8 @@ def class_folds(config, num_folds: int = NUM_FOLDS) -> dict[str, Any]:
   trainval = sorted(int(c) for c in list(info["train_classes"]) + list(info["val_classes"]))
   test = sorted(int(c) for c in info["test_classes"])
   return {"pool": sorted(set(trainval) | set(test)), "trainval": trainval, "test": test,
-          "folds": splits_lib.protocol_folds(trainval, num_folds)}
+          "folds": splits_lib.protocol_folds(
+              trainval, num_folds, str(config.dataset.options.get("fold_cuts", "even")))}
 
 
 # ============================================================================= results

@@ -85,6 +85,32 @@ def test_folds_cub_and_cars_examples():
     splits.protocol_folds(range(3))
 
 
+def _authors_held_out(n, model, k=4):
+  """The classes the CCP authors' code holds out for its model ``model`` (1-based) of ``k``:
+  block ``k - model`` of the sorted positions cut at ``int(j * n / k)`` (float, then truncated)."""
+  cuts = [int(j * n / k) for j in range(k + 1)]
+  return list(range(cuts[k - model], cuts[k - model + 1]))
+
+
+@pytest.mark.parametrize("n", [100, 98, 11318, 3997, 9])
+def test_authors_fold_cuts_hold_out_the_authors_blocks(n):
+  folds = splits.protocol_folds(range(n), cuts="authors")
+  # Fold 0 = the authors' first model's block; folds 1..3 = their models 4, 3, 2.
+  assert [f["val"] for f in folds] == [_authors_held_out(n, m) for m in (1, 4, 3, 2)]
+  for f in folds:
+    assert f["train"] == sorted(set(range(n)) - set(f["val"]))
+  assert sorted(sum((f["val"] for f in folds), [])) == list(range(n))   # a partition
+  assert [f["val"] for f in splits.protocol_folds(range(n), 3, cuts="authors")] == [
+      _authors_held_out(n, m, 3) for m in (1, 3, 2)]
+  if n % 4 == 0:
+    assert folds == splits.protocol_folds(range(n))
+  if n == 98:   # Cars: the authors hold out 73-97; the even cut 74-97
+    assert folds[0]["val"] == list(range(73, 98))
+    assert splits.protocol_folds(range(98))[0]["val"] == list(range(74, 98))
+  with pytest.raises(ValueError, match="Unknown fold cut"):
+    splits.protocol_folds(range(n), cuts="linspace")
+
+
 def _toy_dataset():
   """Three class-disjoint splits with shuffled ids and a per-split info array (as glyphs' fonts)."""
   rng = np.random.default_rng(0)

@@ -124,17 +124,19 @@ def test_dataset_not_prepared_gives_the_command(tmp_path):
   assert str(tmp_path / "nothing") in lines[0]
 
 
-@pytest.mark.parametrize("variant,num_val", [("small", 2), ("ablation", 3)])
+@pytest.mark.parametrize("variant,num_val", [("small", 3), ("ablation", 4)])
 def test_paper_configs_validate_on_protocol_fold_0(cub_dir, variant, num_val):
   # Issue 18: single runs validate on 1/4 of the training classes, the protocol's fold 0 (the
-  # last quarter by class id); the ablation variant on 1/3 (fold 0 of a 3-fold cut).
+  # last quarter by class id); the ablation variant on 1/3 (fold 0 of a 3-fold cut). Cut as the
+  # authors cut (floor(j n / K)): 11 classes -> the last 3 (of 4 folds) or 4 (of 3).
   from dmljax import protocol  # pylint: disable=g-import-not-at-top
   from dmljax.data import splits  # pylint: disable=g-import-not-at-top
   c = ccp_paper_config("cub", variant)
   c.dataset.data_dir = cub_dir
   data = train.create_input(c)
   ids = sorted(int(i) for i in data.train.class_ids) + sorted(int(i) for i in data.val.class_ids)
-  folds = splits.protocol_folds(ids, 3 if variant == "ablation" else 4)
+  assert c.dataset.options.fold_cuts == "authors"
+  folds = splits.protocol_folds(ids, 3 if variant == "ablation" else 4, cuts="authors")
   assert sorted(int(i) for i in data.val.class_ids) == folds[0]["val"] == ids[-num_val:]
   assert sorted(int(i) for i in data.train.class_ids) == folds[0]["train"] == ids[:-num_val]
   # The protocol itself stays 4-fold whatever the variant.

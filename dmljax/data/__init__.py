@@ -64,7 +64,8 @@ def load_dataset(name: str, *, seed: int = 0, cache_dir=None, **options) -> Data
       ``protocol_fold`` (int, every data set) is not the loader's: the loaded data set is
       re-split as that fold of the 4-fold protocol (:func:`splits.protocol_fold_dataset`), or
       of a ``num_folds``-fold cut (e.g. 3: validation on 1/3 of the train+val classes, the CCP
-      paper's single-model ablations); ``num_folds`` without ``protocol_fold`` is ignored.
+      paper's single-model ablations); ``fold_cuts`` (:data:`splits.FOLD_CUTS`) picks how the
+      classes are cut; ``num_folds`` and ``fold_cuts`` without ``protocol_fold`` are ignored.
 
   Returns:
     A :class:`Dataset`.
@@ -73,9 +74,10 @@ def load_dataset(name: str, *, seed: int = 0, cache_dir=None, **options) -> Data
     raise ValueError(f"Unknown data set {name!r}; valid data sets: {sorted(DATASETS)}.")
   fold = options.pop("protocol_fold", None)
   num_folds = int(options.pop("num_folds", splits.PROTOCOL_NUM_FOLDS))
+  cuts = str(options.pop("fold_cuts", "even"))
   if name in real.REAL_DATASETS:  # folds over the prepared training classes, test kept
     options["protocol_fold"], fold = fold, None
-    options["num_folds"] = num_folds
+    options["num_folds"], options["fold_cuts"] = num_folds, cuts
   try:
     dataset = DATASETS[name](seed, cache_dir, **options)
   except TypeError as e:  # unexpected keyword: report it as a configuration error
@@ -84,4 +86,4 @@ def load_dataset(name: str, *, seed: int = 0, cache_dir=None, **options) -> Data
     raise ValueError(f"Bad option for data set {name!r}: {e}.") from e
   if fold is None:
     return dataset
-  return splits.protocol_fold_dataset(dataset, fold, num_folds)
+  return splits.protocol_fold_dataset(dataset, fold, num_folds, cuts)

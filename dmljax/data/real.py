@@ -40,7 +40,8 @@ def _split(view) -> splits_lib.Split:
 
 def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
                   val_fraction: float = 0.2, protocol_fold: Optional[int] = None,
-                  num_folds: int = splits_lib.PROTOCOL_NUM_FOLDS) -> splits_lib.Dataset:
+                  num_folds: int = splits_lib.PROTOCOL_NUM_FOLDS,
+                  fold_cuts: str = "even") -> splits_lib.Dataset:
   """A prepared benchmark data set as train / val / test splits of records.
 
   Args:
@@ -52,6 +53,7 @@ def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
     protocol_fold: fold of the 4-fold protocol (its train / val classes) instead of
       ``val_fraction``.
     num_folds: folds of the protocol.
+    fold_cuts: how the folds cut the classes (:func:`splits.protocol_folds`).
 
   Raises:
     dmljax.data.records.DatasetNotPrepared: the data set is not in ``data_dir`` (the message
@@ -69,7 +71,7 @@ def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
     if not 0 <= int(protocol_fold) < int(num_folds):
       raise ValueError(f"protocol fold {protocol_fold} is out of range; valid folds: "
                        f"0..{int(num_folds) - 1}.")
-    groups = splits_lib.protocol_folds(ids, int(num_folds))[int(protocol_fold)]
+    groups = splits_lib.protocol_folds(ids, int(num_folds), fold_cuts)[int(protocol_fold)]
   else:
     if not 0 < float(val_fraction) < 1:
       raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction} (set "

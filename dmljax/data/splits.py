@@ -199,7 +199,13 @@ def protocol_class_halves(class_ids: Sequence[int]) -> tuple[list, list]:
   return ids[:half], ids[half:]
 
 
-def protocol_folds(trainval_ids: Sequence[int], num_folds: int = PROTOCOL_NUM_FOLDS) -> list:
+#: How :func:`protocol_folds` cuts the classes: ``"even"`` (every fold validates on
+#: ``n // num_folds`` classes; the default) or ``"authors"`` (the CCP authors' cut).
+FOLD_CUTS = ("even", "authors")
+
+
+def protocol_folds(trainval_ids: Sequence[int], num_folds: int = PROTOCOL_NUM_FOLDS,
+                   cuts: str = "even") -> list:
   """The class folds over the train+val classes: one ``{"train": ids, "val": ids}`` per fold.
 
   With ``n`` classes sorted by id, fold ``p`` takes ``n // num_folds`` validation classes and
@@ -208,6 +214,14 @@ def protocol_folds(trainval_ids: Sequence[int], num_folds: int = PROTOCOL_NUM_FO
   validation classes are the ones that follow. For 100 classes fold 0 trains on 0-74 and
   validates on 75-99, fold 1 trains on 25-99 and validates on 0-24; for 98 classes the folds
   start at 0, 24, 49 and 73 and validate on 24 classes each. The lists are sorted by id.
+
+  ``cuts = "authors"``: the class blocks the CCP authors' code holds out for its models (sorted
+  positions cut at ``b_j = floor(j * n / num_folds)``): fold ``p`` validates on
+  ``[b_(p-1), b_p)`` (fold 0: ``[b_(K-1), n)``, the last block, which their first model holds
+  out) and trains on the rest, so the validation blocks partition the classes and hold
+  ``n // num_folds`` or one more. Fold ``p >= 1`` is their model ``K + 1 - p``. For 98 classes
+  the cuts are 0, 24, 49, 73, 98: fold 0 validates on 73-97 (25 classes; ``"even"``: 74-97).
+  When ``num_folds`` divides ``n`` both cuts give the same folds.
   """
   ids = sorted(set(int(c) for c in trainval_ids))
   n = len(ids)
@@ -216,6 +230,16 @@ def protocol_folds(trainval_ids: Sequence[int], num_folds: int = PROTOCOL_NUM_FO
   if n < num_folds:
     raise ValueError(f"{num_folds} class folds need at least {num_folds} train+val classes, got "
                      f"{n}; use a data set with at least {2 * num_folds} classes.")
+  if cuts not in FOLD_CUTS:
+    raise ValueError(f"Unknown fold cut {cuts!r}; valid: {list(FOLD_CUTS)} (set "
+                     "--config.dataset.options.fold_cuts).")
+  if cuts == "authors":
+    b = [j * n // num_folds for j in range(num_folds + 1)]
+    folds = []
+    for p in range(num_folds):
+      lo, hi = (b[num_folds - 1], n) if p == 0 else (b[p - 1], b[p])
+      folds.append({"train": ids[:lo] + ids[hi:], "val": ids[lo:hi]})
+    return folds
   val_len = n // num_folds
   train_len = n - val_len
   folds = []
@@ -228,7 +252,7 @@ def protocol_folds(trainval_ids: Sequence[int], num_folds: int = PROTOCOL_NUM_FO
 
 
 def protocol_fold_dataset(dataset: Dataset, fold: int,
-                          num_folds: int = PROTOCOL_NUM_FOLDS) -> Dataset:
+                          num_folds: int = PROTOCOL_NUM_FOLDS, cuts: str = "even") -> Dataset:
   """``dataset`` re-split as fold ``fold`` of the protocol.
 
   The class pool is the union of the classes of all of ``dataset``'s splits (images of every
@@ -256,7 +280,7 @@ def protocol_fold_dataset(dataset: Dataset, fold: int,
     class_names.update({int(c): name for c, name in zip(s.class_ids, s.class_names)})
   pool = sorted(class_names)
   trainval, test = protocol_class_halves(pool)
-  groups = dict(protocol_folds(trainval, num_folds)[fold], test=test)
+  groups = dict(protocol_folds(trainval, num_folds, cuts)[fold], test=test)
   new_splits = class_disjoint_split(images, labels, groups, class_names)
 
   sizes = {n: len(dataset.splits[n]) for n in names_in}

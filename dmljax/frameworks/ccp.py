@@ -354,17 +354,18 @@ class CCPFramework(Framework):
     events.update({"ccp/projection": projection + 1, "ccp/projection_steps": steps_in_proj})
     if ctx.plot is not None:
       plab = to_host(fs["proxy_labels"])
-      ctx.plot(old_state.replace(params=dict(solution["params"]),
-                                 batch_stats=solution["batch_stats"]),
+      # The model the pool was embedded with, the seeds (squares) and the new proxies.
+      ctx.plot(old_state.replace(params=dict(params, proxies=seeds), batch_stats=batch_stats),
                f"projection_{projection:03d}",
-               {"next proxies (k-center)": (np.asarray(new_proxies), plab)})
+               {"next proxies (k-center)": (np.asarray(self.loss_proxies(new_proxies)), plab)})
     return state, events
 
   def progress(self, state) -> str:
     return f"projection {int(to_host(state.framework['projection']))}"
 
   def plot_points(self, state) -> dict:
-    return {"converged proxies": (to_host(state.params["proxies"]),
+    # As the loss sees them (normalised as the embeddings drawn under them).
+    return {"converged proxies": (to_host(self.loss_proxies(state.params["proxies"])),
                                   to_host(state.framework["proxy_labels"]))}
 
   def _solution_and_start(self, state, fs):
