@@ -7,8 +7,16 @@ One checkpoint step holds two items written together, so they can never disagree
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 (even by SIGKILL) in the middle of a save leaves the previous checkpoint intact; unfinished
-temporary directories are ignored on restore. Saving is synchronous: the tiny models here save
-in well under a second, and a synchronous save means "saved" is true when ``save`` returns.
+temporary directories are ignored on restore.
+
+Saving is asynchronous by default (Orbax's async path): :meth:`Checkpointer.save` returns once
+the arrays are copied to host memory, and the files are written and committed (the rename above)
+by a background thread while training goes on. At most one save is in flight: the next save, a
+restore, :meth:`Checkpointer.wait_until_finished` and :meth:`Checkpointer.close` wait for it, so
+a preemption save (``wait=True``) and the final save are on disk before the process exits. A
+save that failed in the background raises at the next of those calls. With several processes,
+Orbax's commit waits for every process's files before the rename, as the synchronous save did.
+``async_save=False`` writes synchronously.
 
 A finished step can still be damaged afterwards (a truncated file after a full disk, a file lost
 in a copy). :meth:`Checkpointer.restore` without an explicit step then falls back to the newest
@@ -89,72 +97,121 @@ class Checkpointer:
       unreadable steps found by :meth:`restore` are moved to ``workdir/checkpoints_corrupt``.
     max_to_keep: keep-N retention of the regular checkpoints.
     save_best: also write the best params to ``workdir/best``.
+    async_save: write in a background thread (see the module docstring).
+
+  Attributes:
+    blocked_seconds: time the caller spent inside :meth:`save` and :meth:`save_best` (the
+      device-to-host copy, plus waiting for a previous save still in flight).
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, save_best: bool = True):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, save_best: bool = True,
+               async_save: bool = True):
     self.directory = _abspath(workdir, "checkpoints")
     self.corrupt_directory = _abspath(workdir, CORRUPT_DIRNAME)
+    self.async_save = bool(async_save)
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                        enable_async_checkpointing=False)
+                                        enable_async_checkpointing=self.async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=opts,
                                          item_names=("state", "host"))
     self.best_manager = None
     if save_best:
       best_opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                               enable_async_checkpointing=False)
+                                               enable_async_checkpointing=self.async_save)
       self.best_manager = ocp.CheckpointManager(
           _abspath(workdir, "best"), options=best_opts)
+    # Steps saved or in flight (an async step joins Orbax's list only once committed).
+    self._saved = set(self.manager.all_steps())
+    self._best_saved = set(self.best_manager.all_steps()) if self.best_manager else set()
+    self._unconfirmed: set[int] = set()  # steps handed to Orbax and not yet known committed
+    self.blocked_seconds = 0.0
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, host: dict[str, Any], *, force: bool = True) -> None:
+  def save(self, step: int, state, host: dict[str, Any], *, force: bool = True,
+           wait: bool = False) -> None:
     """Writes ``state`` and ``host`` as checkpoint ``step`` (kept as is if it already exists).
 
     ``host`` is any JSON-serialisable dict (nested dicts, lists, strings, numbers, bools, None);
-    :meth:`restore` gives it back equal (tuples come back as lists, as in ``json``).
+    :meth:`restore` gives it back equal (tuples come back as lists, as in ``json``). Returns once
+    the arrays are in host memory (the caller may then donate or change ``state``); ``wait``:
+    once the step is committed on disk.
     """
-    if step in self.manager.all_steps():
-      return  # already saved at this step (e.g. final right after periodic): same content
-    state_dict = flax.serialization.to_state_dict(state)
+    t0 = time.perf_counter()
     try:
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state_dict), host=ocp.args.JsonSave(host)), force=force)
-      self.manager.wait_until_finished()
+      if step not in self._saved and step not in self.manager.all_steps():
+        # (already saved at this step, e.g. final right after periodic: same content)
+        state_dict = flax.serialization.to_state_dict(state)
+        self._unconfirmed.add(step)
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state_dict), host=ocp.args.JsonSave(host)), force=force)
+        self._saved.add(step)
+      if wait or not self.async_save:
+        self.manager.wait_until_finished()
+        self._unconfirmed.clear()
     except Exception as e:  # pylint: disable=broad-except
-      raise self._failed_save(step, e) from e
+      # A synchronous failure, or one of a background save before it (Orbax raises it here).
+      raise self._failed_save(e) from e
+    finally:
+      self.blocked_seconds += time.perf_counter() - t0
 
-  def _failed_save(self, step: int, error: Exception) -> OSError:
-    """Removes the unfinished temporary folder of ``step`` (a full disk, a read-only or vanished
-    file system) and returns the one-line error to raise: what failed, the step to resume from."""
+  def _failed_save(self, error: Exception) -> OSError:
+    """Removes the unfinished temporary folders of the steps not yet committed (a full disk, a
+    read-only or vanished file system; with async saves, every step still in flight when the
+    error came out) and returns the one-line error to raise: what failed, the step to resume
+    from."""
+    steps = sorted(self._unconfirmed)
+    self._unconfirmed.clear()
+    self._saved -= set(steps)
     removed = []
     if jax.process_index() == 0:
       try:
-        for p in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
-          if p.is_dir():
-            p.rmtree()
-          else:
-            p.unlink()
-          removed.append(p.name)
+        for s in steps:
+          for p in epath.Path(self.directory).glob(f"{s}.orbax-checkpoint-tmp*"):
+            if p.is_dir():
+              p.rmtree()
+            else:
+              p.unlink()
+            removed.append(p.name)
       except Exception:  # pylint: disable=broad-except
         pass  # the file system is gone: nothing more to clean
     try:
+      self.manager.reload()  # the manager caches its step list
       last = self.manager.latest_step()
     except Exception:  # pylint: disable=broad-except
       last = None
     resume = (f"run again to resume from step {last}" if last is not None else
               "run again to start over")
-    return OSError(f"cannot write checkpoint step {step} in {self.directory} "
+    which = ("step " + ", ".join(map(str, steps)) if steps else "a step")
+    return OSError(f"cannot write checkpoint {which} in {self.directory} "
                    f"({_describe(error)}); is the disk full or read-only? Free space or fix the "
                    f"permissions, then {resume}"
                    + (" (its temporary folder was removed)" if removed else ""))
 
-  def save_best(self, step: int, params, batch_stats) -> None:
-    if self.best_manager is None or step in self.best_manager.all_steps():
+  def save_best(self, step: int, params, batch_stats, *, wait: bool = False) -> None:
+    if self.best_manager is None or step in self._best_saved:
       return
+    t0 = time.perf_counter()
     self.best_manager.save(step, args=ocp.args.StandardSave(
         {"params": params, "batch_stats": batch_stats}), force=True)
-    self.best_manager.wait_until_finished()
+    self._best_saved.add(step)
+    if wait or not self.async_save:
+      self.best_manager.wait_until_finished()
+    self.blocked_seconds += time.perf_counter() - t0
+
+  def wait_until_finished(self) -> None:
+    """Blocks until every save in flight is committed.
+
+    Raises:
+      OSError: a background save failed (its temporary folder removed; see :meth:`save`).
+    """
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed_save(e) from e
+    self._unconfirmed.clear()
+    if self.best_manager is not None:
+      self.best_manager.wait_until_finished()
 
   def restore(self, target_state, step: Optional[int] = None):
     """Restores ``(state, host)`` from ``step`` (default: latest) into ``target_state``'s structure.
@@ -178,6 +235,7 @@ class Checkpointer:
     Raises:
       CheckpointError: the asked-for step, or every step, cannot be restored.
     """
+    self.wait_until_finished()
     if step is not None:
       try:
         return self._restore_step(target_state, step)
@@ -199,6 +257,7 @@ class Checkpointer:
         self._set_aside(bad, err, restored_step=s)
       if failed:
         self.manager.reload()  # the manager caches its step list
+        self._saved = set(self.manager.all_steps())
       return restored
     details = "; ".join(f"step {s}: {_describe(e)}" for s, e in failed)
     raise CheckpointError(
@@ -243,9 +302,13 @@ class Checkpointer:
     return dst
 
   def close(self) -> None:
-    self.manager.close()
-    if self.best_manager is not None:
-      self.best_manager.close()
+    """Waits for the saves in flight, then releases the managers."""
+    try:
+      self.wait_until_finished()
+    finally:
+      self.manager.close()
+      if self.best_manager is not None:
+        self.best_manager.close()
 
 
 def _abspath(workdir: str, name: str) -> str:

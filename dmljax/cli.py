@@ -14,39 +14,21 @@ import traceback
 from typing import Any, Callable, Optional, Sequence
 
 
-class DmljaxError(Exception):
-  """Base of dmljax's own user-facing errors (the message says what is wrong and the fix)."""
-
-
-class TrainingDiverged(DmljaxError, RuntimeError):
-  """Too many consecutive non-finite losses or gradients (see ``config.max_consecutive_nonfinite``)."""
-
-
-class ConfigChanged(DmljaxError, ValueError):
-  """A resumed run's config differs from the checkpoint's in a way that breaks exact resumption."""
-
+# The error types and their text live below the command line (the library raises them);
+# re-exported here for the tools and for code that imported them from this module.
+from dmljax.errors import (USER_ERRORS, ConfigChanged, DmljaxError,  # noqa: F401
+                           TrainingDiverged, message)
 
 #: Exit status of a run stopped by SIGTERM after saving its checkpoint (every process saved):
 #: not 0, so a scheduler does not take it for a finished run, and not 1 / 2 (errors), so a
 #: requeue script can tell it apart (``EX_TEMPFAIL``; see docs/running.md).
 EXIT_PREEMPTED = 75
 
-# Error types whose message is meant for the user as it is.
-USER_ERRORS = (DmljaxError, ValueError, OSError, KeyError)
-
 
 def verbose_requested(argv: Optional[Sequence[str]] = None) -> bool:
   argv = sys.argv if argv is None else argv
   return (os.environ.get("DMLJAX_VERBOSE", "") not in ("", "0")
           or any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv))
-
-
-def message(exc: BaseException) -> str:
-  """The one-line text for ``exc`` (KeyError's repr quoting removed, also when wrapped)."""
-  while exc.args and isinstance(exc.args[0], BaseException):
-    exc = exc.args[0]  # ml_collections wraps a KeyError in an AttributeError
-  text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-  return " ".join(str(text).split())
 
 
 def report(prog: str, exc: BaseException, argv: Optional[Sequence[str]] = None) -> int:

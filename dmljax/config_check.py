@@ -30,9 +30,10 @@ from typing import Any, Iterable, Optional, Sequence
 #: Blocks whose keys are free: they are keyword arguments of something chosen by name (a loss,
 #: a data set loader, a DRO weighting) or names of parameter groups, checked where they are used
 #: (loss kwargs by :func:`check_loss_kwargs`, data set options by the loader, DRO kwargs by the
-#: DRO framework, learning-rate multipliers by the optimizer).
+#: DRO framework, learning-rate multipliers by the optimizer, miner settings by the standard
+#: framework).
 FREE_FORM = ("dataset.options", "loss.kwargs", "ccp.in_batch_kwargs", "dro.kwargs",
-             "optim.lr_multipliers")
+             "optim.lr_multipliers", "standard.miner_kwargs")
 
 #: Integer keys that must be at least 1.
 POSITIVE_INTS = ("batch_size", "eval_batch_size", "total_steps", "eval_every_steps",
@@ -266,7 +267,7 @@ def check_inputs(config) -> None:
                       "initialisation)")
   from dmljax.data import real  # pylint: disable=g-import-not-at-top
   name = config.dataset.name
-  if name in real.REAL_DATASETS:
+  if prepared_dataset(name):
     data_dir = str(config.dataset.get("data_dir", "") or
                    config.dataset.options.get("data_dir", "") or real.default_data_dir())
     if "://" not in data_dir:
@@ -278,11 +279,28 @@ def check_inputs(config) -> None:
         records.open_prepared(name, data_dir)  # DatasetNotPrepared, with the prepare command
       finally:
         logging.set_verbosity(level)
-  else:
+  elif not _known_dataset(name):
     from dmljax.data import DATASETS  # pylint: disable=g-import-not-at-top
-    if name not in DATASETS:
-      raise ConfigError(f"Unknown data set {name!r}; valid data sets: {sorted(DATASETS)} (set "
-                        "--config.dataset.name)")
+    raise ConfigError(f"Unknown data set {name!r}; valid data sets: {sorted(DATASETS)} (set "
+                      "--config.dataset.name)")
+
+
+def prepared_dataset(name: str) -> bool:
+  """Whether ``name`` is read from prepared records (``dmljax.data.records.open_prepared``): a
+  benchmark of ``dmljax.data.real.REAL_DATASETS``, or a data set of one's own where
+  ``dmljax.data.real.is_prepared_name`` exists to recognise it."""
+  from dmljax.data import real  # pylint: disable=g-import-not-at-top
+  if name in real.REAL_DATASETS:
+    return True
+  is_prepared_name = getattr(real, "is_prepared_name", None)
+  return bool(is_prepared_name is not None and is_prepared_name(name))
+
+
+def _known_dataset(name: str) -> bool:
+  """Whether the trainer can load data set ``name``: an embedded one (``dmljax.data.DATASETS``)
+  or a prepared one (:func:`prepared_dataset`)."""
+  from dmljax.data import DATASETS  # pylint: disable=g-import-not-at-top
+  return name in DATASETS or prepared_dataset(name)
 
 
 def check(config) -> None:

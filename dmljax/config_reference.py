@@ -47,7 +47,8 @@ MEANINGS = {
                        "stats_and_affine.",
     "model.embedding_bn": "BatchNorm on the embedding layer's output.",
     "model.head_bias": "The embedding layer's bias (the CCP authors' has none).",
-    "model.dtype": "Compute dtype: float32 or bfloat16 (parameters, statistics, losses f32).",
+    "model.dtype": "Compute dtype: float32, bfloat16, or auto (bfloat16 on GPU/TPU, float32 on "
+                   "CPU; the resolved value is recorded); parameters, statistics, losses f32.",
     "model.remat": "Rematerialise the trunk per block (less memory, more compute).",
     "framework": "Training method: standard, ccp, profs, xbm, dro.",
     "loss.name": "Loss (dmljax.losses): contrastive, triplet_margin, multi_similarity, "
@@ -103,6 +104,10 @@ MEANINGS = {
                                "embeddings' normalisation), none, l2, bounded.",
     "standard.use_proxies": "standard: pair losses against learnable proxies.",
     "standard.proxies_per_class": "standard: proxies per class.",
+    "standard.miner": "standard, in-batch pair losses: mined pairs or triplets only: none, "
+                      "batch_hard, semi_hard, hard_negative, multi_similarity.",
+    "standard.miner_kwargs": "Free-form: the miner's settings (distance; margin of semi_hard; "
+                             "epsilon of multi_similarity).",
     "standard.normalize_proxies": "standard: the loss sees L2-normalised proxies.",
     "profs.rho": "PROFS: uses of a representative per hold, M = ceil(rho * I * L / B).",
     "profs.hold_steps": "PROFS: M itself (0 = from rho).",
@@ -131,7 +136,19 @@ MEANINGS = {
     "map_ks": "MAP@k cut-offs reported.",
     "ndcg_ks": "nDCG@k cut-offs reported.",
     "clustering": "Also k-means NMI and pairwise F1.",
+    "compilation_cache": "JAX's persistent compilation cache: auto (~/.cache/dmljax/jax; "
+                         "$DMLJAX_CACHE_DIR or $XDG_CACHE_HOME move it), a folder, or \"\" for "
+                         "none; a cache the user set wins.",
+    "eval_cache.device_mb": "Evaluation images decoded once and kept on the devices within this "
+                            "many MB (-1: a quarter of the accelerator's memory; none on CPU).",
+    "eval_cache.host_mb": "Evaluation images that do not fit on the devices: kept in host "
+                          "memory within this many MB, else decoded at every evaluation.",
+    "eval_cache.train": "Also keep the training split under the evaluation transform (CCP's "
+                        "k-center pools) when it fits what the splits left of host_mb.",
     "checkpoint.enabled": "Write checkpoints (and resume from them).",
+    "checkpoint.async_save": "Write checkpoints in a background thread while training goes on "
+                             "(a failed write is reported at the next save or at the end); "
+                             "False: the loop waits for each.",
     "checkpoint.every_steps": "Periodic checkpoint interval.",
     "checkpoint.max_to_keep": "Periodic checkpoints kept.",
     "checkpoint.save_best": "Also write the best parameters to WORKDIR/best.",

@@ -4,7 +4,8 @@ Not a runnable config by itself: ``get_config`` of the files in ``configs/`` (or
 anywhere on disk) call :func:`base_config` and change what differs, so a config file only needs
 ``dmljax`` to be installed, not the repository. :func:`shrink` makes the ``small`` variant
 (``--config=configs/NAME.py:small``) for tests and smoke runs (tiny model, few steps).
-:func:`glyphs_base` is the model, data and schedule of the glyphs configs.
+:func:`glyphs_base` is the model, data and schedule of the glyphs configs trained from scratch,
+:func:`glyphs_regime` puts them in the papers' regime (a pretrained trunk, fine-tuned).
 """
 import ml_collections
 
@@ -56,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.freeze_bn = "none"         # none | stats (running statistics fixed) | stats_and_affine
   c.model.embedding_bn = False       # BatchNorm on the embedding layer's output
   c.model.head_bias = True           # the embedding layer's bias (the CCP authors' has none)
-  c.model.dtype = "float32"          # float32 | bfloat16 (compute; params, BN stats, losses f32)
+  c.model.dtype = "float32"          # float32 | bfloat16 | auto (bf16 on GPU/TPU, f32 on CPU);
+                                     # compute only: params, BN stats, losses, metrics f32
   c.model.remat = False              # rematerialise the trunk per block (large batches)
 
   c.framework = "ccp"
@@ -113,9 +115,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.map_ks = ()
   c.ndcg_ks = ()
   c.clustering = False
+  # Evaluation images are decoded once per run and kept (dmljax.evaluation.ImageCache): on the
+  # devices within device_mb (-1: a quarter of the accelerator's memory; none on CPU), else in host
+  # memory within host_mb, else streamed at every evaluation. train: also keep the training split
+  # under the eval transform (CCP's k-center pools) when it fits what the splits left of host_mb.
+  # JAX's persistent compilation cache: "auto" = ~/.cache/dmljax/jax (per user; $DMLJAX_CACHE_DIR
+  # or $XDG_CACHE_HOME move it), a folder, or "" for none. A cache set by the user wins.
+  c.compilation_cache = "auto"
+  c.eval_cache = ml_collections.ConfigDict()
+  c.eval_cache.device_mb = -1.0
+  c.eval_cache.host_mb = 4096.0
+  c.eval_cache.train = True
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True
+  c.checkpoint.async_save = True    # written by a background thread; False: the loop waits
   c.checkpoint.every_steps = 500
   c.checkpoint.max_to_keep = 2
   c.checkpoint.save_best = False
@@ -124,8 +138,10 @@ def base_config() -> ml_collections.ConfigDict:
   # skipped steps the run stops with an error naming the last good checkpoint.
   c.max_consecutive_nonfinite = 20
   # Rows printed beside the trained model in the final table, measured in the same run:
-  # "untrained" (the initial network, evaluated before step 1) and "pixels" (raw pixels,
-  # flattened and L2-normalised; only sensible for small images).
+  # "untrained" (the initial network, evaluated before step 1; with model.pretrained that is the
+  # pretrained trunk without fine-tuning, and the randomly initialised network is measured too,
+  # keys random_init/...) and "pixels" (raw pixels, flattened and L2-normalised; only sensible
+  # for small images).
   c.baselines = ("untrained", "pixels")
 
   c.num_devices = 0                  # devices of the data mesh; 0 = all (of all processes)
@@ -146,6 +162,7 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.ccp.proxies_per_class = 2
   c.checkpoint.every_steps = 20
   c.eval_batch_size = 128
+  c.model.pretrained = ""  # the tiny model has no pretrained weights
   return c
 
 
@@ -163,6 +180,76 @@ def glyphs_base() -> ml_collections.ConfigDict:
   c.ccp.proxies_per_class = 4
   c.ccp.pool_size = 8
   c.checkpoint.every_steps = 250
+  return c
+
+
+#: XBM's warm-up as a fraction of a run: the CCP paper trains 1,000 steps with the plain loss
+#: before the memory joins (supplement, "XBM"), of the 81K (SOP) and 93K (In-shop) steps its C2-XBM
+#: runs take (paper, Table I): 1,000 / 87,000 ~ 1.15 %.
+XBM_WARMUP_FRACTION = 1000 / 87_000
+
+#: The glyphs runs in the papers' regime: steps and evaluation interval (a fine-tuned pretrained
+#: trunk gets most of its gain early; one glyphs epoch is 6,400 images / 32 = 200 steps).
+GLYPHS_PAPERS_STEPS = 200
+GLYPHS_PAPERS_EVAL_EVERY = 40
+GLYPHS_STEPS_PER_EPOCH = 200
+#: Adam's learning rate in the papers' regime: the papers fine-tune at 1e-5 (CCP, DRO) to 1e-4
+#: (ProxyAnchor, MPA, XBM), 10-100x below the 1e-3 of training from scratch; the tiny glyphs trunk
+#: is fine-tuned at the top of that range, 10x below its from-scratch rate.
+GLYPHS_PAPERS_LR = 1e-4
+
+
+def variant_parts(arg: str, valid, name: str) -> set:
+  """``"a:b"`` -> ``{"a", "b"}``; ValueError naming the valid variants of config ``name``."""
+  parts = {p for p in (arg or "").split(":") if p}
+  unknown = sorted(parts - set(valid))
+  if unknown:
+    raise ValueError(f"Unknown variant {arg!r} of {name}; valid: {sorted(valid)} (combine with "
+                     "':', e.g. 'scratch:small').")
+  return parts
+
+
+def glyphs_regime(c: ml_collections.ConfigDict, parts=()) -> ml_collections.ConfigDict:
+  """Finishes a glyphs config in the papers' regime, or as before with the ``scratch`` variant.
+
+  The papers' regime (default): the trunk pretrained on glyph classes disjoint from every glyphs
+  class (``dmljax/weights/small_cnn_glyphs.pth``, made by ``python -m dmljax.pretrain``) loaded
+  through ``model.pretrained``, BatchNorm frozen entirely (statistics and affine: the CCP
+  authors' code; the ProxyAnchor / MPA code does the same; the XBM, DRO and PROFS papers do not
+  say, and the trunk is treated alike for every method), Adam at :data:`GLYPHS_PAPERS_LR`,
+  :data:`GLYPHS_PAPERS_STEPS` steps evaluated every :data:`GLYPHS_PAPERS_EVAL_EVERY`, XBM's warm-up
+  :data:`XBM_WARMUP_FRACTION` of the run (2 steps), the proxy baselines' head-only warm-up 5 % of
+  the run (10 steps; the papers' one epoch is 2-3 % of theirs), MPA's step decay every third of
+  the run. CCP's first pool is embedded by the initial network,
+  i.e. the pretrained trunk.
+
+  ``scratch``: the from-scratch settings the glyphs configs had before (random initialisation,
+  BatchNorm training, Adam 1e-3, 1,500 steps every 50, XBM warm-up 250 steps). ``small``: the
+  tiny test model of :func:`shrink` (no pretrained weights).
+  """
+  parts = set(parts)
+  if "scratch" not in parts:
+    from dmljax import pretrain  # pylint: disable=g-import-not-at-top
+    c.model.pretrained = pretrain.shipped_weights()
+    c.model.freeze_bn = "stats_and_affine"
+    c.optim.learning_rate = GLYPHS_PAPERS_LR
+    c.total_steps = GLYPHS_PAPERS_STEPS
+    c.eval_every_steps = GLYPHS_PAPERS_EVAL_EVERY
+    c.patience_evals = 8
+    c.checkpoint.every_steps = 100
+    if c.framework == "xbm":
+      c.xbm.warmup_steps = max(1, round(c.total_steps * XBM_WARMUP_FRACTION))
+    if c.optim.freeze_trunk_epochs:
+      # The proxy baselines' one epoch of head-only warm-up is 2-3 % of their SOP runs (one SOP
+      # epoch ~ 1,400 steps of 48K-88K, CCP's Table I); one glyphs epoch would be the whole run.
+      c.optim.freeze_trunk_epochs = 0.05 * c.total_steps / GLYPHS_STEPS_PER_EPOCH
+    if c.optim.schedule == "step":
+      # MPA halves the rate every third of its run (every 20 of 60 epochs).
+      c.optim.decay_every_epochs = c.total_steps / 3 / GLYPHS_STEPS_PER_EPOCH
+  if "small" in parts:
+    shrink(c)
+    if c.framework == "xbm":
+      c.xbm.memory_batches, c.xbm.warmup_steps = 3, 10
   return c
 
 
@@ -286,4 +373,85 @@ def ccp_paper_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
     c.total_steps, c.eval_every_steps, c.log_every_steps = 4, 2, 2
     c.checkpoint.every_steps = 2
     c.eval_batch_size = 16
+  return c
+
+
+# ================================================================ the papers' rows (dmljax.paper)
+
+#: The ImageNet weight files of the backbones the papers fine-tune (docs/backbones.md), looked up
+#: in ``$DMLJAX_WEIGHTS`` (default ``./weights``).
+BACKBONE_WEIGHTS = {"bn_inception": BN_INCEPTION_WEIGHTS, "googlenet": "googlenet-1378be20.pth",
+                    "resnet50": "resnet50-0676ba61.pth"}
+
+#: Training images of each benchmark's whole train split (epochs -> steps in the conventional
+#: tables): CUB 1-100, Cars 1-98, SOP's Ebay_train, In-shop's train items.
+TRAIN_IMAGES = {"cub": 5864, "cars": 8054, "sop": 59551, "inshop": 25882}
+
+
+def set_backbone(c: ml_collections.ConfigDict, name: str, embedding_dim: int) -> None:
+  """An ImageNet backbone from ``$DMLJAX_WEIGHTS`` with a linear embedding of ``embedding_dim``."""
+  import os  # pylint: disable=g-import-not-at-top
+  c.model.name = name
+  c.model.pretrained = os.path.join(os.environ.get("DMLJAX_WEIGHTS", "weights"),
+                                    BACKBONE_WEIGHTS[name])
+  c.model.embedding_dim = int(embedding_dim)
+
+
+def benchmark_config(name: str, backbone: str = "bn_inception",
+                     embedding_dim: int = 128) -> ml_collections.ConfigDict:
+  """The run settings every paper row shares on a benchmark data set (``cub``, ``cars``, ``sop``,
+  ``inshop``): the backbone, protocol transforms at 227 (resize 256), the untrained network as
+  the only baseline, best-weights checkpoints; the rows set the rest."""
+  c = base_config()
+  c.dataset.name = name
+  set_backbone(c, backbone, embedding_dim)
+  c.sampler.small_classes = "repeat" if name in ("sop", "inshop") else "error"
+  c.input.size, c.input.resize = 227, 256
+  c.baselines = ("untrained",)
+  c.log_every_steps = 25
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.save_best = True
+  c.eval_batch_size = 128
+  return c
+
+
+def epochs(name: str, num: float, batch_size: int) -> int:
+  """Steps of ``num`` epochs over the whole train split of ``name`` (conventional tables)."""
+  import math  # pylint: disable=g-import-not-at-top
+  return int(math.ceil(num * TRAIN_IMAGES[name] / batch_size))
+
+
+def benchmark_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ``small`` variant of a benchmark config (any framework): the same pipeline, framework
+  and loss on a tiny from-scratch backbone, 32 x 32 crops, 4-image batches, a few steps; for
+  smoke runs on tiny prepared data (``python -m dmljax.paper smoke``)."""
+  c.model.name = "small_cnn"
+  c.model.pretrained = ""
+  c.model.widths = (4, 8)
+  c.model.embedding_dim = 8
+  c.model.pooling = "avg"
+  c.model.remat = False
+  c.input.size, c.input.resize = 32, 36
+  c.input.num_workers = 0
+  m = int(c.sampler.m)
+  c.sampler.m = 1 if m == 1 else 2
+  c.batch_size = 4
+  c.sampler.small_classes = "repeat"
+  c.ccp.proxies_per_class, c.ccp.pool_size = 2, 2
+  c.xbm.memory_batches, c.xbm.warmup_steps = 2, 1
+  c.profs.hncm_neighbors = 1                # 2 classes per batch: a seed and one neighbour
+  # Tiny test splits hold about a dozen references per query: cut-offs up to 8.
+  c.recall_ks = tuple(k for k in c.recall_ks if k <= 8) or (1,)
+  c.ndcg_ks = tuple(k for k in c.ndcg_ks if k <= 8)
+  c.standard.proxies_per_class = min(int(c.standard.proxies_per_class), 2)
+  if c.framework == "dro":
+    for key in ("k", "num_samples"):
+      if key in c.dro.kwargs:
+        c.dro.kwargs[key] = 2 * c.batch_size
+  c.optim.freeze_trunk_epochs = 0.0
+  c.optim.decay_every_epochs = min(float(c.optim.decay_every_epochs), 1.0)
+  c.total_steps, c.eval_every_steps, c.log_every_steps = 4, 2, 2
+  c.patience_evals = 100
+  c.checkpoint.every_steps = 2
+  c.eval_batch_size = 16
   return c

@@ -1,14 +1,14 @@
 """Finished runs: rerun (nothing to do), extended (more steps, more patience) or refused.
 
 * A finished run (``final_metrics.json`` written, the config unchanged but for
-  :data:`dmljax.train.RESUME_SAFE_KEYS`) run again prints that it is already finished and where its
+  :data:`dmljax.rundir.RESUME_SAFE_KEYS`) run again prints that it is already finished and where its
   results are, and returns them: nothing loads, compiles or evaluates (:func:`finished_result`).
 * With ``--allow_config_change`` a finished run is extended when the new config lets it train
   further: ``total_steps`` above the step it ended at, and (if it stopped by patience)
   ``patience_evals`` above its evaluations without improvement. It continues from its last
   checkpoint, and its ``final_metrics.json`` is replaced by the extended run's
   (:func:`reopen`).
-* A change that would not be honoured is refused (:class:`dmljax.cli.ConfigChanged`), never
+* A change that would not be honoured is refused (:class:`dmljax.errors.ConfigChanged`), never
   written into ``config.json`` as if it were: keys read only when a run starts
   (:data:`START_ONLY_KEYS`: the seed, the architecture, the data set, the framework's shapes),
   and any change to a finished run that would not train another step (:func:`check_changes`).
@@ -19,7 +19,8 @@ import json
 import os
 from typing import Any, Optional
 
-from dmljax import cli
+from dmljax import errors
+from dmljax import rundir
 
 FINAL_FILE = "final_metrics.json"
 CONFIG_FILE = "config.json"
@@ -63,12 +64,11 @@ def _read_json(path: str) -> Optional[dict]:
 
 def finished_result(config, workdir: str) -> Optional[dict[str, Any]]:
   """The final metrics of ``workdir`` if its run finished with this config (else None)."""
-  from dmljax import train  # pylint: disable=g-import-not-at-top
   final = _read_json(_join(workdir, FINAL_FILE))
   saved = _read_json(_join(workdir, CONFIG_FILE))
   if final is None or saved is None:
     return None
-  if train.config_changes(saved, train.config_dict(config)):
+  if rundir.config_changes(saved, rundir.config_dict(config)):
     return None
   return final
 
@@ -97,7 +97,7 @@ def check_changes(config, host: dict, tracker: dict, changed: dict, workdir: str
                  if any(k == p or k.startswith(p + ".") for p in START_ONLY_KEYS))
   if fixed:
     listing = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in fixed)
-    raise cli.ConfigChanged(
+    raise errors.ConfigChanged(
         f"{workdir} cannot continue with {listing}: these keys are read only when a run starts "
         "(its initial parameters, random key, data split or state shapes), so a resumed run "
         "would not honour them; use a new --workdir for them.")
@@ -107,7 +107,7 @@ def check_changes(config, host: dict, tracker: dict, changed: dict, workdir: str
     why = (f"total_steps={config.total_steps} is not above it" if step >= config.total_steps
            else f"it stopped early after {since} evaluations without improvement and "
            f"patience_evals={patience} is not above that")
-    raise cli.ConfigChanged(
+    raise errors.ConfigChanged(
         f"the run in {workdir} finished at step {step} and {why}, so the changed keys "
         f"{sorted(changed)} would change nothing. To train it longer raise "
         f"--config.total_steps above {step}"

@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Optional
 
-from dmljax import cli
+from dmljax import errors
 
 LOCK_FILE = "dmljax.lock"
 #: Seconds between heartbeats.
@@ -42,7 +42,7 @@ HEARTBEAT_S = float(os.environ.get("DMLJAX_LOCK_HEARTBEAT_S", "30"))
 STALE_S = float(os.environ.get("DMLJAX_LOCK_STALE_S", "300"))
 
 
-class WorkdirLocked(cli.DmljaxError, ValueError):
+class WorkdirLocked(errors.DmljaxError, ValueError):
   """Another live run holds the workdir's lock."""
 
 

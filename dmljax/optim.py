@@ -33,12 +33,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dmljax import numerics
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
 
 
-def _path_keys(path) -> tuple[str, ...]:
-  return tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+_path_keys = numerics.path_keys
 
 
 #: Which leaves weight decay acts on (``optim.weight_decay_scope``).
@@ -263,13 +264,4 @@ def make_optimizer(oc, total_steps: int, steps_per_epoch: Optional[int] = None
   return optax.chain(*parts)
 
 
-def reset_group_state(opt_state, fresh_state, group: str):
-  """Optimizer state with every entry under key ``group`` taken from ``fresh_state``.
-
-  With the per-group moments of :func:`make_optimizer` this resets the group's moments and its
-  own step count (a fresh Adam for that group); chain-level counts (the learning-rate schedule)
-  are kept from ``opt_state``. Used by CCP when ``ccp.reset_proxy_opt_state`` is set.
-  """
-  def pick(path, old, new):
-    return new if group in _path_keys(path) else old
-  return jax.tree_util.tree_map_with_path(pick, opt_state, fresh_state)
+reset_group_state = numerics.reset_group_state  # re-exported: frameworks take it from there

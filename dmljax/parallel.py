@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dmljax import numerics
+
 DATA_AXIS = "data"
 
 
@@ -81,10 +83,4 @@ def replicate(tree, mesh: Mesh):
   return jax.tree.map(put, tree)
 
 
-def to_host(tree):
-  """Numpy copy of a pytree of replicated (or fully addressable) arrays."""
-  def get(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(x.addressable_data(0))  # replicated: every shard holds the whole value
-    return np.asarray(x)
-  return jax.tree.map(get, tree)
+to_host = numerics.to_host  # re-exported: it lives in the leaf module

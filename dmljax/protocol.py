@@ -1,8 +1,24 @@
-r"""The 4-fold class-disjoint protocol of Musgrave et al. (CCP's Tables II, V, VI).
+r"""The 4-fold class-disjoint protocol of Musgrave et al. (CCP's Tables II, V, VI), and the
+conventional split (every other table of the papers: ``--mode=conventional``).
 
   python -m dmljax.protocol --config=configs/glyphs_ccp.py --workdir=/tmp/dmljax/glyphs_4fold
   python -m dmljax.protocol --config=configs/digits_ccp.py:small --workdir=/tmp/p \
       --config.total_steps=100 --folds=0,1      # some folds now, the others later
+  python -m dmljax.protocol --mode=conventional --config=configs/cub_ccp.py --workdir=/tmp/c
+
+**Conventional mode** (``--mode=conventional``, :func:`run_conventional`): one model trained on
+the whole train split (for the benchmark data sets all training classes, ``val_fraction`` 0;
+for glyphs / digits the train split) with the *test* split as the monitored split: the trainer's
+validation (early stopping, best weights) reads the test split, and the test split is reported.
+This is the papers' "conventional" evaluation: CCP Tables III / IV (section V-C: "the test split
+to monitor the training as well as evaluation"), PROFS Table 1 (the best epoch on the test
+split), MPA Tables 4-8 (a fixed 60 / 100 epochs: the rows evaluate once, at the end) and DRO
+Tables 1-4 (the paper does not say how it picks its model: its rows choose a patience rule on the
+test split). The cut-offs (R@k, nDCG@k) and NMI / F1 are the config's (``recall_ks``, ``ndcg_ks``,
+``clustering``). ``--workdir`` is then a plain run directory (``final_metrics.json``, whose
+``test/`` and ``val/`` metrics are both the test split's, ``config.json``, checkpoints) plus
+``conventional.json`` (``{"protocol": "conventional", "dataset", "finished", "config"}``);
+``python -m dmljax.report`` reads it as a run. Resuming works as for ``dmljax.main``.
 
 **Classes.** The protocol's class pool is the union of the classes of the configured data set's
 splits (all images of all splits, under their original class ids): for ``digits`` the ten
@@ -47,7 +63,7 @@ fractions in [0, 1]. ``python -m dmljax.report DIR`` prints them as the papers' 
 **Resuming.** Running the same command again skips finished folds (``fold.json`` says
 ``"finished": true`` and ``test_embeddings.npz`` exists), resumes a fold interrupted mid-run
 from its checkpoint, and starts the others. A fold trained with another config (other than the
-keys :data:`dmljax.train.RESUME_SAFE_KEYS`) is refused with the changed keys, unless
+keys :data:`dmljax.rundir.RESUME_SAFE_KEYS`) is refused with the changed keys, unless
 ``--allow_config_change``, which continues it (from its last checkpoint) with the new values.
 After a SIGTERM the running fold saves a checkpoint and the command stops. Errors are one line
 on stderr and exit status 2 (``--verbose`` or ``DMLJAX_VERBOSE=1`` for the traceback).
@@ -72,8 +88,12 @@ RESULTS_FILE = "protocol_results.json"
 FOLD_FILE = "fold.json"
 EMBEDDINGS_FILE = "test_embeddings.npz"
 
+MODES = ("4fold", "conventional")
+CONVENTIONAL_FILE = "conventional.json"
+
 __all__ = ["fold_dir", "fold_config", "class_folds", "concatenate_embeddings", "load_embeddings",
-           "run_protocol", "report_only", "summarize", "main"]
+           "run_protocol", "report_only", "summarize", "main", "conventional_config",
+           "run_conventional"]
 
 
 # ============================================================================= folds
@@ -104,10 +124,11 @@ def class_folds(config, num_folds: int = NUM_FOLDS) -> dict[str, Any]:
   classes trained: for the prepared benchmark data sets the folds of the prepared train split's
   classes, for the embedded ones the folds of the first half of all classes.
   """
-  from dmljax.data import load_dataset, real  # pylint: disable=g-import-not-at-top
+  from dmljax import config_check  # pylint: disable=g-import-not-at-top
+  from dmljax.data import load_dataset  # pylint: disable=g-import-not-at-top
   dc = fold_config(config, 0).dataset
-  options = dict(dc.options)  # as dmljax.train.create_input passes them
-  if dc.name in real.REAL_DATASETS:
+  options = dict(dc.options)  # as dmljax.inputs passes them
+  if config_check.prepared_dataset(dc.name):  # a benchmark or a prepared data set of one's own
     options.setdefault("data_dir", dc.get("data_dir", "") or None)
   ds = load_dataset(dc.name, seed=dc.seed, cache_dir=dc.cache_dir or None, **options)
   info = dict(ds.info).get("protocol")
@@ -137,12 +158,12 @@ def concatenate_embeddings(embeddings: Sequence[np.ndarray], eps: float = 1e-12)
 def _metrics(config, embeddings, labels, num_queries: int = 0) -> dict[str, float]:
   """The trainer's metrics of one set of embeddings (the ones its final table reports); with
   ``num_queries`` > 0 the first rows are queries searched against the others (In-shop)."""
-  from dmljax import train  # pylint: disable=g-import-not-at-top
+  from dmljax import evaluation  # pylint: disable=g-import-not-at-top
   if num_queries:
     q = int(num_queries)
-    return train.embedding_metrics(config, embeddings[:q], labels[:q], embeddings[q:],
-                                   labels[q:])
-  return train.embedding_metrics(config, embeddings, labels)
+    return evaluation.embedding_metrics(config, embeddings[:q], labels[:q], embeddings[q:],
+                                        labels[q:])
+  return evaluation.embedding_metrics(config, embeddings, labels)
 
 
 def _read_json(path: str) -> dict:
@@ -286,15 +307,15 @@ def run_protocol(config, workdir: str, *, folds: Optional[Sequence[int]] = None,
 
 
 def _run_folds(config, workdir, folds, allow_config_change):
-  from dmljax import train  # pylint: disable=g-import-not-at-top
+  from dmljax import rundir, train  # pylint: disable=g-import-not-at-top
   classes = class_folds(config)  # ValueError for a data set with too few classes
   for k in sorted(set(folds)):
     d = fold_dir(workdir, k)
     cfg = fold_config(config, k)
-    cfg_now = train.config_dict(cfg)
+    cfg_now = rundir.config_dict(cfg)
     done = _fold_finished(d)
     if done is not None:
-      changed = train.config_changes(done.get("config", {}), cfg_now)
+      changed = rundir.config_changes(done.get("config", {}), cfg_now)
       if not changed:
         _say(f"fold {k}: finished, skipped ({d})")
         continue
@@ -356,6 +377,45 @@ def report_only(config, workdir: str) -> dict[str, Any]:
   return results
 
 
+# ============================================================================= conventional
+
+
+def conventional_config(config):
+  """A copy of ``config`` for the conventional split: the whole train split trains and the test
+  split is the monitored ("val") split. A validation fold the config names
+  (``dataset.options.protocol_fold`` / ``num_folds`` / ``fold_cuts``, e.g. the CCP paper
+  configs' single-run validation) is dropped: nothing is held out."""
+  from dmljax.data import real  # pylint: disable=g-import-not-at-top
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    for key in ("protocol_fold", "num_folds", "fold_cuts"):
+      if key in cfg.dataset.options:
+        del cfg.dataset.options[key]
+    if cfg.dataset.name in real.REAL_DATASETS:
+      cfg.dataset.options.val_fraction = 0.0
+    cfg.dataset.val_split = cfg.dataset.test_split
+  return cfg
+
+
+def run_conventional(config, workdir: str, *, allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains one model on the whole train split, monitoring and reporting the test split (see
+  the module docstring); returns the trainer's final metrics (``{"preempted": True, ...}`` after
+  a SIGTERM)."""
+  from dmljax import train  # pylint: disable=g-import-not-at-top
+  cfg = conventional_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  record = {"protocol": "conventional", "dataset": cfg.dataset.name,
+            "config": train.config_dict(cfg), "finished": False}
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, CONVENTIONAL_FILE), record)
+  result = train.train_and_evaluate(cfg, workdir, allow_config_change=allow_config_change)
+  if not result.get("preempted") and jax.process_index() == 0:
+    record["finished"] = True
+    _write_json(os.path.join(workdir, CONVENTIONAL_FILE), record)
+  return result
+
+
 # ============================================================================= command line
 
 
@@ -371,6 +431,9 @@ def _flag_values(argv: Sequence[str]):
                       flag_values=fv)
   flags.DEFINE_string("folds", "", "Comma-separated folds to run now (default: all four).",
                       flag_values=fv)
+  flags.DEFINE_enum("mode", "4fold", list(MODES),
+                    "4fold: the protocol's four fold models; conventional: one model on the whole "
+                    "train split, the test split monitored and reported.", flag_values=fv)
   flags.DEFINE_bool("allow_config_change", False,
                     "Continue folds trained with another config, with the new values.",
                     flag_values=fv)
@@ -411,6 +474,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "--workdir=/tmp/dmljax/glyphs_4fold).")
     config = fv["config"].value
     folds = _parse_folds(fv["folds"].value)
+    mode = fv["mode"].value
+    if mode == "conventional" and folds is not None:
+      raise ValueError("--folds belongs to the 4-fold protocol; the conventional mode trains "
+                       "one model (drop --folds or --mode=conventional).")
   except flags.Error as e:
     return cli.report(PROG, ValueError(f"{e} (see --help)"), argv)
   except AttributeError as e:
@@ -430,16 +497,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # jax.distributed as dmljax.main does, before anything touches a backend.
     from dmljax import distributed  # pylint: disable=g-import-not-at-top
     if fv["report_only"].value:
+      if mode == "conventional":
+        raise ValueError("--report_only gathers the 4-fold protocol's folds; the conventional "
+                         "mode writes its results itself (drop --report_only).")
       report_only(config, fv["workdir"].value)
       return 0
     distributed.maybe_initialize()
-    result = run_protocol(config, fv["workdir"].value, folds=folds,
-                          allow_config_change=fv["allow_config_change"].value)
+    if mode == "conventional":
+      result = run_conventional(config, fv["workdir"].value,
+                                allow_config_change=fv["allow_config_change"].value)
+    else:
+      result = run_protocol(config, fv["workdir"].value, folds=folds,
+                            allow_config_change=fv["allow_config_change"].value)
   except Exception as e:  # pylint: disable=broad-except
     return cli.report(PROG, e, argv)
   if result.get("preempted"):
-    print(f"Preempted in fold {result['fold']} at step {result['step']}: saved; run the same "
-          f"command again to resume (exit status {cli.EXIT_PREEMPTED}).", file=sys.stderr)
+    where = f" in fold {result['fold']}" if "fold" in result else ""
+    print(f"Preempted{where} at step {result['step']}: saved; run the same command again to "
+          f"resume (exit status {cli.EXIT_PREEMPTED}).", file=sys.stderr)
     return cli.EXIT_PREEMPTED
   return 0
 

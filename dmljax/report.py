@@ -22,6 +22,20 @@ has its metrics:
 
 In the last two a protocol row is split into ``NAME (128D)`` (separate models) and
 ``NAME (512D)`` (concatenated), with the sizes of that run. Errors: one line, exit status 2.
+
+**Beside the paper** (``--paper P --table T``, the catalogue of ``python -m dmljax.paper``)::
+
+  python -m dmljax.report --paper ccp --table 2 runs/ccp/table2
+  python -m dmljax.report --paper profs --table 1 runs/
+
+renders table T of paper P in the paper's shape, one markdown table per data set: every row of
+the table, the published number (shipped with the catalogue, with its table reference) beside
+ours and the difference (ours - paper, in points). A run is matched to its row by the row id it
+recorded when it was started from the catalogue (``paper_row`` in its ``config.json``); each DIR
+is a run or protocol directory, or a folder searched for them. Rows without a run show "not
+run"; rows the paper quotes from other work are shown as such (published numbers only). The
+4-fold rows' 512-D columns are the concatenated fold models, the 128-D columns the mean (± sample
+std) of the four; several runs of one row (seeds) are pooled the same way.
 """
 from __future__ import annotations
 
@@ -201,13 +215,143 @@ def render(sources: Sequence[dict], names: Optional[Sequence[str]] = None,
 # ============================================================================= command line
 
 
+# ============================================================================= beside the paper
+
+#: The papers' metric names -> dmljax's metric keys.
+_METRICS = {"P@1": "precision_at_1", "P@R": "r_precision", "MAP@R": "map_at_r", "NMI": "nmi",
+            "F1": "f1"}
+
+
+def _metric_key(label: str) -> str:
+  if label in _METRICS:
+    return _METRICS[label]
+  m = re.fullmatch(r"(R|nDCG)@(\d+)", label)
+  if not m:
+    raise ValueError(f"no metric for the column {label!r}")
+  return f"{'recall' if m.group(1) == 'R' else 'ndcg'}_at_{m.group(2)}"
+
+
+def _row_id(path: str) -> Optional[str]:
+  """The catalogue row a run or protocol directory recorded (``paper_row`` of its config)."""
+  for cfg in (os.path.join(path, "config.json"), os.path.join(path, "fold_0", "config.json")):
+    if os.path.isfile(cfg):
+      try:
+        row = _read(cfg).get("paper_row")
+      except ValueError:
+        return None
+      return row or None
+  return None
+
+
+def find_runs(dirs: Sequence[str]) -> list[str]:
+  """Run and protocol directories at or below ``dirs`` (fold dirs of a protocol excluded)."""
+  found = []
+  for top in dirs:
+    if not os.path.isdir(top):
+      raise ValueError(f"{top}: no such directory.")
+    for here, subdirs, files in os.walk(top):
+      if PROTOCOL_FILE in files or (RUN_FILE in files and "config.json" in files):
+        found.append(here)
+        subdirs[:] = []  # a protocol's fold dirs, or a run's own subfolders
+      elif any(re.fullmatch(r"fold_\d+", d) for d in subdirs):
+        subdirs[:] = []  # an unfinished protocol: not a result yet
+      else:
+        subdirs[:] = sorted(d for d in subdirs if d not in ("checkpoints", "tensorboard", "plots"))
+  return found
+
+
+def _ours(row, sources: Sequence[dict]) -> dict[str, list[float]]:
+  """``{column: [values, in %]}`` of the runs of ``row`` (4-fold: ``512/...`` concatenated,
+  ``128/...`` the fold models; conventional: the test split)."""
+  out: dict[str, list[float]] = {}
+  for src in sources:
+    if src["kind"] == "protocol":
+      parts = (("512", src["concatenated"]), ("128", src["separate"]))
+    else:
+      parts = (("", src["separate"]),)
+    for prefix, samples in parts:
+      for sample in samples:
+        for key, value in sample.items():
+          if value is not None and np.isfinite(value):
+            out.setdefault(f"{prefix}/{key}" if prefix else key, []).append(100.0 * value)
+  return out
+
+
+def render_paper(paper: str, table: str, dirs: Sequence[str], decimals: int = 2) -> str:
+  """Table ``table`` of ``paper`` with the published numbers, ours and the difference."""
+  from dmljax import paper as paper_lib  # pylint: disable=g-import-not-at-top
+  table = str(table).lower().removeprefix("table")
+  layouts = paper_lib.published_tables(paper)
+  if table not in layouts:
+    raise ValueError(f"{paper} has no table {table!r} in the catalogue; tables: "
+                     f"{sorted(layouts)}.")
+  layout = layouts[table]
+  rows = paper_lib.rows(paper, table)
+  by_row: dict[str, list[dict]] = {}
+  for path in find_runs(dirs):
+    rid = _row_id(path)
+    if rid is not None:
+      by_row.setdefault(rid, []).append(load_source(path))
+  out = [f"## {layout['title']}", ""]
+  notes = []
+  for ds in layout["datasets"]:
+    cols = layout["columns"][ds] if isinstance(layout["columns"], dict) else layout["columns"]
+    header = ["method"]
+    for c in cols:
+      header += [f"{c} paper", f"{c} ours", "Δ"]
+    body = []
+    for q in paper_lib.quoted_rows(paper, table):
+      if q.dataset == ds:
+        body.append([f"{q.method} (quoted)"]
+                    + [x for c in cols for x in (_fmt(q.published.get(c), decimals), "", "")])
+    for row in (r for r in rows if r.dataset == ds):
+      runs = by_row.get(row.id, [])
+      ours = _ours(row, runs)
+      name = row.method + (" †" if row.quoted_from else "")
+      if row.quoted_from:
+        notes.append(f"† {row.id}: the published numbers are quoted from {row.quoted_from}.")
+      cells = [name]
+      for c in cols:
+        pub = row.published.get(c)
+        key = (c.split("/", 1)[0] + "/" + _metric_key(c.split("/", 1)[1]) if "/" in c
+               else _metric_key(c))
+        vals = ours.get(key, [])
+        if not runs:
+          mine, diff = "not run", ""
+        elif not vals:
+          mine, diff = "-", ""
+        else:
+          mean = float(np.mean(vals))
+          mine = (f"{mean:.{decimals}f}" if len(vals) == 1 else
+                  f"{mean:.{decimals}f} ± {np.std(vals, ddof=1):.{decimals}f}")
+          diff = "" if pub is None else f"{mean - pub:+.{decimals}f}"
+        cells += [_fmt(pub, decimals), mine, diff]
+      body.append(cells)
+    out.append(_table(f"{ds} ({paper} Table {table})", header, body))
+    out.append("")
+  out.append("paper: the published number (%); ours: this project's run (mean ± sample std "
+             "over fold models or runs); Δ: ours - paper, in points; not run: no run of the row "
+             "among the DIRs; (quoted): the paper quotes it from other work, not a run.")
+  out += sorted(set(notes))
+  return "\n".join(out)
+
+
+def _fmt(value, decimals: int) -> str:
+  return "-" if value is None else f"{value:.{decimals}f}"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog=PROG, description="Markdown tables of finished runs.")
   p.add_argument("dirs", nargs="+", metavar="DIR",
                  help=f"protocol dirs ({PROTOCOL_FILE}) or run dirs ({RUN_FILE})")
   p.add_argument("--names", default=None,
                  help="comma-separated row names, one per DIR (equal names pool DIRs)")
-  p.add_argument("--decimals", type=int, default=1, help="decimals of the percentages")
+  p.add_argument("--decimals", type=int, default=None,
+                 help="decimals of the percentages (default 1; 2 beside a paper)")
+  p.add_argument("--paper", default=None,
+                 help="render a table of this paper (ccp, profs, dro, mpa) with its published "
+                      "numbers; runs are matched to rows by the row id they recorded")
+  p.add_argument("--table", default=None, help="the table of --paper (e.g. 2)")
   p.add_argument("--verbose", action="store_true", help="show tracebacks with error messages")
   return p.parse_args(argv)
 
@@ -215,6 +359,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> str:
   """Prints and returns the tables (raises on errors; :func:`run` reports them)."""
   a = parse_args(argv)
+  if (a.paper is None) != (a.table is None):
+    raise ValueError("--paper and --table go together, e.g. --paper ccp --table 2.")
+  if a.paper is not None:
+    from dmljax import paper as paper_lib  # pylint: disable=g-import-not-at-top
+    if a.paper not in paper_lib.PAPERS:
+      raise ValueError(f"Unknown --paper {a.paper!r}; valid: {list(paper_lib.PAPERS)}.")
+    if a.names is not None:
+      raise ValueError("--names does not apply with --paper: rows are named by the paper.")
+    text = render_paper(a.paper, a.table, a.dirs, 2 if a.decimals is None else a.decimals)
+    print(text)
+    return text
+  if a.decimals is None:
+    a.decimals = 1
   names = None
   if a.names is not None:
     names = [n.strip() for n in a.names.split(",")]

@@ -11,6 +11,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from dmljax import numerics
+
 PyTree = Any
 
 
@@ -52,9 +54,7 @@ def new_tracker() -> dict:
   }
 
 
-def copy_tree(tree: PyTree) -> PyTree:
-  """A copy with fresh buffers (so donating one copy never invalidates the other)."""
-  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+copy_tree = numerics.copy_tree  # re-exported: it lives in the leaf module
 
 
 def create_train_state(*, rng, model_params, batch_stats, extra_params, framework_state, tx) -> TrainState:

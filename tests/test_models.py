@@ -62,3 +62,19 @@ def test_unknown_model_and_normalisation():
     _model(name="resnet9")
   with pytest.raises(ValueError, match=r"Unknown normalization 'unit'.*bounded"):
     _model(normalization="unit")
+
+
+def test_auto_dtype_is_bf16_on_accelerators_f32_on_cpu():
+  # Issue 17: model.dtype="auto" resolves by backend; the run records the dtype it used.
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dmljax import train  # pylint: disable=g-import-not-at-top
+  from dmljax.models import layers  # pylint: disable=g-import-not-at-top
+  assert layers.auto_dtype("gpu") == layers.auto_dtype("tpu") == "bfloat16"
+  assert layers.auto_dtype("cpu") == "float32"
+  assert layers.dtype_name("bfloat16", "cpu") == "bfloat16"  # an explicit dtype is kept
+  cfg = ml_collections.ConfigDict({"model": {"dtype": "auto"}})
+  resolved = train.resolve_precision(cfg)
+  assert resolved.model.dtype == layers.auto_dtype() and cfg.model.dtype == "auto"
+  record = train.precision_record(resolved)
+  assert record["backend"] == jax.default_backend()
+  assert record["model_dtype"] == layers.auto_dtype()

@@ -12,7 +12,7 @@ import pytest
 from dmljax import metrics as metrics_lib
 from dmljax import protocol
 from dmljax import report
-from dmljax import train
+from dmljax import errors, train
 from dmljax.data import Dataset, Split, load_dataset
 from dmljax.data import splits
 
@@ -251,7 +251,7 @@ def test_orchestration_layout_skip_and_config_check(tmp_path, monkeypatch):
   # Everything finished: a rerun trains nothing; a changed config is refused, naming the key.
   protocol.run_protocol(cfg, workdir)
   assert calls == [0, 2, 1, 3]
-  with pytest.raises(train.cli.ConfigChanged, match=r"fold 0 .*optim.learning_rate: 0.001 -> 0.5"):
+  with pytest.raises(errors.ConfigChanged, match=r"fold 0 .*optim.learning_rate: 0.001 -> 0.5"):
     protocol.run_protocol(_config(**{"optim.learning_rate": 0.5}), workdir)
   protocol.run_protocol(_config(progress=True), workdir)      # a resume-safe key may change
   assert calls == [0, 2, 1, 3]

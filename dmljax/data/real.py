@@ -49,7 +49,9 @@ def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
     seed: seed of the validation classes (ignored with ``protocol_fold``).
     data_dir: the TFDS data folder the data set was prepared into (default
       :func:`default_data_dir`).
-    val_fraction: fraction of the training classes held out for validation.
+    val_fraction: fraction of the training classes held out for validation; 0 trains on all
+      of them (the ``val`` split is then empty: the conventional mode of ``dmljax.protocol``
+      monitors the test split instead).
     protocol_fold: fold of the 4-fold protocol (its train / val classes) instead of
       ``val_fraction``.
     num_folds: folds of the protocol.
@@ -72,9 +74,11 @@ def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
       raise ValueError(f"protocol fold {protocol_fold} is out of range; valid folds: "
                        f"0..{int(num_folds) - 1}.")
     groups = splits_lib.protocol_folds(ids, int(num_folds), fold_cuts)[int(protocol_fold)]
+  elif float(val_fraction) == 0.0:
+    groups = {"train": list(ids), "val": []}
   else:
     if not 0 < float(val_fraction) < 1:
-      raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction} (set "
+      raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction} (set "
                        "--config.dataset.options.val_fraction).")
     groups = splits_lib.partition_classes(
         ids, {"train": 1.0 - float(val_fraction), "val": float(val_fraction)}, seed)

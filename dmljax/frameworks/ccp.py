@@ -87,8 +87,7 @@ import numpy as np
 from dmljax import losses
 from dmljax.frameworks.base import Framework, HostContext, class_major_labels
 from dmljax.frameworks.standard import loss_kwargs
-from dmljax.parallel import to_host
-from dmljax.state import copy_tree
+from dmljax.numerics import copy_tree, to_host
 
 START_MODES = ("current", "projection_best", "converged", "run_best")
 PROXY_NORMALIZATIONS = ("model", "none", "l2", "bounded")
@@ -339,7 +338,7 @@ class CCPFramework(Framework):
     params = dict(params, proxies=ctx.replicate(new_proxies))
     opt_state = state.opt_state
     if cc.reset_proxy_opt_state:
-      from dmljax.optim import reset_group_state  # pylint: disable=g-import-not-at-top
+      from dmljax.numerics import reset_group_state  # pylint: disable=g-import-not-at-top
       opt_state = reset_group_state(opt_state, ctx.tx.init(params), "proxies")
     anchor = copy_tree(solution["params"]["model"])
     fs.update(projection=jnp.asarray(projection + 1, jnp.int32),

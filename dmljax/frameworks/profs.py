@@ -99,7 +99,7 @@ import numpy as np
 from dmljax import losses
 from dmljax.frameworks.base import Framework
 from dmljax.frameworks.standard import loss_kwargs
-from dmljax.parallel import to_host
+from dmljax.numerics import to_host
 
 ADAPTATIONS = ("auto", "none", "representative_pairs", "hard_negatives", "objective")
 

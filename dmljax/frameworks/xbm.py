@@ -165,6 +165,6 @@ class XBMFramework(Framework):
     return total, (metrics, fs)
 
   def progress(self, state) -> str:
-    from dmljax.parallel import to_host  # pylint: disable=g-import-not-at-top
+    from dmljax.numerics import to_host  # pylint: disable=g-import-not-at-top
     count = int(to_host(state.framework["memory_count"]))
     return f"memory {count}/{self.memory_size}"

@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmljax import numerics
+
 Array = jax.Array
 
 #: Added inside square roots and norms so that gradients stay finite at zero.
-EPS = 1e-12
+EPS = numerics.EPS
 #: Stand-in for -inf in masked log-sum-exp; finite so that gradients never become NaN.
 NEG_INF = -1e30
 
@@ -181,22 +183,10 @@ def check_reduction(reduction: str, allowed=REDUCTIONS):
 # ----------------------------------------------------------------------------- normalisation
 
 
-def l2_normalize(x: Array, axis: int = -1, eps: float = EPS) -> Array:
-  """``x / ||x||`` with a finite gradient everywhere (the zero vector maps to zero)."""
-  x = jnp.asarray(x)
-  sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True)
-  return (x * jax.lax.rsqrt(jnp.maximum(sq, eps))).astype(x.dtype)
-
-
-def bounded_normalize(x: Array, axis: int = -1) -> Array:
-  """CCP's Lipschitz normalisation ``x / max(1, ||x||)``: vectors inside the unit ball are kept.
-
-  The gradient is finite everywhere, including at zero (where it is the identity).
-  """
-  x = jnp.asarray(x)
-  sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True)
-  # max(1, ||x||) == sqrt(max(1, ||x||^2)); the max keeps the sqrt away from zero.
-  return (x / jnp.sqrt(jnp.maximum(sq, 1.0))).astype(x.dtype)
+# The normalisations live in the leaf module :mod:`dmljax.numerics` (models use them too and
+# should not import a loss module); re-exported here, where the losses document them.
+l2_normalize = numerics.l2_normalize
+bounded_normalize = numerics.bounded_normalize
 
 
 # ----------------------------------------------------------------------------- distances

@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dmljax.losses.core import bounded_normalize, l2_normalize
+from dmljax.numerics import bounded_normalize, l2_normalize
 from dmljax.models import layers
 from dmljax.models.bn_inception import BNInception
 from dmljax.models.googlenet import GoogLeNet
@@ -80,7 +80,8 @@ def backbone_options(model_config) -> dict[str, Any]:
   """
   get = model_config.get
   return dict(pooling=get("pooling", "avg"), gem_p=float(get("gem_p", 3.0)),
-              freeze_bn=get("freeze_bn", "none"), dtype=get("dtype", "float32"),
+              freeze_bn=get("freeze_bn", "none"),
+              dtype=layers.dtype_name(get("dtype", "float32")),
               remat=bool(get("remat", False)))
 
 

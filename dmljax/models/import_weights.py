@@ -2,8 +2,8 @@
 
   python -m dmljax.models.import_weights ARCH FILE.pth [--cache-dir DIR]
 
-``ARCH`` is ``bn_inception``, ``googlenet``, ``resnet50`` or ``resnet_v2_20``. The converted
-variables go to the weight cache (``~/.cache/dmljax/weights/ARCH-<sha256>.npz`` unless
+``ARCH`` is ``bn_inception``, ``googlenet``, ``resnet50``, ``resnet_v2_20`` or ``small_cnn``. The
+converted variables go to the weight cache (``~/.cache/dmljax/weights/ARCH-<sha256>.npz`` unless
 ``--cache-dir`` or ``$DMLJAX_WEIGHTS_CACHE`` says otherwise), where training with
 ``--config.model.pretrained=FILE.pth`` finds them. Any problem (no such file, a truncated or
 damaged file, a file of another architecture, a cache that cannot be written) is one line and exit

@@ -36,10 +36,32 @@ POOLINGS = ("avg", "max", "avg+max", "gem")
 IntPair = Union[int, Sequence[int]]
 
 
+#: ``config.model.dtype="auto"``: bfloat16 compute on an accelerator, float32 on CPU.
+AUTO_DTYPE = "auto"
+
+
+def auto_dtype(backend: Optional[str] = None) -> str:
+  """The compute dtype ``"auto"`` stands for on ``backend`` (default: JAX's default backend).
+
+  bfloat16 where an accelerator runs the model (GPU, TPU: their matrix units run it at twice the
+  float32 rate or more); float32 on CPU, where XLA's bfloat16 convolutions are slower, not faster.
+  Parameters, BatchNorm statistics, the embeddings and everything computed from them (losses,
+  metrics, the proximal term) stay float32 either way.
+  """
+  backend = backend or jax.default_backend()
+  return "float32" if backend == "cpu" else "bfloat16"
+
+
+def dtype_name(dtype: Any, backend: Optional[str] = None) -> Any:
+  """``dtype`` with ``"auto"`` resolved for ``backend`` (see :func:`auto_dtype`)."""
+  return auto_dtype(backend) if dtype == AUTO_DTYPE else dtype
+
+
 def resolve_dtype(dtype: Any):
   """``"float32"`` / ``"bfloat16"`` (or a jnp dtype, or None = float32) to a jnp dtype."""
   if dtype is None:
     return jnp.float32
+  dtype = dtype_name(dtype)
   if isinstance(dtype, str):
     if dtype not in DTYPES:
       raise ValueError(f"Unknown dtype {dtype!r}; valid: {sorted(DTYPES)}.")

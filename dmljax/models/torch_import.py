@@ -347,6 +347,7 @@ class ArchSpec:
     infer_in_channels: take the input channels from ``first_conv`` (else 3).
     init_size: spatial size used to trace the model's variable shapes.
     weight_file: the usual name of the pretrained weight file (documentation only).
+    infer_options: backbone options read from the file (small_cnn: its widths), else defaults.
   """
   torch_name: Callable[[tuple[str, ...]], str]
   ignored_prefixes: tuple[str, ...]
@@ -354,9 +355,25 @@ class ArchSpec:
   infer_in_channels: bool = False
   init_size: int = 224
   weight_file: str = ""
+  infer_options: Optional[Callable[[Mapping[str, np.ndarray]], dict]] = None
 
 
-#: Backbones with a PyTorch layout, by ``config.model.name``.
+def _small_cnn_options(state_dict: Mapping[str, np.ndarray]) -> dict:
+  """``widths`` of a small_cnn file: the output channels of ``Conv.0``, ``Conv.1``, ... in order.
+
+  A file saved from ``convs_per_block = 2`` reads as one conv per block with each width twice:
+  the variables (names and shapes) are the same, and the model loading it checks its own tree.
+  """
+  convs = sorted((int(m.group(1)), np.shape(v)[0]) for k, v in state_dict.items()
+                 if (m := re.fullmatch(r"Conv\.(\d+)\.weight", k)) and len(np.shape(v)) == 4)
+  return {"widths": tuple(int(w) for _, w in convs)} if convs else {}
+
+
+#: Backbones with a PyTorch layout, by ``config.model.name``. ``small_cnn`` has no PyTorch
+#: original: its layout (``Conv.<i>.weight`` OIHW, ``BatchNorm.<i>.weight/bias/running_mean/
+#: running_var``, optional ``classifier.*`` ignored) is the one :func:`save_state_dict` writes for
+#: the glyphs pretraining (``python -m dmljax.pretrain``), so the shipped glyphs trunk goes
+#: through the same reader and converter as the ImageNet files.
 ARCHS: dict[str, ArchSpec] = {
     "bn_inception": ArchSpec(bn_inception.torch_name, ("last_linear.",), "conv1_7x7_s2.weight",
                              weight_file="bn_inception-52deb4733.pth"),
@@ -366,6 +383,10 @@ ARCHS: dict[str, ArchSpec] = {
                          weight_file="resnet50-0676ba61.pth (or resnet50-11ad3fa6.pth, V2)"),
     "resnet_v2_20": ArchSpec(dotted_torch_name, ("fc.",), "conv1.weight", infer_in_channels=True,
                              init_size=32),
+    "small_cnn": ArchSpec(dotted_torch_name, ("classifier.",), "Conv.0.weight",
+                          infer_in_channels=True, init_size=32,
+                          weight_file="dmljax/weights/small_cnn_glyphs.pth",
+                          infer_options=_small_cnn_options),
 }
 
 _LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
@@ -400,14 +421,16 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
   return out
 
 
-def expected_shapes(arch: str, in_channels: int = 3) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """``{(collection, *module_path, leaf): shape}`` of :func:`get_backbone` ``(arch)``'s variables.
+def expected_shapes(arch: str, in_channels: int = 3, **options
+                    ) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """``{(collection, *module_path, leaf): shape}`` of :func:`get_backbone` ``(arch, **options)``'s
+  variables.
 
   Traced with ``jax.eval_shape`` (no compilation, no memory).
   """
   from dmljax.models.cnn import get_backbone  # pylint: disable=g-import-not-at-top
   spec = _check_arch(arch)
-  module = get_backbone(arch)
+  module = get_backbone(arch, **options)
   x = jax.ShapeDtypeStruct((1, spec.init_size, spec.init_size, in_channels), jnp.float32)
   shapes = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False), x)
   return {k: tuple(v.shape) for k, v in _flatten(shapes).items()}
@@ -485,7 +508,8 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, np.ndarray], source: 
     shape = np.shape(state_dict[spec.first_conv])
     if len(shape) == 4:
       in_channels = int(shape[1])
-  want = expected_shapes(arch, in_channels)
+  options = spec.infer_options(state_dict) if spec.infer_options else {}
+  want = expected_shapes(arch, in_channels, **options)
   flat, matched, squeezed, taken = {}, [], [], set()
   missing, misshaped = [], []
   for path, shape in want.items():
@@ -537,6 +561,98 @@ def to_torch_state_dict(arch: str, variables: Mapping
       arr = arr.T
     out[torch_key(arch, path)] = np.ascontiguousarray(arr)
   return out
+
+
+# ============================================================================= writing .pth
+
+_STORAGE_NAMES = {np.dtype("float32"): "FloatStorage", np.dtype("float64"): "DoubleStorage",
+                  np.dtype("int64"): "LongStorage", np.dtype("int32"): "IntStorage"}
+
+
+def _state_dict_pickle(state_dict: Mapping[str, np.ndarray]) -> bytes:
+  """The protocol-2 pickle ``torch.save`` writes for ``OrderedDict(name -> contiguous tensor)``,
+  storage ``i`` holding the ``i``-th tensor (opcode by opcode: only the globals the reader allows).
+  """
+  out = io.BytesIO()
+  w = out.write
+
+  def text(s):
+    b = s.encode()
+    w(pickle.BINUNICODE + struct.pack("<I", len(b)) + b)
+
+  def integer(n):
+    w(pickle.BININT + struct.pack("<i", int(n)))
+
+  def glob(module, name):
+    w(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+
+  def int_tuple(vals):
+    w(pickle.MARK)
+    for v in vals:
+      integer(v)
+    w(pickle.TUPLE)
+
+  w(pickle.PROTO + b"\x02")
+  glob("collections", "OrderedDict")
+  w(pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.MARK)
+  for idx, (name, arr) in enumerate(state_dict.items()):
+    strides = [1] * arr.ndim
+    for d in range(arr.ndim - 2, -1, -1):
+      strides[d] = strides[d + 1] * arr.shape[d + 1]
+    text(name)
+    glob("torch._utils", "_rebuild_tensor_v2")
+    w(pickle.MARK + pickle.MARK)  # the tensor's arguments, then the storage's persistent id
+    text("storage")
+    glob("torch", _STORAGE_NAMES[arr.dtype])
+    text(str(idx))
+    text("cpu")
+    integer(arr.size)
+    w(pickle.TUPLE + pickle.BINPERSID)
+    integer(0)
+    int_tuple(arr.shape)
+    int_tuple(strides)
+    w(pickle.NEWFALSE)
+    glob("collections", "OrderedDict")
+    w(pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.TUPLE + pickle.REDUCE)
+  w(pickle.SETITEMS + pickle.STOP)
+  return out.getvalue()
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+  """Writes ``{name: array}`` as ``torch.save(state_dict, path)`` would (zip format), atomically.
+
+  No torch needed; :func:`load_state_dict` (and ``torch.load``) read it back. Arrays are stored
+  little-endian and contiguous; float32, float64, int32 and int64 only. The zip entries carry a
+  fixed timestamp, so equal arrays give byte-identical files.
+  """
+  arrays = collections.OrderedDict()
+  for name, a in state_dict.items():
+    a = np.ascontiguousarray(a)
+    if a.dtype not in _STORAGE_NAMES:
+      raise ValueError(f"save_state_dict: {name} has dtype {a.dtype}; valid: "
+                       f"{sorted(str(d) for d in _STORAGE_NAMES)}.")
+    arrays[str(name)] = a
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.pth")
+  os.close(fd)
+
+  def entry(zf, name, data):
+    info = zipfile.ZipInfo(f"archive/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+    zf.writestr(info, data, compress_type=zipfile.ZIP_STORED)
+
+  try:
+    with zipfile.ZipFile(tmp, "w") as zf:
+      entry(zf, "data.pkl", _state_dict_pickle(arrays))
+      entry(zf, "byteorder", "little")
+      for idx, a in enumerate(arrays.values()):
+        entry(zf, f"data/{idx}", a.astype(a.dtype.newbyteorder("<")).tobytes())
+      entry(zf, "version", "3\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 # ============================================================================= import + cache
@@ -591,7 +707,7 @@ def import_torch_weights(arch: str, path: str, *, cache_dir: Optional[str] = Non
   :func:`cache_path`); later calls with the same file (same SHA-256) load the cache.
 
   Args:
-    arch: ``bn_inception`` | ``googlenet`` | ``resnet50`` | ``resnet_v2_20``.
+    arch: ``bn_inception`` | ``googlenet`` | ``resnet50`` | ``resnet_v2_20`` | ``small_cnn``.
     path: the ``torch.save(model.state_dict())`` file.
     cache_dir: cache folder (default :func:`default_cache_dir`).
     use_cache: read and write the cache (False: always convert, write nothing).

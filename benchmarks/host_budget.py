@@ -1,0 +1,179 @@
+"""The run's host budget on Cars-shaped data (issue 17): evaluation, dispatch, checkpoint waits.
+
+  python benchmarks/host_budget.py                    # ~1,000 validation images of ~770 x 530
+  python benchmarks/host_budget.py --per_class 12     # fewer images (figures scale per 1,000)
+
+Parts (each printed as one JSON line, and all of them written to ``--out``):
+
+* ``data``: Cars-shaped JPEGs (~770 x 530, the size of the real ones) written in the Cars196
+  layout (``car_ims/`` + ``cars_annos.mat``) and prepared with the project's own ``prepare``;
+* ``eval``: the host's work in one validation evaluation at the paper's settings (protocol eval
+  transform 256 -> 227, eval batch 128): the evaluation's wall time minus the model's own
+  compute for those images measured alone (the same jitted embedding over the same batches
+  already on the device), per 1,000 images; once streaming (every evaluation decodes, as before
+  the caches), once from the host cache (the first evaluation, which builds it, reported apart).
+  The model is the small CNN (4 and 8 channels) at 227 x 227: cheap, but not free, so its
+  compute is subtracted rather than assumed away;
+* ``dispatch``: ms per call of a jitted, donating no-op over the CCP paper's train state
+  (BN-Inception, Cars: 98 x 8 proxies, with ``best`` and CCP's per-projection copy), and over the
+  same state without those two copies;
+* ``checkpoint``: seconds one save of that state blocks the loop, synchronous and asynchronous.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import device_check  # noqa: E402  (the Cars-shaped writer)
+
+
+def _eval_part(data_dir, reps):
+  from dmljax import evaluation, frameworks, inputs, models, optim, parallel, train  # pylint: disable=g-import-not-at-top
+  from dmljax.configs import ccp_paper_config  # pylint: disable=g-import-not-at-top
+  c = ccp_paper_config("cars")
+  c.dataset.data_dir = data_dir
+  c.model.name, c.model.pretrained, c.model.freeze_bn = "small_cnn", "", "none"
+  c.model.widths, c.model.convs_per_block = (4, 8), 1
+  c.num_devices = 1
+  data = inputs.create_input(c)
+  model = models.get_model(c.model)
+  fw = frameworks.get_framework(c, num_classes=data.num_classes,
+                                embedding_dim=c.model.embedding_dim)
+  tx = optim.make_optimizer(c.optim, c.total_steps)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state = parallel.replicate(train.create_state(c, model, fw, tx, data), mesh)
+  p, bs = state.params["model"], state.batch_stats
+  n = len(data.val)
+  out = {"val_images": n, "eval_batch": int(c.eval_batch_size),
+         "workers": inputs.input_workers(c, data)}
+  # The model alone: the same batches, already on the device.
+  ev = evaluation.Evaluator(c.copy_and_resolve_references(), model, mesh, data)
+  cache = ev.cache(data.val.images)  # host cache (the default budgets on CPU)
+  dev = [parallel.global_batch(cache.host[b * cache.batch_size:(b + 1) * cache.batch_size], mesh)
+         for b in range(len(cache.host) // cache.batch_size)]
+  jax.block_until_ready([ev.embed_fn(p, bs, x) for x in dev])
+  t = time.perf_counter()
+  for _ in range(reps):
+    jax.block_until_ready([ev.embed_fn(p, bs, x) for x in dev])
+  model_s = (time.perf_counter() - t) / reps
+  out["model_s"] = model_s
+  out["cache_build_s"] = ev.build_seconds.get("val")
+  ev.close()
+  for mode, (dev_mb, host_mb) in {"streamed": (0.0, 0.0), "host_cache": (0.0, 4096.0)}.items():
+    cfg = c.copy_and_resolve_references()
+    cfg.eval_cache.device_mb, cfg.eval_cache.host_mb = dev_mb, host_mb
+    ev = evaluation.Evaluator(cfg, model, mesh, data)
+    t = time.perf_counter()
+    ev.evaluate(p, bs, "val")
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      ev.evaluate(p, bs, "val")
+      times.append(time.perf_counter() - t)
+    ev.close()
+    steady = float(np.median(times))
+    out[mode] = {"first_eval_s": first, "eval_s": steady,
+                 "host_s_per_1000": 1000.0 * (steady - model_s) / n}
+  return out
+
+
+def _paper_state():
+  from dmljax import frameworks, inputs, models, optim, parallel, train  # pylint: disable=g-import-not-at-top
+  from dmljax.configs import ccp_paper_config  # pylint: disable=g-import-not-at-top
+  from dmljax.data import transforms  # pylint: disable=g-import-not-at-top
+  c = ccp_paper_config("cars")
+  c.model.pretrained = ""
+  labels = np.repeat(np.arange(98), 4)
+  none = transforms.TransformConfig(kind="none")
+  data = inputs.Input(train=None, val=None, test=None, train_labels=labels, num_classes=98,
+                      image_shape=(227, 227, 3), train_transform=none, eval_transform=none)
+  model = models.get_model(c.model)
+  fw = frameworks.get_framework(c, num_classes=98, embedding_dim=c.model.embedding_dim)
+  tx = optim.make_optimizer(c.optim, c.total_steps)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  return parallel.replicate(train.create_state(c, model, fw, tx, data), mesh)
+
+
+def _dispatch_part(state, reps):
+  def per_call(st):
+    noop = jax.jit(lambda s: s.replace(step=s.step + 1), donate_argnums=(0,))
+    st = noop(st)
+    jax.block_until_ready(st.step)
+    t = time.perf_counter()
+    for _ in range(reps):
+      st = noop(st)
+    jax.block_until_ready(st.step)
+    return 1e3 * (time.perf_counter() - t) / reps, len(jax.tree.leaves(st))
+  from dmljax import numerics  # pylint: disable=g-import-not-at-top
+  full_ms, full_leaves = per_call(numerics.copy_tree(state))
+  lean = state.replace(best={}, framework={k: v for k, v in state.framework.items()
+                                           if k != "proj_best"})
+  lean_ms, lean_leaves = per_call(numerics.copy_tree(lean))
+  return {"ms_per_step": full_ms, "leaves": full_leaves,
+          "lean_ms_per_step": lean_ms, "lean_leaves": lean_leaves}
+
+
+def _checkpoint_part(state, root):
+  from dmljax import checkpoint  # pylint: disable=g-import-not-at-top
+  out = {}
+  for mode in ("sync", "async"):
+    ck = checkpoint.Checkpointer(os.path.join(root, mode), save_best=False,
+                                 async_save=mode == "async")
+    ck.save(1, state, {"step": 1})  # the first save also creates the folders
+    ck.wait_until_finished()
+    ck.blocked_seconds = 0.0
+    t = time.perf_counter()
+    ck.save(2, state, {"step": 2})
+    blocked = ck.blocked_seconds
+    ck.wait_until_finished()
+    out[mode] = {"blocked_s": blocked, "written_s": time.perf_counter() - t}
+    ck.close()
+  out["async_blocked_fraction_of_sync"] = out["async"]["blocked_s"] / out["sync"]["written_s"]
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--per_class", type=int, default=50, help="images per Cars class")
+  ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--out", default="host_budget.json")
+  ap.add_argument("--skip", default="")
+  args = ap.parse_args(argv)
+  skip = set(filter(None, args.skip.split(",")))
+  result = {"cpu_count": os.cpu_count()}
+
+  def put(k, v):
+    result[k] = v
+    print(json.dumps({k: v}, default=str), flush=True)
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=2, default=str)
+
+  with tempfile.TemporaryDirectory() as root:
+    if "eval" not in skip:
+      t = time.perf_counter()
+      data_dir = device_check.cars_like(os.path.join(root, "cars"), per_class=args.per_class,
+                                        test_classes=2)
+      put("data", {"write_and_prepare_s": time.perf_counter() - t,
+                   "per_class": args.per_class})
+      put("eval", _eval_part(data_dir, args.reps))
+    if not {"dispatch", "checkpoint"} <= skip:
+      state = _paper_state()
+      if "dispatch" not in skip:
+        put("dispatch", _dispatch_part(state, 20))
+      if "checkpoint" not in skip:
+        put("checkpoint", _checkpoint_part(state, root))
+  return result
+
+
+if __name__ == "__main__":
+  main()
