@@ -138,6 +138,14 @@ class Checkpointer:
     once the step is committed on disk.
     """
     t0 = time.perf_counter()
+    if self._unconfirmed:
+      # Orbax waits for the previous save before starting the next one anyway; waiting here
+      # first tells a failed earlier step apart from this one (OSError naming it, see below).
+      try:
+        self._wait_main()
+      finally:
+        self.blocked_seconds += time.perf_counter() - t0
+      t0 = time.perf_counter()
     try:
       if step not in self._saved and step not in self.manager.all_steps():
         # (already saved at this step, e.g. final right after periodic: same content)
@@ -205,13 +213,16 @@ class Checkpointer:
     Raises:
       OSError: a background save failed (its temporary folder removed; see :meth:`save`).
     """
+    self._wait_main()
+    if self.best_manager is not None:
+      self.best_manager.wait_until_finished()
+
+  def _wait_main(self) -> None:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       raise self._failed_save(e) from e
     self._unconfirmed.clear()
-    if self.best_manager is not None:
-      self.best_manager.wait_until_finished()
 
   def restore(self, target_state, step: Optional[int] = None):
     """Restores ``(state, host)`` from ``step`` (default: latest) into ``target_state``'s structure.

@@ -35,6 +35,10 @@ from typing import Any, Iterable, Optional, Sequence
 FREE_FORM = ("dataset.options", "loss.kwargs", "ccp.in_batch_kwargs", "dro.kwargs",
              "optim.lr_multipliers", "standard.miner_kwargs")
 
+#: Keys the defaults do not have that a tool adds to record where a config came from (not set
+#: by hand): ``paper_row``, the catalogue row of ``configs/paper.py`` (:mod:`dmljax.paper`).
+RECORD_KEYS = ("paper_row",)
+
 #: Integer keys that must be at least 1.
 POSITIVE_INTS = ("batch_size", "eval_batch_size", "total_steps", "eval_every_steps",
                  "log_every_steps", "model.embedding_dim", "sampler.m", "max_consecutive_nonfinite",
@@ -100,7 +104,7 @@ def check_keys(config, source: str = "in the config file") -> None:
   """Raises :class:`ConfigError` for a key of ``config`` that the defaults do not have."""
   valid = set(flatten(_defaults()))
   for key in sorted(flatten(config)):
-    if key in valid or _free(key):
+    if key in valid or _free(key) or key in RECORD_KEYS:
       continue
     # A key whose parent is a value in the defaults (e.g. ``model.widths.x``) or a new block.
     raise ConfigError(unknown_key_message(key, source, valid))

@@ -146,6 +146,8 @@ MEANINGS = {
     "eval_cache.train": "Also keep the training split under the evaluation transform (CCP's "
                         "k-center pools) when it fits what the splits left of host_mb.",
     "checkpoint.enabled": "Write checkpoints (and resume from them).",
+    "paper_row": "Set by configs/paper.py (not a default): the catalogue row the run "
+                 "reproduces (python -m dmljax.paper list).",
     "checkpoint.async_save": "Write checkpoints in a background thread while training goes on "
                              "(a failed write is reported at the next save or at the end); "
                              "False: the loop waits for each.",
@@ -196,6 +198,8 @@ def render() -> str:
       value = defaults[key]
     text = MEANINGS.get(block, "")
     rows.append(f"| `{block}` | `{value!r}` | {text} |")
+  for key in config_check.RECORD_KEYS:
+    rows.append(f"| `{key}` | (not set) | {MEANINGS.get(key, '')} |")
   free = ", ".join(f"`{f}`" for f in config_check.FREE_FORM)
   return HEADER.format(free=free) + "\n".join(rows) + "\n"
 
@@ -203,7 +207,7 @@ def render() -> str:
 def undocumented() -> list[str]:
   from dmljax import configs  # pylint: disable=g-import-not-at-top
   keys = {_block(k) for k in config_check.flatten(configs.base_config())}
-  return sorted(k for k in keys if k not in MEANINGS)
+  return sorted(k for k in keys | set(config_check.RECORD_KEYS) if k not in MEANINGS)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,12 @@ def test_values_checked_up_front(changes, match, tmp_path):
 def test_every_shipped_config_passes_the_key_check():
   import glob  # pylint: disable=g-import-not-at-top
   for path in glob.glob(os.path.join(ROOT, "configs", "*.py")):
-    if not path.endswith("__init__.py"):
+    if path.endswith("paper.py"):  # one config per catalogue row: each row's, and :small
+      from dmljax import paper  # pylint: disable=g-import-not-at-top
+      for row in paper.rows():
+        for variant in ("", ":small"):
+          config_check.check_keys(config_check.load_file(f"{path}:{row.id}{variant}"))
+    elif not path.endswith("__init__.py"):
       config_check.check_keys(config_check.load_file(path))
 
 
@@ -300,6 +305,34 @@ def test_failed_checkpoint_save_leaves_no_temporary_folder(tmp_path):
                      r"disk full or read-only.*resume from step 1 \(its temporary folder was "
                      r"removed\)"):
     ckpt.save(2, {"w": np.ones(3, np.float32)}, {"step": 2})
+  assert sorted(os.listdir(ckpt.directory)) == ["1"]
+  ckpt.close()
+
+
+def test_failed_async_checkpoint_save_is_reported_and_cleaned(tmp_path):
+  """A background save that fails comes out at the next wait as the same one-line OSError,
+  naming the step in flight, and its temporary folder is removed."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dmljax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2, save_best=False, async_save=True)
+  ckpt.save(1, {"w": np.zeros(3, np.float32)}, {"step": 1}, wait=True)
+  real_wait = ckpt.manager.wait_until_finished
+
+  def in_flight(step, **kw):  # the synchronous part succeeds; the write goes on "in background"
+    del kw
+    os.makedirs(os.path.join(ckpt.directory, f"{step}.orbax-checkpoint-tmp-7", "state"))
+
+  def background_failed():
+    ckpt.manager.wait_until_finished = real_wait
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  ckpt.manager.save = in_flight
+  ckpt.manager.wait_until_finished = background_failed
+  ckpt.save(2, {"w": np.ones(3, np.float32)}, {"step": 2})  # returns: the write is in flight
+  with pytest.raises(OSError, match=r"cannot write checkpoint step 2 .*No space left on device.*"
+                     r"resume from step 1 \(its temporary folder was removed\)"):
+    ckpt.wait_until_finished()
   assert sorted(os.listdir(ckpt.directory)) == ["1"]
   ckpt.close()
 
