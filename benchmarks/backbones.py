@@ -75,16 +75,41 @@ def _torch_resnet_v2_20(torch):
   return Net()
 
 
+_TV_OPS = ("nms", "qnms", "roi_align", "_roi_align_backward", "ps_roi_align",
+           "_ps_roi_align_backward", "roi_pool", "_roi_pool_backward", "ps_roi_pool",
+           "_ps_roi_pool_backward", "qroi_align", "deform_conv2d", "_deform_conv2d_backward")
+
+
+def _import_torchvision(torch):
+  """torchvision; with a CPU-only torch and a CUDA build of torchvision (PyPI's), its compiled
+  detection ops cannot load and the import fails on registering them: the models used here
+  are pure Python, so those ops are then declared without kernels (never called) and the
+  import is retried."""
+  try:
+    return importlib.import_module("torchvision")
+  except RuntimeError as e:
+    if "torchvision::" not in str(e):
+      raise
+  for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+    del sys.modules[name]
+  lib = torch.library.Library("torchvision", "DEF")  # pylint: disable=unused-variable
+  for op in _TV_OPS:
+    lib.define(op + "(Tensor x) -> Tensor")
+  _import_torchvision.lib = lib  # keep the definitions alive
+  return importlib.import_module("torchvision")
+
+
 def torch_model(torch, arch):
   """The PyTorch model of ``arch`` with its classifier replaced by the identity."""
   if arch == "resnet_v2_20":
     return _torch_resnet_v2_20(torch)
   if arch == "bn_inception":
+    _import_torchvision(torch)  # pretrainedmodels imports it
     m = importlib.import_module("pretrainedmodels.models.bninception").BNInception()
     m.last_linear = torch.nn.Identity()
     m.global_pool = torch.nn.AdaptiveAvgPool2d(1)  # its AvgPool2d(7) is this at 224 / 227
     return m
-  tv = importlib.import_module("torchvision")
+  tv = _import_torchvision(torch)
   if arch == "googlenet":
     m = tv.models.googlenet(weights=None, aux_logits=False, init_weights=True)
   else:

@@ -5,7 +5,10 @@ The ``.npz`` file (``np.savez(path, embeddings=..., labels=...)``) holds:
 * ``embeddings``: ``[N, D]`` float (float32, float16 or bfloat16 saved as float32), the queries;
 * ``labels``: ``[N]`` integer class ids;
 * optional ``gallery_embeddings`` ``[M, D]`` and ``gallery_labels`` ``[M]``: query/gallery mode
-  (In-shop); without them every embedding is queried against all the others (CUB, Cars, SOP).
+  (In-shop); without them every embedding is queried against all the others (CUB, Cars, SOP);
+* optional metadata, as ``python -m dmljax.embed`` writes it: ``paths``, ``class_names``,
+  ``fingerprint``, ``model``, ``root`` (with ``--gallery`` the retrievals of some queries are
+  drawn from the images at ``root/paths``).
 
 Prints a table and, with ``--out``, writes the metrics as JSON. Examples::
 
@@ -26,6 +29,8 @@ from dmljax import metrics
 from dmljax.kernels import knn as knn_lib
 
 KEYS = ("embeddings", "labels", "gallery_embeddings", "gallery_labels")
+#: Metadata that ``python -m dmljax.embed`` writes beside them (read by the gallery, else ignored).
+META_KEYS = ("paths", "class_names", "fingerprint", "model", "root")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -46,7 +51,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--no_clustering", action="store_true",
                  help="skip k-means NMI/F1 (slow for many classes)")
   p.add_argument("--geometry", action="store_true", help="also report the class covering radius")
-  p.add_argument("--seed", type=int, default=0, help="k-means++ seed")
+  p.add_argument("--seed", type=int, default=0, help="k-means++ seed (and the gallery's queries)")
+  p.add_argument("--gallery", default=None, metavar="OUT",
+                 help="also draw sampled queries' retrievals to OUT.png and OUT.html (needs the "
+                 "paths that python -m dmljax.embed stores)")
   p.add_argument("--verbose", action="store_true", help="show tracebacks with error messages")
   return p.parse_args(argv)
 
@@ -67,7 +75,7 @@ def load(path: str) -> dict[str, np.ndarray]:
     raise ValueError(f"{path} lacks key(s) {missing}; save with np.savez(path, embeddings=..., "
                      f"labels=...[, gallery_embeddings=..., gallery_labels=...]). "
                      f"Found: {sorted(data)}.")
-  unknown = sorted(set(data) - set(KEYS))
+  unknown = sorted(set(data) - set(KEYS) - set(META_KEYS))
   if unknown:
     raise ValueError(f"{path} has unknown key(s) {unknown}; expected {list(KEYS)}.")
   return data
@@ -103,9 +111,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   a = parse_args(argv)
   # One XLA device per CPU core: the kNN's selections then run in parallel (no-op once JAX runs).
   knn_lib.use_cpu_cores_as_devices()
-  results = evaluate(load(a.file), recall_ks=a.recall_ks, ndcg_ks=a.ndcg_ks, map_ks=a.map_ks,
+  data = load(a.file)
+  results = evaluate(data, recall_ks=a.recall_ks, ndcg_ks=a.ndcg_ks, map_ks=a.map_ks,
                      clustering=not a.no_clustering, geometry=a.geometry, seed=a.seed)
   print(format_table(results))
+  if a.gallery:
+    from dmljax import gallery  # pylint: disable=g-import-not-at-top
+    png, html = gallery.from_embeddings_file(data, a.gallery, seed=a.seed)
+    print(f"wrote {png} and {html}")
   if a.out:
     with open(a.out, "w") as f:
       json.dump(results, f, indent=1)

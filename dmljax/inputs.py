@@ -142,4 +142,5 @@ def pipeline_state(step: int, data: Input, config) -> dict:
   """What a checkpoint records of the input pipeline: the next batch and how batches are made."""
   return {"next_step": int(step), "seed": int(config.seed),
           "train_transform": data.train_transform.to_dict(),
-          "eval_transform": data.eval_transform.to_dict()}
+          "eval_transform": data.eval_transform.to_dict(),
+          "image_shape": [int(v) for v in data.image_shape]}

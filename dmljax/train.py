@@ -530,8 +530,12 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
                            "nonfinite_steps": int(tracker["nonfinite_steps"]),
                            "train_step_traces": traces[0]}
   for name in ("val", "test"):
-    hook = (None if on_final_embeddings is None else
-            lambda emb, split, name=name: on_final_embeddings(name, emb, split))
+    def hook(emb, split, name=name):
+      if on_final_embeddings is not None:
+        on_final_embeddings(name, emb, split)
+      if name == "test":  # plots/retrievals_test.{png,html} and the TensorBoard projector
+        from dmljax import gallery  # pylint: disable=g-import-not-at-top
+        gallery.write_run_outputs(workdir, name, emb, split, data.eval_transform, seed=config.seed)
     for k, v in evaluator.evaluate(best["params"]["model"], best["batch_stats"], name,
                                    on_embeddings=hook).items():
       final[f"{name}/{k}"] = v

@@ -235,3 +235,25 @@ def test_native_build_errors_and_fallback(tmp_path):
                        timeout=300, check=True).stdout.split("\n")
   assert out[:2] == ["0", "refused: True"]
   assert not (tmp_path / "off").exists()
+
+
+def test_same_set_symmetry_matches_brute_force_and_the_per_block_path():
+  """Same-set mode computes each block pair once and feeds both sides; on integer data (exact
+  dot products, many ties) both paths, 1 or 3 devices, and the per-query-block path
+  (symmetric=False) must give the brute force's order, ties by index, and its distances."""
+  rng = np.random.default_rng(7)
+  x = rng.integers(-2, 3, (45, 3)).astype(np.float32)
+  x[30] = x[2]  # duplicates in different blocks: 2 ranks before 30 from every other query
+  order, d = brute_force(x, x, same=True)
+  for use_native in (True, False):
+    for devices in (1, 3):
+      mesh = Mesh(np.asarray(jax.devices()[:devices]), ("q",))
+      for k, symmetric in ((1, True), (7, True), (7, False)):
+        res = knn_lib.knn(x, k=k, ref_block=16, group=2, mesh=mesh, use_native=use_native,
+                          symmetric=symmetric)
+        where = dict(use_native=use_native, devices=devices, k=k, symmetric=symmetric)
+        np.testing.assert_array_equal(res.indices, order[:, :k], err_msg=str(where))
+        np.testing.assert_array_equal(res.distances, np.take_along_axis(d, order[:, :k], 1),
+                                      err_msg=str(where))
+  with pytest.raises(ValueError, match="same-set"):
+    knn_lib.knn(x, x, k=2, symmetric=True)

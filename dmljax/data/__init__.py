@@ -4,6 +4,7 @@
 ("train", "val", "test") hold float32 images in [0, 1] shaped [N, H, W, C] and int32 labels that are
 contiguous (0 .. C-1) within each split; ``Split.class_ids`` maps them back to the data set's class
 ids. Registered names:
+
   * ``digits``: scikit-learn's 8x8 digits, class-disjoint (train 0-4, val 5-6, test 7-9).
   * ``digits_closed``: the same images, all classes in every split, split by image.
   * ``glyphs``: letters of three alphabets rendered from matplotlib's fonts, class-disjoint.

@@ -9,6 +9,7 @@ Two variants:
     rest).
   * ``digits_closed`` — all ten classes in every split, split by image per class (CCP's MNIST proof
     of concept), fractions ``train/val/test`` = 0.7/0.15/0.15 by default, permuted by ``seed``.
+
 Pixels are scaled from 0..16 to [0, 1]; images are [N, 8, 8, 1] float32.
 """
 import numpy as np

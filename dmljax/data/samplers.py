@@ -161,6 +161,7 @@ class MPerClassSampler:
     3. when fewer than ``K`` classes still have chunks (the epoch's tail), the batch is completed
        with random extra classes and random ``m``-subsets of them, the only samples drawn twice in
        an epoch.
+
   Step ``s`` is batch ``s % T`` of epoch ``s // T``. Rows of the global batch are classes: the
   global batch is ``[K, m]`` flattened row-major.
 
@@ -369,6 +370,7 @@ class ClassRepresentativeSampler:
   PROFS (Can, Gürbüz, Alatan, Algorithm 1) draws one representative per class, ``R``, keeps it for
   ``M`` steps (one approximate projection), and at each step samples a subset ``R'`` of the
   representatives plus examples ``E`` and builds the exemplar batch from pairs ``(R', E)``. Here:
+
     * the representatives of period ``q = step // M`` are pass ``q`` of the one-per-class scheme
       (each class cycles through all its samples as representatives over ``n_c`` periods);
     * ``R'`` is ``K = batch_size // m`` classes drawn uniformly without replacement for every step

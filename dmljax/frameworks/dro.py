@@ -4,17 +4,17 @@ Every pair of the *global* batch (the trainer hands the loss the whole batch, so
 devices) gets a simple base loss, and one of the paper's uncertainty sets decides the pairs'
 weights (:mod:`dmljax.losses.dro` has the formulas):
 
-=================  ======================================================================
-``dro.weighting``  the loss of the batch
-=================  ======================================================================
-``dro_topk``       DRO-TopK: mean of the K largest pair losses (``k``, ``normalize``)
-``dro_topk_pn``    DRO-TopK-PN: the K/2 largest positive and K/2 largest negative losses
-``dro_kl``         DRO-KL, closed form: ``gamma log mean exp(l / gamma)`` (``gamma``)
-``dro_kl_sampled`` DRO-KL with p-sampling: ``num_samples`` pairs drawn from ``p*`` with the
-                   step's random key (``gamma``, ``num_samples``)
-``dro_grouped_kl`` DRO-KL-G: KL weights per anchor and side (recovers LS / MS; ``gamma``,
-                   ``gamma_pos``, ``gamma_neg``, ``add_one``, ``reduction``)
-=================  ======================================================================
+==================  ======================================================================
+``dro.weighting``   the loss of the batch
+==================  ======================================================================
+``dro_topk``        DRO-TopK: mean of the K largest pair losses (``k``, ``normalize``)
+``dro_topk_pn``     DRO-TopK-PN: the K/2 largest positive and K/2 largest negative losses
+``dro_kl``          DRO-KL, closed form: ``gamma log mean exp(l / gamma)`` (``gamma``)
+``dro_kl_sampled``  DRO-KL with p-sampling: ``num_samples`` pairs drawn from ``p*`` with the
+                    step's random key (``gamma``, ``num_samples``)
+``dro_grouped_kl``  DRO-KL-G: KL weights per anchor and side (recovers LS / MS; ``gamma``,
+                    ``gamma_pos``, ``gamma_neg``, ``add_one``, ``reduction``)
+==================  ======================================================================
 
 ``dro.kwargs`` holds the weighting's hyperparameters; every weighting also takes the base loss:
 ``base`` (``"margin"``: ``[m + y (lambda - S)]_+``, or ``"binomial"``), ``margin`` (m),

@@ -45,6 +45,29 @@ pool (XLA's own update runs on one thread). The matrix product and its group max
 XLA kernel on the pool anyway, so with JAX's default single CPU device no step of the search keeps
 one core busy while the others idle.
 
+Same-set mode (no separate references) scores each pair of rows once. The dot products are
+symmetric, so the rows are cut into blocks of ``ref_block`` and only the block pairs ``(I, J)``
+with ``J >= I`` are multiplied; ``P = X_I X_J^T`` then feeds both the queries of block I (its
+rows) and those of block J (its columns), as ``S = P - (h_i + h_j)`` with ``h = |x|^2 / 2``:
+``-|x_i - x_j|^2 / 2``, the very same float for the pair seen from either side (the sum of the two
+half norms is commutative, and a matrix product sums the same products in the same order for
+``x_i . x_j`` and ``x_j . x_i``). Each query keeps a running list of its best candidates, which
+block pairs touching it update:
+
+* compiled CPU path: the k best references themselves (a list of up to 2k, compacted to the
+  best k by (score, index) when full; scores below the list's k-th are rejected by a vectorised
+  compare), so no re-scoring is needed: the scores are ``S`` and the distances ``-2 S``;
+* XLA path: the k + 1 best groups (group maxima of ``S``, merged with ``lax.top_k``; a device's
+  block pairs reach each list in increasing group index, so the stable top-k keeps ties by
+  index), then steps 2-3 above re-score their references.
+
+With several devices each one takes every n-th row block and keeps lists for all rows; their
+union (an all-gather) holds every pair once. The lists cost ``O(N k)`` memory per device
+(:data:`MAX_SYMMETRIC_STATE` bounds it; larger sets use the per-query-block path). Ties: equal
+distances from identical rows are equal scores, ranked by index. Two references whose float64
+distances differ by about a float32 rounding of ``S`` can come in either order, and in a
+different order than on the per-query-block path or in faiss (which round differently again).
+
 Inputs are checked (:func:`prepare_embeddings`): NaN/inf values, and rows whose squared norm
 could make a float32 score overflow, are rejected with the row and the fix. Should non-finite
 scores still arise, both selection paths rank them last, never return a query as its own
@@ -215,7 +238,9 @@ def _augment_refs(refs: np.ndarray, ref_block: int, min_rows: int) -> np.ndarray
   n_pad = _round_up(max(n, min_rows), ref_block)
   out = np.zeros((n_pad, d + 1), np.float32)
   out[:n, :d] = refs
-  out[:n, d] = -0.5 * np.einsum("nd,nd->n", refs.astype(np.float64), refs).astype(np.float32)
+  for i in range(0, n, 65536):  # float64 norms a slice at a time: no float64 copy of all rows
+    c = refs[i:i + 65536].astype(np.float64)
+    out[i:i + len(c), d] = -0.5 * np.einsum("nd,nd->n", c, c).astype(np.float32)
   out[n:, d] = -np.inf
   return out
 
@@ -295,17 +320,140 @@ def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self, use_native,
           q, qi, gmax, ra, k=np.int64(k), group=np.int64(group),
           exclude_self=np.int64(exclude_self), max_threads=np.int64(native_threads))
     _, best_groups = jax.lax.top_k(gmax, kg)
-    # Candidates in increasing reference index, so that the stable top_k below breaks ties by index.
-    best_groups = jnp.sort(best_groups, axis=1)
-    cand = (best_groups[:, :, None] * group + jnp.arange(group)).reshape(qb, kg * group)
-    scores = _worst_to_lowest(
-        jnp.einsum("qd,qcd->qc", q, ra[cand], precision=jax.lax.Precision.HIGHEST))
-    if exclude_self:  # below every other candidate, whatever its score
-      scores = jnp.where(cand == qi[:, None], -jnp.inf, scores)
-    top, pos = jax.lax.top_k(scores, k)
-    return top, jnp.take_along_axis(cand, pos, axis=1)
+    return _rescore_xla(q, qi, best_groups, ra, k=k, group=group, exclude_self=exclude_self)
 
   return jax.lax.map(one_block, (qa, qidx))
+
+
+def _rescore_xla(q, qi, best_groups, ra, *, k, group, exclude_self):
+  """Step 3 on the XLA path: the exact top-k among the references of ``best_groups`` [qb, kg]."""
+  qb, kg = best_groups.shape
+  # Candidates in increasing reference index, so that the stable top_k below breaks ties by index.
+  best_groups = jnp.sort(best_groups, axis=1)
+  cand = (best_groups[:, :, None] * group + jnp.arange(group)).reshape(qb, kg * group)
+  scores = _worst_to_lowest(
+      jnp.einsum("qd,qcd->qc", q, ra[cand], precision=jax.lax.Precision.HIGHEST))
+  if exclude_self:  # below every other candidate, whatever its score
+    scores = jnp.where(cand == qi[:, None], -jnp.inf, scores)
+  top, pos = jax.lax.top_k(scores, k)
+  return top, jnp.take_along_axis(cand, pos, axis=1)
+
+
+# ----------------------------------------------------------------------------- same-set symmetry
+
+
+def _sym_cap(k: int, use_native: bool) -> int:
+  """Entries of a query's running list: the compiled merge keeps references (a full list of 2 k
+  is compacted to k), the XLA path the best k + 1 groups."""
+  return 2 * k if use_native else k + 1
+
+
+def _sym_blocks(blocks, ra, *, num_blocks, block, k, group, use_native, num_devices,
+                native_threads=0):
+  """Same-set top-k with each pair of blocks' dot products computed once.
+
+  blocks: [nblk] this device's row blocks in increasing order (>= num_blocks: none);
+  ra: [Np, D + 1] augmented rows (the references and, with a 1 for the last entry, the queries).
+  Returns this device's [nblk, block, k] scores and indices.
+  """
+  n_pad, da = ra.shape
+  d = da - 1
+  kg = k + 1
+  gpb = block // group
+  cap = _sym_cap(k, use_native)
+  x = ra[:, :d]
+  h = -ra[:, d]  # |x|^2 / 2; +inf on padding rows
+  highest = jax.lax.Precision.HIGHEST
+  if use_native:
+    state = (jnp.full((n_pad, cap), -jnp.inf, jnp.float32), jnp.full((n_pad, cap), -1, jnp.int32),
+             jnp.zeros((n_pad,), jnp.int32), jnp.full((n_pad,), -jnp.inf, jnp.float32),
+             jnp.full((n_pad,), -1, jnp.int32))
+    merge = jax.ffi.ffi_call(native.SYM_MERGE, tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                                      for a in state),
+                             input_output_aliases={i: i for i in range(5)})
+  else:
+    # Entries not yet filled rank below every real group (-inf < the lowest finite score, what
+    # _worst_to_lowest makes of -inf), and lose ties to them by coming first in no list.
+    state = (jnp.full((n_pad, cap), -jnp.inf, jnp.float32), jnp.full((n_pad, cap), -1, jnp.int32))
+
+  def merge_xla(st, rows0, new, base):
+    """Running lists of rows rows0.. take groups base.. (new: [block, gpb] maxima). Groups reach a
+    device's lists in increasing index, so the stable top_k keeps (value desc, index asc)."""
+    vals, ids = st
+    v = jax.lax.dynamic_slice_in_dim(vals, rows0, block)
+    i = jax.lax.dynamic_slice_in_dim(ids, rows0, block)
+    new_i = jnp.broadcast_to(base + jnp.arange(gpb, dtype=jnp.int32), (block, gpb))
+    top, pos = jax.lax.top_k(jnp.concatenate([v, _worst_to_lowest(new)], axis=1), kg)
+    top_i = jnp.take_along_axis(jnp.concatenate([i, new_i], axis=1), pos, axis=1)
+    return (jax.lax.dynamic_update_slice_in_dim(vals, top, rows0, 0),
+            jax.lax.dynamic_update_slice_in_dim(ids, top_i, rows0, 0))
+
+  def row_step(t, st):
+    bi = blocks[t]
+    xi = jax.lax.dynamic_slice_in_dim(x, bi * block, block)
+    hi = jax.lax.dynamic_slice_in_dim(h, bi * block, block)
+
+    def col_step(bj, st):
+      xj = jax.lax.dynamic_slice_in_dim(x, bj * block, block)
+      prod = jnp.dot(xi, xj.T, precision=highest)  # once for both sides
+      if use_native:
+        offsets = jnp.stack([bi * block, bj * block]).astype(jnp.int32)
+        return merge(*st, prod, h, offsets, k=np.int64(k), max_threads=np.int64(native_threads))
+      hj = jax.lax.dynamic_slice_in_dim(h, bj * block, block)
+      s = prod - (hi[:, None] + hj[None, :])  # the same number from either side
+      st = merge_xla(st, bi * block, s.reshape(block, gpb, group).max(axis=2), bj * gpb)
+      # Columns: the queries of block bj against the groups of block bi (not on the diagonal,
+      # whose pairs the rows already took).
+      return jax.lax.cond(
+          bi == bj, lambda st: st,
+          lambda st: merge_xla(st, bj * block, s.reshape(gpb, group, block).max(axis=1).T,
+                               bi * gpb), st)
+
+    return jax.lax.fori_loop(bi, num_blocks, col_step, st)
+
+  state = jax.lax.fori_loop(0, blocks.shape[0], row_step, state)
+  # Every device's lists hold the groups of its own block pairs: the union is all of them.
+  lists = [jax.lax.all_gather(a, "q") if num_devices > 1 else a[None]
+           for a in state[:3 if use_native else 2]]
+
+  def select(bi):
+    bi = jnp.minimum(bi, num_blocks - 1)  # a device's spare slots (results dropped)
+    rows = bi * block
+    q = jnp.concatenate([jax.lax.dynamic_slice_in_dim(x, rows, block),
+                         jnp.ones((block, 1), jnp.float32)], axis=1)
+    qi = rows + jnp.arange(block, dtype=jnp.int32)
+    part = [jax.lax.dynamic_slice_in_dim(a, rows, block, axis=1) for a in lists]
+    if use_native:
+      out_types = (jax.ShapeDtypeStruct((block, k), jnp.float32),
+                   jax.ShapeDtypeStruct((block, k), jnp.int32))
+      return jax.ffi.ffi_call(native.SYM_SELECT, out_types)(
+          *part, max_threads=np.int64(native_threads))
+    vals, ids = (jnp.moveaxis(a, 0, 1).reshape(block, -1) for a in part)
+    # The best kg by (value desc, group index asc) across the devices' lists.
+    _, ids = jax.lax.sort((-vals, ids), dimension=1, num_keys=2)
+    return _rescore_xla(q, qi, ids[:, :kg], ra, k=k, group=group, exclude_self=True)
+
+  return jax.lax.map(select, blocks)
+
+
+@functools.lru_cache(maxsize=64)
+def _sym_fn(mesh: Mesh, num_blocks: int, block: int, k: int, group: int, use_native: bool,
+            native_threads: int = 0):
+  body = functools.partial(_sym_blocks, num_blocks=num_blocks, block=block, k=k, group=group,
+                           use_native=use_native, num_devices=mesh.size,
+                           native_threads=native_threads)
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("q"), P()),
+                               out_specs=(P("q"), P("q")), check_vma=False))
+
+
+#: Same-set mode scores each pair of blocks once when a device's running lists (and their union
+#: over the devices) stay under this many bytes; above it, the per-query-block path.
+MAX_SYMMETRIC_STATE = 1 << 29
+
+
+def _sym_state_bytes(num_rows: int, k: int, use_native: bool, num_devices: int) -> int:
+  per_list = num_rows * _sym_cap(k, use_native) * 8
+  return per_list * (1 + (num_devices if num_devices > 1 else 0))
 
 
 @functools.lru_cache(maxsize=64)
@@ -381,7 +529,8 @@ def _check_blocks(query_block: int, ref_block: int, group: int):
 
 def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_BLOCK,
         ref_block: int = REF_BLOCK, group: Optional[int] = GROUP,
-        mesh: Optional[Mesh] = None, use_native: Optional[bool] = None) -> KNNResult:
+        mesh: Optional[Mesh] = None, use_native: Optional[bool] = None,
+        symmetric: Optional[bool] = None) -> KNNResult:
   """Exact k nearest references of each query by squared Euclidean distance.
 
   Args:
@@ -396,6 +545,9 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
     use_native: do steps 2-3 (selection and re-scoring) in the compiled CPU kernel of
       :mod:`dmljax.kernels.native`. None: when every device of the mesh is a CPU and the kernel
       builds (else the pure XLA path, with a warning if the build failed). True: require it.
+    symmetric: same-set mode only: compute each pair of ``ref_block``-sized blocks' dot products
+      once and feed both sides (see the module docstring). None: when the running lists fit in
+      :data:`MAX_SYMMETRIC_STATE` bytes per device; False: the per-query-block path.
 
   Returns:
     A :class:`KNNResult`; ties are broken by the smaller reference index.
@@ -429,15 +581,40 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
   ref_block = min(ref_block, _round_up(max(r.shape[0], (k + int(same)) * group), group))
   kg = k + int(same)
   ra = _augment_refs(r, ref_block, min_rows=kg * group)
+  native_on = _resolve_native(use_native, mesh)
+  threads = _native_threads(mesh.size) if native_on else 0
+  if symmetric and not same:
+    raise ValueError("symmetric=True needs same-set mode (references=None).")
+  if same and (symmetric if symmetric is not None else _sym_state_bytes(
+      ra.shape[0], int(k), native_on, mesh.size) <= MAX_SYMMETRIC_STATE):
+    num_blocks = ra.shape[0] // ref_block
+    per_device = -(-num_blocks // mesh.size)
+    # Device d takes blocks d, d + n, d + 2n, ... (about equal shares of the block pairs).
+    assign = np.arange(per_device * mesh.size, dtype=np.int32).reshape(per_device, mesh.size).T
+    fn = _sym_fn(mesh, num_blocks, ref_block, int(k), group, native_on, threads)
+    top, idx = fn(*_global_inputs(mesh, (assign.reshape(-1), P("q")), (ra, P())))
+    top = _gather(top).reshape(-1, ref_block, k)
+    idx = _gather(idx).reshape(-1, ref_block, k)
+    keep = assign.reshape(-1) < num_blocks
+    order = np.argsort(assign.reshape(-1)[keep])
+    top = top[keep][order].reshape(-1, k)[:q.shape[0]]
+    idx = idx[keep][order].reshape(-1, k)[:q.shape[0]]
+    if native_on:  # the scores are -|q - r|^2 / 2 themselves
+      dist = np.maximum(-2.0 * top.astype(np.float64), 0.0).astype(np.float32)
+      return KNNResult(dist, idx.astype(np.int32))
+    return _result(q, top, idx)
   rows, _ = _query_layout(q.shape[0], query_block, mesh.size)
   qa = _augment_queries(q, rows).reshape(-1, query_block, q.shape[1] + 1)
   qidx = np.arange(rows, dtype=np.int32).reshape(-1, query_block)
-  native_on = _resolve_native(use_native, mesh)
-  fn = _topk_fn(mesh, int(k), ref_block, group, same, native_on,
-                _native_threads(mesh.size) if native_on else 0)
+  fn = _topk_fn(mesh, int(k), ref_block, group, same, native_on, threads)
   top, idx = fn(*_global_inputs(mesh, (qa, P("q")), (qidx, P("q")), (ra, P())))
   top = _gather(top).reshape(rows, k)[:q.shape[0]]
   idx = _gather(idx).reshape(rows, k)[:q.shape[0]]
+  return _result(q, top, idx)
+
+
+def _result(q: np.ndarray, top: np.ndarray, idx: np.ndarray) -> KNNResult:
+  """Squared distances |q|^2 - 2 score (float64, clipped at 0) and indices."""
   sq = np.einsum("nd,nd->n", q.astype(np.float64), q)
   dist = np.maximum(sq[:, None] - 2.0 * top.astype(np.float64), 0.0).astype(np.float32)
   return KNNResult(dist, idx.astype(np.int32))

@@ -289,7 +289,7 @@ def dro_kl(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask
 
   Args:
     gamma: KL weight, > 0 (the paper tunes it in 0.1..0.9 and uses 0.1 for timing).
-    Other arguments as in :func:`dro_topk`.
+    others: as in :func:`dro_topk`.
 
   Returns:
     Scalar robust loss ``F`` (>= the mean nonzero pair loss; 0 when no pair has a loss).
@@ -384,7 +384,7 @@ def dro_grouped_kl(embeddings, labels, *, ref_embeddings=None, ref_labels=None, 
     gamma_pos, gamma_neg: per-group overrides of ``gamma`` (> 0).
     add_one: add the zero-loss pair to each group (MS recovery).
     reduction: ``"mean"`` (sum over anchors / B), ``"sum"`` (eq. 7) or ``"none"`` (``[B]``).
-    Other arguments as in :func:`dro_topk`.
+    others: as in :func:`dro_topk`.
 
   Returns:
     The robust loss (scalar, or ``[B]`` per anchor for ``reduction="none"``).

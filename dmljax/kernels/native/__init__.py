@@ -5,7 +5,10 @@ selection step of the blocked kNN (:mod:`dmljax.kernels.knn`) almost half as exp
 matrix product. ``knn_select.cc`` does that step as an XLA FFI custom call (same order, same
 tie-breaking), its query rows spread over XLA's intra-op thread pool; the matrix product stays in
 XLA. A second call there writes each reference block's group maxima into the block's buffer in
-place, also over the pool (XLA's own in-place update runs on one thread). Nothing here is needed
+place, also over the pool (XLA's own in-place update runs on one thread). In same-set mode two
+more calls carry the kNN's symmetric scan: one turns a block pair's dot products into scores for
+both blocks' queries and updates their running lists of best references in place, the other
+sorts those lists into the result (see knn.py). Nothing here is needed
 on GPU or TPU, and nothing changes a result beyond the last-bit rounding of re-scored dot
 products.
 
@@ -56,12 +59,16 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["KNN_SELECT", "PUT_COLUMNS", "NativeBuildError", "enabled", "available", "error",
+__all__ = ["KNN_SELECT", "PUT_COLUMNS", "SYM_MERGE", "SYM_SELECT", "NativeBuildError", "enabled", "available", "error",
            "build_library", "cache_dir", "verify_library", "loaded_path", "max_threads"]
 
 #: Names of the FFI targets: the kNN selection step, and the in-place column update.
 KNN_SELECT = "dmljax_knn_select"
 PUT_COLUMNS = "dmljax_put_columns"
+#: Same-set symmetry: a block pair's products into both sides' running best groups, and the
+#: selection from those lists (dmljax/kernels/knn.py).
+SYM_MERGE = "dmljax_sym_merge"
+SYM_SELECT = "dmljax_sym_select"
 _SOURCE = Path(__file__).with_name("knn_select.cc")
 _SYMBOL = "DmljaxKnnSelect"
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
@@ -431,6 +438,8 @@ def _register(path: Path) -> None:
                               platform="cpu")
   jax.ffi.register_ffi_target(PUT_COLUMNS, jax.ffi.pycapsule(getattr(lib, "DmljaxPutColumns")),
                               platform="cpu")
+  for name, symbol in ((SYM_MERGE, "DmljaxSymMerge"), (SYM_SELECT, "DmljaxSymSelect")):
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   _state["path"] = Path(path)
 
 

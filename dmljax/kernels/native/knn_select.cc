@@ -138,12 +138,10 @@ struct Scratch {
   std::vector<int32_t> groups;
 };
 
-void SelectRow(const Problem& p, int64_t row, Scratch& s) {
+// Re-scores the references of groups[0..kg) (sorted, increasing) against query row `row` and
+// writes its best k (score desc, index asc), the query itself left out in same-set mode.
+void RescoreRow(const Problem& p, int64_t row, Scratch& s) {
   const int64_t kg = p.kg, group = p.group, dim = p.dim;
-  BestOf(p.gmax + row * p.num_groups, p.num_groups, kg, s.best, s.seg, s.scratch);
-  s.groups.resize(kg);
-  for (int64_t i = 0; i < kg; ++i) s.groups[i] = s.best[i].index;
-  std::sort(s.groups.begin(), s.groups.end());
   const float* qrow = p.q + row * dim;
   const int64_t self = p.exclude_self ? p.qid[row] : -1;
   s.cand.clear();
@@ -168,6 +166,15 @@ void SelectRow(const Problem& p, int64_t row, Scratch& s) {
     p.out_s[row * p.k + i] = s.best[i].value;
     p.out_i[row * p.k + i] = s.cand[s.best[i].index].index;
   }
+}
+
+void SelectRow(const Problem& p, int64_t row, Scratch& s) {
+  const int64_t kg = p.kg;
+  BestOf(p.gmax + row * p.num_groups, p.num_groups, kg, s.best, s.seg, s.scratch);
+  s.groups.resize(kg);
+  for (int64_t i = 0; i < kg; ++i) s.groups[i] = s.best[i].index;
+  std::sort(s.groups.begin(), s.groups.end());
+  RescoreRow(p, row, s);
 }
 
 // Rows handed out in chunks to whichever thread asks next. Shared by pointer with the pool's
@@ -331,4 +338,284 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DmljaxPutColumns, PutColumnsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("max_threads"));
+
+// ----------------------------------------------------------------------------- same-set symmetry
+//
+// In same-set mode the dot products are symmetric: the block P = X_I X_J^T (rows of block I,
+// columns of block J) holds every pair of the two blocks once. knn.py computes each block pair
+// once (J >= I) and hands P to DmljaxSymMerge, which turns it into scores for both sides:
+//
+//   S[i, j] = P[i, j] - (h_i + h_j),   h = |x|^2 / 2 (+inf on padding rows),
+//
+// i.e. -|x_i - x_j|^2 / 2, the same number for the query i against the reference j as for the
+// query j against the reference i: h_i + h_j is commutative in floating point, and P[i, j] is the
+// same sum of the same products in the same order whichever of the two is the row (so identical
+// references also get identical scores, and ties stay real ties). Rows of P feed the queries of
+// block I (references j), columns the queries of block J (references i); the diagonal block
+// (I == J) holds every pair twice and feeds its rows only, the query itself left out.
+//
+// Each query keeps a running list of its best references (score, index) in the state buffers
+// (aliased in place): up to `cap` entries, compacted to the best k by Before (score desc, index
+// asc) when full; the k-th of those becomes a threshold that a new reference must beat. Every
+// reference reaches every query exactly once over the scan, so the best k of the final list are
+// the query's k nearest neighbours by S, ties by index. No re-scoring: S is the score.
+// DmljaxSymSelect takes the union of the lists (one per device of the scan) and sorts it.
+
+namespace {
+
+// Runs body(a, b) over [0, n) in chunks on the pool (the calling thread takes chunks too). As in
+// KnnSelectImpl, a task that starts after all chunks are taken touches nothing but `sh`.
+template <typename Body>
+void ParallelChunks(ffi::ThreadPool& pool, int64_t n, int64_t chunk, int64_t max_threads,
+                    Body body) {
+  if (n <= 0) return;
+  int64_t threads = pool.num_threads();
+  if (max_threads > 0) threads = std::min(threads, max_threads);
+  threads = std::min(threads, (n + chunk - 1) / chunk);
+  if (threads <= 1) {
+    body(int64_t{0}, n);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto sh = std::make_shared<Shared>();
+  auto run = [sh, n, chunk, body] {
+    int64_t mine = 0;
+    for (;;) {
+      const int64_t a = sh->next.fetch_add(chunk, std::memory_order_relaxed);
+      if (a >= n) break;
+      const int64_t b = std::min(n, a + chunk);
+      body(a, b);
+      mine += b - a;
+    }
+    if (mine > 0 && sh->done.fetch_add(mine, std::memory_order_acq_rel) + mine == n) {
+      std::lock_guard<std::mutex> lock(sh->mu);
+      sh->cv.notify_all();
+    }
+  };
+  for (int64_t i = 1; i < threads; ++i) pool.Schedule([run] { run(); });
+  run();
+  std::unique_lock<std::mutex> lock(sh->mu);
+  sh->cv.wait(lock, [&] { return sh->done.load(std::memory_order_acquire) == n; });
+}
+
+// One query's running list of best references.
+struct RunningBest {
+  float* v;      // [cap]
+  int32_t* id;   // [cap]
+  int32_t* cnt;  // entries in use
+  float* tv;     // threshold score (-inf until the first compaction)
+  int32_t* ti;   // threshold index, -1 until the first compaction
+};
+
+void Compact(const RunningBest& rb, int64_t k, std::vector<Item>& tmp) {
+  const int64_t n = *rb.cnt;
+  tmp.resize(n);
+  for (int64_t i = 0; i < n; ++i) tmp[i] = Item{rb.v[i], rb.id[i]};
+  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), Before);
+  for (int64_t i = 0; i < k; ++i) {
+    rb.v[i] = tmp[i].value;
+    rb.id[i] = tmp[i].index;
+  }
+  *rb.cnt = static_cast<int32_t>(k);
+  *rb.tv = tmp[k - 1].value;
+  *rb.ti = tmp[k - 1].index;
+}
+
+// Offers reference `index` with score `val` (already ranked: never NaN).
+inline void Offer(const RunningBest& rb, float val, int32_t index, int64_t cap, int64_t k,
+                  std::vector<Item>& tmp) {
+  if (*rb.ti >= 0 && !(val > *rb.tv || (val == *rb.tv && index < *rb.ti))) return;
+  const int32_t c = *rb.cnt;
+  rb.v[c] = val;
+  rb.id[c] = index;
+  *rb.cnt = c + 1;
+  if (c + 1 == cap) Compact(rb, k, tmp);
+}
+
+ffi::Error SymMergeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals_in,
+                        ffi::Buffer<ffi::S32> ids_in, ffi::Buffer<ffi::S32> cnt_in,
+                        ffi::Buffer<ffi::F32> tv_in, ffi::Buffer<ffi::S32> ti_in,
+                        ffi::Buffer<ffi::F32> prod, ffi::Buffer<ffi::F32> half_norms,
+                        ffi::Buffer<ffi::S32> offsets, ffi::ResultBuffer<ffi::F32> vals,
+                        ffi::ResultBuffer<ffi::S32> ids, ffi::ResultBuffer<ffi::S32> cnt,
+                        ffi::ResultBuffer<ffi::F32> tv, ffi::ResultBuffer<ffi::S32> ti,
+                        int64_t k, int64_t max_threads) {
+  const auto sdims = vals_in.dimensions();
+  const auto pdims = prod.dimensions();
+  const auto hdims = half_norms.dimensions();
+  if (sdims.size() != 2 || pdims.size() != 2 || hdims.size() != 1 ||
+      ids_in.dimensions().size() != 2 || cnt_in.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument("sym_merge: wrong ranks of the operands");
+  }
+  const int64_t n = sdims[0], cap = sdims[1], b = pdims[0];
+  if (pdims[1] != b || hdims[0] != n || k < 1 || cap <= k || ids_in.dimensions()[0] != n ||
+      ids_in.dimensions()[1] != cap || cnt_in.dimensions()[0] != n ||
+      tv_in.dimensions()[0] != n || ti_in.dimensions()[0] != n) {
+    return ffi::Error::InvalidArgument("sym_merge: inconsistent shapes");
+  }
+  // The state is updated in place (XLA passes the same buffers when the aliasing holds).
+  auto same_or_copy = [](auto& in, auto& out) {
+    const auto* src = in.typed_data();
+    auto* dst = out->typed_data();
+    if (dst != src) std::copy(src, src + in.element_count(), dst);
+  };
+  same_or_copy(vals_in, vals);
+  same_or_copy(ids_in, ids);
+  same_or_copy(cnt_in, cnt);
+  same_or_copy(tv_in, tv);
+  same_or_copy(ti_in, ti);
+  const int64_t row0 = offsets.typed_data()[0], col0 = offsets.typed_data()[1];
+  if (row0 < 0 || col0 < 0 || row0 + b > n || col0 + b > n) {
+    return ffi::Error::InvalidArgument("sym_merge: block offsets out of range");
+  }
+  const bool diagonal = row0 == col0;
+  const float* p = prod.typed_data();
+  const float* h = half_norms.typed_data();
+  float* sv = vals->typed_data();
+  int32_t* si = ids->typed_data();
+  int32_t* sc = cnt->typed_data();
+  float* stv = tv->typed_data();
+  int32_t* sti = ti->typed_data();
+  auto state = [=](int64_t q) {
+    return RunningBest{sv + q * cap, si + q * cap, sc + q, stv + q, sti + q};
+  };
+  // Rows: the queries of block I against the references of block J. Eight scores at a time are
+  // compared with the row's threshold (vectorised); only those that reach it are offered.
+  ParallelChunks(pool, b, 16, max_threads, [=](int64_t ra, int64_t rb_) {
+    std::vector<Item> tmp;
+    const float* hj = h + col0;
+    for (int64_t i = ra; i < rb_; ++i) {
+      const int64_t q = row0 + i;
+      const RunningBest st = state(q);
+      const float hi = h[q];
+      const float* prow = p + i * b;
+      for (int64_t j0 = 0; j0 < b; j0 += 8) {
+        const int64_t w = std::min<int64_t>(8, b - j0);
+        float s[8];
+        bool any = false;
+        const float t = *st.tv;
+        for (int64_t l = 0; l < w; ++l) {
+          s[l] = prow[j0 + l] - (hi + hj[j0 + l]);
+          any |= !(s[l] < t);  // NaN passes here; Rank makes it -inf below
+        }
+        if (!any) continue;
+        for (int64_t l = 0; l < w; ++l) {
+          const int64_t r = col0 + j0 + l;
+          if (r == q) continue;  // never a neighbour of itself
+          Offer(st, Rank(s[l]), static_cast<int32_t>(r), cap, k, tmp);
+        }
+      }
+    }
+  });
+  if (diagonal) return ffi::Error::Success();
+  // Columns: the queries of block J against the references of block I, in strips of 64 columns
+  // (each thread owns its columns' lists), compared with the columns' thresholds.
+  constexpr int64_t kStrip = 64;
+  ParallelChunks(pool, (b + kStrip - 1) / kStrip, 1, max_threads, [=](int64_t sa, int64_t sb) {
+    std::vector<Item> tmp;
+    float hj[kStrip], t[kStrip], s[kStrip];
+    for (int64_t strip = sa; strip < sb; ++strip) {
+      const int64_t j0 = strip * kStrip, w = std::min(kStrip, b - j0);
+      for (int64_t l = 0; l < w; ++l) hj[l] = h[col0 + j0 + l];
+      for (int64_t l = 0; l < w; ++l) t[l] = stv[col0 + j0 + l];
+      for (int64_t i = 0; i < b; ++i) {
+        const float hi = h[row0 + i];
+        const float* prow = p + i * b + j0;
+        bool any = false;
+        for (int64_t l = 0; l < w; ++l) {
+          s[l] = prow[l] - (hi + hj[l]);
+          any |= !(s[l] < t[l]);
+        }
+        if (!any) continue;
+        for (int64_t l = 0; l < w; ++l) {
+          if (s[l] < t[l]) continue;
+          const int64_t q = col0 + j0 + l;
+          Offer(state(q), Rank(s[l]), static_cast<int32_t>(row0 + i), cap, k, tmp);
+          t[l] = stv[q];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The best k of the union of `slices` running lists per query (one per device of the scan),
+// sorted by Before.
+ffi::Error SymSelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals,
+                         ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> cnt,
+                         ffi::ResultBuffer<ffi::F32> top_scores,
+                         ffi::ResultBuffer<ffi::S32> top_indices, int64_t max_threads) {
+  const auto vdims = vals.dimensions();
+  const auto odims = top_scores->dimensions();
+  if (vdims.size() != 3 || ids.dimensions().size() != 3 || cnt.dimensions().size() != 2 ||
+      odims.size() != 2 || top_indices->dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("sym_select: wrong ranks of the operands");
+  }
+  const int64_t slices = vdims[0], qb = vdims[1], cap = vdims[2], k = odims[1];
+  if (odims[0] != qb || k < 1 || cnt.dimensions()[0] != slices || cnt.dimensions()[1] != qb ||
+      top_indices->dimensions()[0] != qb || top_indices->dimensions()[1] != k) {
+    return ffi::Error::InvalidArgument("sym_select: inconsistent shapes");
+  }
+  const float* v = vals.typed_data();
+  const int32_t* id = ids.typed_data();
+  const int32_t* c = cnt.typed_data();
+  float* out_s = top_scores->typed_data();
+  int32_t* out_i = top_indices->typed_data();
+  ParallelChunks(pool, qb, 16, max_threads, [=](int64_t a, int64_t b) {
+    std::vector<Item> items;
+    for (int64_t row = a; row < b; ++row) {
+      items.clear();
+      for (int64_t sl = 0; sl < slices; ++sl) {
+        const int64_t base = (sl * qb + row) * cap;
+        const int64_t n = std::min<int64_t>(std::max(c[sl * qb + row], 0), cap);
+        for (int64_t e = 0; e < n; ++e) items.push_back(Item{Rank(v[base + e]), id[base + e]});
+      }
+      // Every reference but the query reaches exactly one list, so there are at least k (and a
+      // padding row's list is never read); stay in bounds should a list be short anyway.
+      while (static_cast<int64_t>(items.size()) < k) items.push_back(Item{kNegInf, 0});
+      std::nth_element(items.begin(), items.begin() + (k - 1), items.end(), Before);
+      std::sort(items.begin(), items.begin() + k, Before);
+      for (int64_t i = 0; i < k; ++i) {
+        out_s[row * k + i] = items[i].value;
+        out_i[row * k + i] = items[i].index;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DmljaxSymMerge, SymMergeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DmljaxSymSelect, SymSelectImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("max_threads"));
