@@ -122,6 +122,7 @@ class Checkpointer:
     # Steps saved or in flight (an async step joins Orbax's list only once committed).
     self._saved = set(self.manager.all_steps())
     self._best_saved = set(self.best_manager.all_steps()) if self.best_manager else set()
+    self._unconfirmed: set[int] = set()  # steps handed to Orbax and not yet known committed
     self.blocked_seconds = 0.0
 
   def latest_step(self) -> Optional[int]:
@@ -137,15 +138,63 @@ class Checkpointer:
     once the step is committed on disk.
     """
     t0 = time.perf_counter()
-    if step not in self._saved and step not in self.manager.all_steps():
-      # (already saved at this step, e.g. final right after periodic: same content)
-      state_dict = flax.serialization.to_state_dict(state)
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state_dict), host=ocp.args.JsonSave(host)), force=force)
-      self._saved.add(step)
-    if wait or not self.async_save:
-      self.manager.wait_until_finished()
-    self.blocked_seconds += time.perf_counter() - t0
+    if self._unconfirmed:
+      # Orbax waits for the previous save before starting the next one anyway; waiting here
+      # first tells a failed earlier step apart from this one (OSError naming it, see below).
+      try:
+        self._wait_main()
+      finally:
+        self.blocked_seconds += time.perf_counter() - t0
+      t0 = time.perf_counter()
+    try:
+      if step not in self._saved and step not in self.manager.all_steps():
+        # (already saved at this step, e.g. final right after periodic: same content)
+        state_dict = flax.serialization.to_state_dict(state)
+        self._unconfirmed.add(step)
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state_dict), host=ocp.args.JsonSave(host)), force=force)
+        self._saved.add(step)
+      if wait or not self.async_save:
+        self.manager.wait_until_finished()
+        self._unconfirmed.clear()
+    except Exception as e:  # pylint: disable=broad-except
+      # A synchronous failure, or one of a background save before it (Orbax raises it here).
+      raise self._failed_save(e) from e
+    finally:
+      self.blocked_seconds += time.perf_counter() - t0
+
+  def _failed_save(self, error: Exception) -> OSError:
+    """Removes the unfinished temporary folders of the steps not yet committed (a full disk, a
+    read-only or vanished file system; with async saves, every step still in flight when the
+    error came out) and returns the one-line error to raise: what failed, the step to resume
+    from."""
+    steps = sorted(self._unconfirmed)
+    self._unconfirmed.clear()
+    self._saved -= set(steps)
+    removed = []
+    if jax.process_index() == 0:
+      try:
+        for s in steps:
+          for p in epath.Path(self.directory).glob(f"{s}.orbax-checkpoint-tmp*"):
+            if p.is_dir():
+              p.rmtree()
+            else:
+              p.unlink()
+            removed.append(p.name)
+      except Exception:  # pylint: disable=broad-except
+        pass  # the file system is gone: nothing more to clean
+    try:
+      self.manager.reload()  # the manager caches its step list
+      last = self.manager.latest_step()
+    except Exception:  # pylint: disable=broad-except
+      last = None
+    resume = (f"run again to resume from step {last}" if last is not None else
+              "run again to start over")
+    which = ("step " + ", ".join(map(str, steps)) if steps else "a step")
+    return OSError(f"cannot write checkpoint {which} in {self.directory} "
+                   f"({_describe(error)}); is the disk full or read-only? Free space or fix the "
+                   f"permissions, then {resume}"
+                   + (" (its temporary folder was removed)" if removed else ""))
 
   def save_best(self, step: int, params, batch_stats, *, wait: bool = False) -> None:
     if self.best_manager is None or step in self._best_saved:
@@ -159,10 +208,21 @@ class Checkpointer:
     self.blocked_seconds += time.perf_counter() - t0
 
   def wait_until_finished(self) -> None:
-    """Blocks until every save in flight is committed (raises what a background save raised)."""
-    self.manager.wait_until_finished()
+    """Blocks until every save in flight is committed.
+
+    Raises:
+      OSError: a background save failed (its temporary folder removed; see :meth:`save`).
+    """
+    self._wait_main()
     if self.best_manager is not None:
       self.best_manager.wait_until_finished()
+
+  def _wait_main(self) -> None:
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed_save(e) from e
+    self._unconfirmed.clear()
 
   def restore(self, target_state, step: Optional[int] = None):
     """Restores ``(state, host)`` from ``step`` (default: latest) into ``target_state``'s structure.

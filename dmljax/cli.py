@@ -19,6 +19,11 @@ from typing import Any, Callable, Optional, Sequence
 from dmljax.errors import (USER_ERRORS, ConfigChanged, DmljaxError,  # noqa: F401
                            TrainingDiverged, message)
 
+#: Exit status of a run stopped by SIGTERM after saving its checkpoint (every process saved):
+#: not 0, so a scheduler does not take it for a finished run, and not 1 / 2 (errors), so a
+#: requeue script can tell it apart (``EX_TEMPFAIL``; see docs/running.md).
+EXIT_PREEMPTED = 75
+
 
 def verbose_requested(argv: Optional[Sequence[str]] = None) -> bool:
   argv = sys.argv if argv is None else argv

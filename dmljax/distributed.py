@@ -344,3 +344,15 @@ def is_primary() -> bool:
   """True in process 0 (the one that writes logs, metrics and summaries); True when alone."""
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process of the run gets here (a no-op with one process).
+
+  Used after the preemption save: no process exits (with :data:`dmljax.cli.EXIT_PREEMPTED`)
+  before all have saved, so ``srun --kill-on-bad-exit`` cannot kill one mid-save.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

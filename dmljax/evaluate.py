@@ -67,7 +67,7 @@ def load(path: str) -> dict[str, np.ndarray]:
   except FileNotFoundError:
     raise ValueError(f"{path}: no such file; give the .npz written with np.savez(path, "
                      "embeddings=..., labels=...).") from None
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, EOFError) as e:  # EOFError: an empty or truncated file
     raise ValueError(f"{path} is not a readable .npz file ({cli.message(e)}); save it with "
                      "np.savez(path, embeddings=..., labels=...).") from None
   missing = [k for k in ("embeddings", "labels") if k not in data]

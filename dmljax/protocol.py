@@ -92,7 +92,8 @@ MODES = ("4fold", "conventional")
 CONVENTIONAL_FILE = "conventional.json"
 
 __all__ = ["fold_dir", "fold_config", "class_folds", "concatenate_embeddings", "load_embeddings",
-           "run_protocol", "summarize", "main", "conventional_config", "run_conventional"]
+           "run_protocol", "report_only", "summarize", "main", "conventional_config",
+           "run_conventional"]
 
 
 # ============================================================================= folds
@@ -114,27 +115,29 @@ def fold_config(config, fold: int):
   return cfg
 
 
-def _options(config) -> dict:
-  opts = config.dataset.options
-  opts = dict(opts.to_dict() if hasattr(opts, "to_dict") else opts)
-  opts.pop("protocol_fold", None)
-  opts.pop("num_folds", None)
-  opts.pop("fold_cuts", None)
-  return opts
-
-
 def class_folds(config, num_folds: int = NUM_FOLDS) -> dict[str, Any]:
   """The protocol's classes for ``config.dataset``: ``{"pool", "trainval", "test", "folds"}``
-  (original class ids; ``folds[k]`` is ``{"train": ids, "val": ids}``)."""
-  from dmljax.data import load_dataset, real  # pylint: disable=g-import-not-at-top
-  dc = config.dataset
-  options = _options(config)
-  if real.is_prepared_name(dc.name):  # the benchmarks and your own images: prepared records
+  (original class ids; ``folds[k]`` is ``{"train": ids, "val": ids}``).
+
+  Read from the data set as the trainer loads it (fold 0 through :func:`fold_config`, with
+  ``dataset.data_dir`` and every option the trainer passes), so the classes recorded are the
+  classes trained: for the prepared benchmark data sets the folds of the prepared train split's
+  classes, for the embedded ones the folds of the first half of all classes.
+  """
+  from dmljax import config_check  # pylint: disable=g-import-not-at-top
+  from dmljax.data import load_dataset  # pylint: disable=g-import-not-at-top
+  dc = fold_config(config, 0).dataset
+  options = dict(dc.options)  # as dmljax.inputs passes them
+  if config_check.prepared_dataset(dc.name):  # a benchmark or a prepared data set of one's own
     options.setdefault("data_dir", dc.get("data_dir", "") or None)
   ds = load_dataset(dc.name, seed=dc.seed, cache_dir=dc.cache_dir or None, **options)
-  pool = sorted({int(c) for s in ds.splits.values() for c in np.asarray(s.class_ids)})
-  trainval, test = splits_lib.protocol_class_halves(pool)
-  return {"pool": pool, "trainval": trainval, "test": test,
+  info = dict(ds.info).get("protocol")
+  if not info:
+    raise ValueError(f"data set {config.dataset.name!r} does not support the protocol's folds "
+                     "(dataset.options.protocol_fold)")
+  trainval = sorted(int(c) for c in list(info["train_classes"]) + list(info["val_classes"]))
+  test = sorted(int(c) for c in info["test_classes"])
+  return {"pool": sorted(set(trainval) | set(test)), "trainval": trainval, "test": test,
           "folds": splits_lib.protocol_folds(
               trainval, num_folds, str(config.dataset.options.get("fold_cuts", "even")))}
 
@@ -283,15 +286,29 @@ def run_protocol(config, workdir: str, *, folds: Optional[Sequence[int]] = None,
     dmljax.cli.ConfigChanged: a fold was trained with another config (see
       ``allow_config_change``).
     ValueError: a bad fold number, or a data set with fewer than 8 classes.
+    dmljax.lock.WorkdirLocked: another protocol command runs on ``workdir``.
   """
-  from dmljax import rundir, train  # pylint: disable=g-import-not-at-top
   folds = list(range(NUM_FOLDS)) if folds is None else [int(k) for k in folds]
   bad = [k for k in folds if not 0 <= k < NUM_FOLDS]
   if bad or not folds:
     raise ValueError(f"Bad --folds {folds}; give fold numbers in 0..{NUM_FOLDS - 1}, "
                      "e.g. --folds=0,1.")
-  classes = class_folds(config)  # ValueError for a data set with too few classes
+  from dmljax import config_check, lock as lock_lib  # pylint: disable=g-import-not-at-top
+  config_check.check_values(config)
   os.makedirs(workdir, exist_ok=True)
+  # The protocol's directory is one run: a second protocol command on it is refused (each fold's
+  # trainer also locks its own fold_k/).
+  lock = lock_lib.acquire_for_run(workdir)
+  try:
+    return _run_folds(config, workdir, folds, allow_config_change)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run_folds(config, workdir, folds, allow_config_change):
+  from dmljax import rundir, train  # pylint: disable=g-import-not-at-top
+  classes = class_folds(config)  # ValueError for a data set with too few classes
   for k in sorted(set(folds)):
     d = fold_dir(workdir, k)
     cfg = fold_config(config, k)
@@ -313,7 +330,10 @@ def run_protocol(config, workdir: str, *, folds: Optional[Sequence[int]] = None,
               "train_class_ids": classes["folds"][k]["train"],
               "val_class_ids": classes["folds"][k]["val"], "test_class_ids": classes["test"],
               "config": cfg_now, "finished": False}
-    _write_json(os.path.join(d, FOLD_FILE), record)
+    if not os.path.exists(os.path.join(d, FOLD_FILE)):
+      # A fold already there keeps its record until the trainer accepts the new config (a
+      # refused change is never written as if it were).
+      _write_json(os.path.join(d, FOLD_FILE), record)
     _say(f"fold {k}/{NUM_FOLDS}: {len(record['train_class_ids'])} training and "
          f"{len(record['val_class_ids'])} validation classes, {len(classes['test'])} test "
          f"classes ({d})")
@@ -334,6 +354,26 @@ def run_protocol(config, workdir: str, *, folds: Optional[Sequence[int]] = None,
     _write_json(os.path.join(workdir, RESULTS_FILE), results)
     from dmljax import report  # pylint: disable=g-import-not-at-top
     print(report.render([report.load_source(workdir)]), flush=True)
+  return results
+
+
+def report_only(config, workdir: str) -> dict[str, Any]:
+  """Gathers the finished folds without training any (the gathering job of an array of folds):
+  names each fold that did not finish; writes ``protocol_results.json`` once all four have.
+
+  Raises:
+    ValueError: some folds are not finished (the message names them and their folders).
+  """
+  missing = [k for k in range(NUM_FOLDS) if _fold_finished(fold_dir(workdir, k)) is None]
+  if missing:
+    names = ", ".join(f"fold {k} ({fold_dir(workdir, k)})" for k in missing)
+    raise ValueError(f"{len(missing)} of {NUM_FOLDS} folds did not finish (failed, preempted or "
+                     f"still running): {names}; rerun them with --folds="
+                     f"{','.join(map(str, missing))}, then gather again.")
+  results = summarize(config, workdir)
+  _write_json(os.path.join(workdir, RESULTS_FILE), results)
+  from dmljax import report  # pylint: disable=g-import-not-at-top
+  print(report.render([report.load_source(workdir)]), flush=True)
   return results
 
 
@@ -398,6 +438,9 @@ def _flag_values(argv: Sequence[str]):
                     "Continue folds trained with another config, with the new values.",
                     flag_values=fv)
   flags.DEFINE_bool("verbose", False, "Show tracebacks with error messages.", flag_values=fv)
+  flags.DEFINE_bool("report_only", False,
+                    "Train nothing: gather the finished folds into protocol_results.json, or "
+                    "name the folds that did not finish (exit status 2).", flag_values=fv)
   return fv
 
 
@@ -420,6 +463,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(__doc__.strip() + "\n\nFlags:\n" + fv.get_help(include_special_flags=False))
     return 0
   try:
+    from dmljax import config_check  # pylint: disable=g-import-not-at-top
+    config_check.precheck(argv)  # the config file and its override keys, one message each
     rest = fv(argv)
     if len(rest) > 1:
       raise ValueError(f"unexpected arguments: {rest[1:]}")
@@ -451,6 +496,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Several processes (an srun step of several tasks, a TPU slice, DMLJAX_* variables): start
     # jax.distributed as dmljax.main does, before anything touches a backend.
     from dmljax import distributed  # pylint: disable=g-import-not-at-top
+    if fv["report_only"].value:
+      if mode == "conventional":
+        raise ValueError("--report_only gathers the 4-fold protocol's folds; the conventional "
+                         "mode writes its results itself (drop --report_only).")
+      report_only(config, fv["workdir"].value)
+      return 0
     distributed.maybe_initialize()
     if mode == "conventional":
       result = run_conventional(config, fv["workdir"].value,
@@ -462,8 +513,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return cli.report(PROG, e, argv)
   if result.get("preempted"):
     where = f" in fold {result['fold']}" if "fold" in result else ""
-    print(f"Preempted{where} at step {result['step']}; run the same command "
-          "again to resume.", file=sys.stderr)
+    print(f"Preempted{where} at step {result['step']}: saved; run the same command again to "
+          f"resume (exit status {cli.EXIT_PREEMPTED}).", file=sys.stderr)
+    return cli.EXIT_PREEMPTED
   return 0
 
 

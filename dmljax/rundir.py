@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any, Callable
 
@@ -89,11 +88,16 @@ def write_atomic(path: str, text: str) -> None:
     epath_of(path).write_text(text)
     return
   tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:  # a full or read-only disk: no temporary file left behind
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise OSError(f"cannot write {path} ({e.strerror or e}); is the disk full or read-only?") from e
 
 
 def exists(path: str) -> bool:
@@ -127,7 +131,9 @@ class Logger:
     if resume_step is not None and (exists(self.path) or has_parts):
       # Drop lines written after the checkpoint we resume from (they will be written again) and
       # any partial line; the rewrite is atomic, so a kill here loses nothing.
-      keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+      # A `final` record belongs to a finished run that is being extended: it is written again.
+      keep = [r for r in read_jsonl(self.path)
+              if r.get("step", 0) <= resume_step and r.get("kind") != "final"]
       write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
       self._remove_parts()
     elif resume_step is None:
@@ -136,15 +142,18 @@ class Logger:
       self._remove_parts()
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     tb = join(workdir, "tensorboard")
+    # A resumed run writes the steps after its checkpoint again: TensorBoard drops the points
+    # at and after purge_step that an earlier process wrote, so no step appears twice.
+    purge = None if resume_step is None else resume_step + 1
     try:
-      self.writer = SummaryWriter(tb)
+      self.writer = SummaryWriter(tb, purge_step=purge)
     except Exception as e:  # pylint: disable=broad-except
       import hashlib, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
       local = os.path.join(tempfile.gettempdir(), "dmljax-tensorboard",
                            hashlib.sha256(workdir.encode()).hexdigest()[:12])
       logging.warning("TensorBoard cannot write to %s (%s); writing to %s instead.", tb,
                       errors.message(e), local)
-      self.writer = SummaryWriter(local)
+      self.writer = SummaryWriter(local, purge_step=purge)
 
   def log(self, step: int, values: dict[str, Any], kind: str = "train"):
     if not self.active:
@@ -294,18 +303,6 @@ def jsonable(x):
 
 def progress_enabled(config) -> bool:
   return bool(config.progress) and jax.process_index() == 0
-
-
-def progress(config, step, rate, vals, state, framework):
-  if not progress_enabled(config):
-    return
-  extra = framework.progress(state)
-  line = (f"step {step}/{config.total_steps} | {rate:.1f} steps/s | "
-          f"loss {float(vals['loss']):.4f}{' | ' + extra if extra else ''}")
-  if sys.stdout.isatty():
-    print("\r" + line.ljust(78), end="", flush=True)
-  else:
-    print(line, flush=True)
 
 
 def make_plotter(config, workdir, framework, embed_train: Callable, train_labels):

@@ -239,10 +239,20 @@ def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factor
           f"the config differs from the one {workdir} was trained with, which breaks exact "
           f"resumption: {listing}{why}. Run with the old values, use a new --workdir, or pass "
           "--allow_config_change to continue with the new values.")
+    if changed:  # allowed: refuse what the resumed run would not honour
+      from dmljax import extend  # pylint: disable=g-import-not-at-top
+      try:
+        extend.check_changes(config, host, parallel.to_host(restored[0].tracker), changed,
+                             workdir)
+      except errors.ConfigChanged:
+        checkpointer.close()
+        raise
   logger = rundir.Logger(workdir, None if restored is None else int(restored[1]["step"]))
   ctx = ctx_factory(logger)
   if restored is not None:
     state, host = restored
+    from dmljax import extend  # pylint: disable=g-import-not-at-top
+    host = extend.reopen(config, host, parallel.to_host(state.tracker), workdir)
     state = parallel.replicate(state, mesh)
     if changed:
       logging.warning("Continuing %s with changed config keys: %s", workdir, sorted(changed))
@@ -257,6 +267,8 @@ def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factor
     host = {"step": 0, "done": False,
             "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else {}}
     if "untrained" in config.baselines:
+      from dmljax import console  # pylint: disable=g-import-not-at-top
+      console.phase("Measuring the untrained network (the baseline row of the final table)")
       # The untrained network (after the framework's start, e.g. CCP's first proxies: the model
       # is still the initial one), measured before step 1 and kept with the checkpoints.
       host["baselines"] = {
@@ -308,6 +320,33 @@ def _check_config(config, mesh):
 
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
                        on_final_embeddings: Optional[Callable] = None) -> dict[str, Any]:
+  """Checks ``config``, locks ``workdir`` and runs :func:`_train_and_evaluate` (same
+  arguments and result); a run already finished with this config returns its final metrics
+  without loading, compiling or evaluating anything (:mod:`dmljax.extend`).
+
+  Raises:
+    dmljax.lock.WorkdirLocked: another live run holds ``workdir``.
+    dmljax.config_check.ConfigError: a bad value, loss argument, weight file or data set.
+  """
+  from dmljax import config_check, extend, lock as lock_lib  # pylint: disable=g-import-not-at-top
+  config_check.check_values(config)  # before anything is created or compiled
+  config = resolve_precision(config)  # as recorded in config.json (model.dtype='auto' resolved)
+  rundir.makedirs(workdir)
+  lock = lock_lib.acquire_for_run(workdir)
+  try:
+    final = extend.finished_result(config, workdir)
+    if final is not None:
+      extend.announce_finished(workdir, final)
+      return final
+    return _train_and_evaluate(config, workdir, allow_config_change=allow_config_change,
+                               on_final_embeddings=on_final_embeddings)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
+                        on_final_embeddings: Optional[Callable] = None) -> dict[str, Any]:
   """Trains and evaluates the model described by ``config``; returns the final metrics.
 
   Args:
@@ -342,8 +381,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   _check_config(config, mesh)
 
   # ------------------------------------------------------------------- input, model, state
+  from dmljax import console as console_lib  # pylint: disable=g-import-not-at-top
+  console_lib.phase(f"Loading data set {config.dataset.name!r} for {workdir}")
   data = create_input(config)
   config = fit_batch(config, data, mesh.size)  # sampler.fit_batch: as many classes as there are
+  console_lib.phase(f"Building {config.model.name} and the {config.framework} train state "
+                    f"({data.num_classes} training classes, {len(data.train_labels)} images)")
   model = models.get_model(config.model)
   framework = frameworks.get_framework(config, num_classes=data.num_classes,
                                        embedding_dim=config.model.embedding_dim)
@@ -404,6 +447,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   preempt = ckpt_lib.PreemptionFlag().install()
   pi, pc = jax.process_index(), jax.process_count()
   t0, t_steps, last, pending = time.time(), 0, {}, None
+  if not host["done"] and step < config.total_steps:
+    console_lib.phase(f"Training from step {step} to {config.total_steps} (the first step "
+                      "compiles)")
+  console = console_lib.Console(config.total_steps, step, rundir.progress_enabled(config))
   try:
     while not host["done"] and step < config.total_steps:
       idx, extras = framework.sample(sampler, state, step, pi, pc)
@@ -434,14 +481,18 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         vals = parallel.to_host(last)
         rate = t_steps / max(time.time() - t0, 1e-9)
         logger.log(step, dict(vals, steps_per_second=rate))
-        rundir.progress(config, step, rate, vals, state, framework)
+        console.train(step, rate, float(vals["loss"]), framework.progress(state))
         t0, t_steps = time.time(), 0
 
       if step % config.eval_every_steps == 0 or step == config.total_steps:
         _check_finite(config, pending, step, checkpointer, workdir)
         state, stop = _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger,
-                                      checkpointer)
+                                      checkpointer, console)
         host["done"] = bool(stop or step >= config.total_steps)
+        if stop and step < config.total_steps:
+          tr = parallel.to_host(state.tracker)
+          console.early_stop(step, int(tr["evals_since_best"]), config.patience_evals,
+                             float(tr["best_metric"]), int(tr["best_step"]))
         t0, t_steps = time.time(), 0  # steps/s counts training only
 
       if preempted:
@@ -449,6 +500,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         # previous step's input), so all of them write this step together and exit.
         host["step"] = step
         save(step, wait=True)  # on disk before the process exits
+        console.close()
+        from dmljax import distributed  # pylint: disable=g-import-not-at-top
+        distributed.barrier("dmljax_preemption_saved")  # every process has saved: then exit
         logging.warning("Preemption (signal %s on this or another process): saved step %d, "
                         "exiting.", preempt.received, step)
         close()
@@ -460,6 +514,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         save(step)
     _check_finite(config, pending, step, checkpointer, workdir)
   except BaseException:
+    console.close()
     close()
     raise
   finally:
@@ -468,10 +523,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   # ------------------------------------------------------------------- final
   host["done"], host["step"] = True, step
   save(step)  # final checkpoint (a restart from here only re-runs the final evaluation)
-  if rundir.progress_enabled(config):
-    print(flush=True)
+  console.close()
   best = state.best
   tracker = parallel.to_host(state.tracker)
+  console_lib.phase(f"Final evaluation of the best parameters (step {int(tracker['best_step'])}"
+                    ") on the validation and test splits")
   final: dict[str, Any] = {"step": step, "best_step": int(tracker["best_step"]),
                            "nonfinite_steps": int(tracker["nonfinite_steps"]),
                            "train_step_traces": traces[0]}
@@ -496,10 +552,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                   json.dumps({k: v for k, v in final.items() if k != "table"}, indent=2,
                              sort_keys=True))
   close()
+  console_lib.results(workdir, plot is not None)
   return final
 
 
-def _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger, checkpointer):
+def _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger, checkpointer,
+                    console=None):
   """Validation metrics, best-params bookkeeping, the framework's hook, overall early stopping."""
   metrics = evaluator.evaluate(state.params["model"], state.batch_stats, "val")
   metric = metrics["map_at_r"]
@@ -523,4 +581,7 @@ def _eval_and_hooks(state, step, evaluator, framework, ctx, config, logger, chec
   logger.log(step, {**{f"val/{k}": v for k, v in metrics.items()},
                     "val/best_map_at_r": float(tracker["best_metric"]), **events}, kind="eval")
   stop = int(tracker["evals_since_best"]) >= config.patience_evals
+  if console is not None:
+    console.evaluation(step, metrics, float(tracker["best_metric"]), int(tracker["best_step"]),
+                       events)
   return state, stop

@@ -35,12 +35,18 @@ Required:
 
 Options:
   --type=TYPE            accelerator type (default v4-8: one host; v4-64: eight hosts)
-  --version=VERSION      TPU software version (default tpu-ubuntu2204-base)
+  --version=VERSION      TPU software version (default: the runtime image of the TPU type:
+                         tpu-ubuntu2204-base for v2, v3, v4; v2-alpha-tpuv5-lite for v5e
+                         (v5litepod); v2-alpha-tpuv5 for v5p; v2-alpha-tpuv6e for v6e)
   --project=PROJECT      Google Cloud project (default: gcloud's configured project)
   --spot                 create a Spot slice (can be preempted at any time)
   --preemptible          create a preemptible slice (older form of --spot)
   --data_dir=gs://B/DIR  TFDS data folder with the prepared data sets; TFDS_DATA_DIR on the
                          workers (what an empty config.dataset.data_dir means)
+  --weights=FILE         ImageNet weight file (.pth) of the backbone, on this machine or in a
+                         bucket (gs://...): copied to every worker (dmljax_weights/) and given
+                         to dmljax.main as --config.model.pretrained (the loader reads local
+                         files only)
   --jax=SPEC             pip requirement for JAX (default "jax[tpu]")
   --python=CMD           Python on the workers (default python3)
   --dry-run              print every command, run none
@@ -57,7 +63,7 @@ die() {
 }
 
 # ------------------------------------------------------------------------------ arguments
-name="" zone="" type="v4-8" version="tpu-ubuntu2204-base" project="" config="" workdir=""
+name="" zone="" type="v4-8" version="" project="" config="" workdir="" weights=""
 data_dir="" repo="" wheel="" install=1 capacity="" jax_spec="jax[tpu]" python="python3"
 dry_run=0
 extra=()
@@ -95,6 +101,7 @@ while (($#)); do
     config) config=$value ;;
     workdir) workdir=$value ;;
     data_dir) data_dir=$value ;;
+    weights) weights=$value ;;
     repo) repo=$value ;;
     wheel) wheel=$value ;;
     jax) jax_spec=$value ;;
@@ -121,6 +128,7 @@ variant=""
 [[ $config == *:* ]] && variant=":${config#*:}"
 [[ -f $config_file ]] || die "--config: no file $config_file"
 [[ -z $wheel || -f $wheel ]] || die "--wheel: no file $wheel"
+[[ -z $weights || $weights == gs://* || -f $weights ]] || die "--weights: no file $weights"
 
 # Hosts of the slice (one dmljax process per host): 8 cores or 4 chips per host on v2-v5p,
 # up to 8 chips on one v5e / v6e host.
@@ -130,6 +138,16 @@ case $type in
   v5litepod-* | v5e-* | v6e-*) workers=$((size <= 8 ? 1 : size / 4)) ;;
   *) workers=$((size <= 8 ? 1 : size / 8)) ;;
 esac
+# The runtime image of each TPU generation (v5e, v5p and v6e do not boot the v4 image).
+if [[ -z $version ]]; then
+  case $type in
+    v2-* | v3-* | v4-*) version=tpu-ubuntu2204-base ;;
+    v5litepod-* | v5e-*) version=v2-alpha-tpuv5-lite ;;
+    v5p-*) version=v2-alpha-tpuv5 ;;
+    v6e-*) version=v2-alpha-tpuv6e ;;
+    *) die "--type=$type: unknown TPU generation; give its runtime image with --version" ;;
+  esac
+fi
 
 # ------------------------------------------------------------------------------ commands
 gcloud_tpu=(gcloud compute tpus tpu-vm)
@@ -202,15 +220,39 @@ else
   echo "# (--no_install: using what the workers have)"
 fi
 
-echo "# 3. copy the config file to every worker"
+echo "# 3. copy the config file (and the weight file) to every worker"
 run "${scp_all[@]}" "$config_file" "$name:dmljax_config.py"
+if [[ -n $weights ]]; then
+  weights_arg=(--config.model.pretrained="dmljax_weights/$(basename "$weights")")
+  if [[ $weights == gs://* ]]; then
+    run "${ssh_all[@]}" --command="mkdir -p dmljax_weights && gcloud storage cp $(quote "$weights") dmljax_weights/"
+  else
+    run "${ssh_all[@]}" --command="mkdir -p dmljax_weights"
+    run "${scp_all[@]}" "$weights" "$name:dmljax_weights/$(basename "$weights")"
+  fi
+else
+  weights_arg=()
+fi
 
-echo "# 4. train on all workers at once (resumes from the newest checkpoint in $workdir)"
+echo "# 4. refuse to start a second trainer: is the workdir's lock held by a live run?"
+# The trainers take the lock themselves (dmljax/lock.py); checking here first leaves a run that
+# is alive on the slice untouched. A heartbeat older than DMLJAX_LOCK_STALE_S (300 s) is stale.
+check_lock=$(quote "$python" -m dmljax.lock "$workdir")
+if ((dry_run)); then
+  run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=0 --command="$check_lock"
+else
+  echo "+ $(quote "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=0 --command="$check_lock")"
+  if ! held=$("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=0 --command="$check_lock" 2>&1); then
+    die "$workdir is locked by a live run ($held); it is still training: wait for it, or stop it first"
+  fi
+fi
+
+echo "# 5. train on all workers at once (resumes from the newest checkpoint in $workdir)"
 env_vars=()
 if [[ -n $data_dir ]]; then
   env_vars=(env TFDS_DATA_DIR="$data_dir")
 fi
 train=("${env_vars[@]}" "$python" -m dmljax.main --config="dmljax_config.py$variant"
-       --workdir="$workdir" --config.progress=False "${extra[@]}")
+       --workdir="$workdir" --config.progress=False "${weights_arg[@]}" "${extra[@]}")
 run "${ssh_all[@]}" --command="$(quote "${train[@]}")"
 ((dry_run)) || echo "# done; if the slice was preempted, run the same command again to resume."

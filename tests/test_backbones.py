@@ -480,9 +480,20 @@ def test_mismatched_weight_file_lists_every_problem(tmp_path, capsys):
   assert "mis-shaped: bn.running_var: file [2, 32], expected [64]" in msg
   cache = tmp_path / "weights_cache"
   assert not cache.exists() or not os.listdir(cache)  # nothing cached for a bad file
-  # The command line: exit status 1 and the same list; a good file is converted and cached.
-  assert import_weights.main(["resnet_v2_20", bad]) == 1
+  # The command line: one line, exit status 2; --verbose gives the list; a good file is
+  # converted and cached.
+  assert import_weights.main(["resnet_v2_20", bad]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert err[0].startswith("python -m dmljax.models.import_weights: error: resnet_v2_20 weights "
+                           "from") and "--verbose lists the 4 tensors" in err[0]
+  assert len(err) == 2 and "--verbose" in err[1]
+  assert import_weights.main(["resnet_v2_20", bad, "--verbose"]) == 2
   assert "extra.weight" in capsys.readouterr().err
+  truncated = str(tmp_path / "truncated.pth")
+  with open(path, "rb") as f, open(truncated, "wb") as g:
+    g.write(f.read()[:200])
+  assert import_weights.main(["resnet_v2_20", truncated]) == 2
+  assert "truncated" in capsys.readouterr().err.splitlines()[0]
   assert import_weights.main(["resnet_v2_20", path, "--cache-dir", str(tmp_path / "c")]) == 0
   printed = capsys.readouterr().out
   n_bn = sum(k.endswith("num_batches_tracked") for k in orig)

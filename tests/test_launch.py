@@ -57,7 +57,7 @@ def test_tpu_small_slice():
   out, cmds = _dry(TPU, *TPU_ARGS, "--type=v4-8", "--repo=https://github.com/org/dmljax.git",
                    "--", "--config.seed=3", "--config.note=two words")
   assert "v4-8 in us-central2-b, 1 worker(s)" in out
-  describe, create, delete, recreate, install, copy, train = cmds
+  describe, create, delete, recreate, install, copy, lock_check, train = cmds
   assert describe[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "dml"]
   assert "--zone=us-central2-b" in describe and "--format=value(state)" in describe
   assert create[4:6] == ["create", "dml"] and "--accelerator-type=v4-8" in create
@@ -69,6 +69,10 @@ def test_tpu_small_slice():
       "install", "-U", "git+https://github.com/org/dmljax.git", "gcsfs", "google-cloud-storage"]
   assert copy[4] == "scp" and "--worker=all" in copy
   assert copy[-2:] == ["configs/digits_ccp.py", "dml:dmljax_config.py"]
+  # A live run on the workdir is left alone: worker 0 asks the lock before any trainer starts.
+  assert lock_check[4] == "ssh" and "--worker=0" in lock_check
+  assert shlex.split(_option(lock_check, "command")) == [
+      "python3", "-m", "dmljax.lock", "gs://bucket/runs/ccp"]
   assert train[4] == "ssh" and "--worker=all" in train
   assert shlex.split(_option(train, "command")) == [
       "env", "TFDS_DATA_DIR=gs://bucket/tfds", "python3", "-m", "dmljax.main", "--config=dmljax_config.py:small", "--workdir=gs://bucket/runs/ccp",
@@ -88,7 +92,8 @@ def test_tpu_large_spot_slice_from_a_wheel(tmp_path):
   assert send[4] == "scp" and send[-2:] == [str(wheel), f"dml:{wheel.name}"]
   assert "--worker=all" in send
   assert shlex.split(_option(install, "command"))[-3] == f"./{wheel.name}"
-  assert all("--worker=all" in c for c in cmds if c[4] in ("ssh", "scp"))
+  assert all("--worker=all" in c for c in cmds if c[4] in ("ssh", "scp")
+             and "dmljax.lock" not in " ".join(c))               # the lock is asked of worker 0
   # The run is the same command on every worker: jax.distributed starts by itself there.
   assert "dmljax.main" in _option(cmds[-1], "command")
   out, _ = _dry(TPU, *TPU_ARGS, "--type=v5litepod-16", "--no_install")
@@ -114,6 +119,52 @@ def test_tpu_usage_errors(args, message):
   r = _run(TPU, "--dry-run", *args)
   assert r.returncode == 2 and message in r.stderr, r.stderr
   assert "--help" in r.stderr and not r.stdout
+
+
+@pytest.mark.parametrize("tpu_type, image", [
+    ("v3-8", "tpu-ubuntu2204-base"), ("v4-32", "tpu-ubuntu2204-base"),
+    ("v5litepod-8", "v2-alpha-tpuv5-lite"), ("v5p-16", "v2-alpha-tpuv5"),
+    ("v6e-8", "v2-alpha-tpuv6e")])
+def test_tpu_runtime_image_per_type(tpu_type, image):
+  _, cmds = _dry(TPU, *TPU_ARGS, f"--type={tpu_type}", "--no_install")
+  assert f"--version={image}" in cmds[1]
+
+
+def test_tpu_weights_go_to_every_worker(tmp_path):
+  local = tmp_path / "bn_inception-52deb4733.pth"
+  local.write_bytes(b"x")
+  _, cmds = _dry(TPU, *TPU_ARGS, "--no_install", f"--weights={local}")
+  assert cmds[-3][-2:] == [str(local), "dml:dmljax_weights/bn_inception-52deb4733.pth"]
+  assert "--config.model.pretrained=dmljax_weights/bn_inception-52deb4733.pth" in \
+      shlex.split(_option(cmds[-1], "command"))
+  _, cmds = _dry(TPU, *TPU_ARGS, "--no_install", "--weights=gs://b/w/bn.pth")
+  fetch = [c for c in cmds if "gcloud storage cp" in " ".join(c)]
+  assert fetch and "--worker=all" in fetch[0] and "gs://b/w/bn.pth" in _option(fetch[0], "command")
+  assert "--config.model.pretrained=dmljax_weights/bn.pth" in shlex.split(
+      _option(cmds[-1], "command"))
+
+
+def test_tpu_refuses_a_workdir_whose_lock_is_held(tmp_path):
+  log = tmp_path / "gcloud.log"
+  path = _fake_bin(tmp_path, gcloud=f"""echo "$*" >> {log}
+[[ $4 == describe ]] && echo READY
+[[ $* == *dmljax.lock* ]] && {{ echo "locked by host w0, pid 7" >&2; exit 2; }}
+exit 0
+""")
+  r = _run(TPU, *TPU_ARGS, "--no_install", env=_env(PATH=path))
+  assert r.returncode == 2 and "is locked by a live run (locked by host w0, pid 7)" in r.stderr
+  assert "dmljax.main" not in log.read_text()                 # no second trainer started
+
+
+def test_lock_command(tmp_path):
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  cmd = [sys.executable, "-m", "dmljax.lock", str(tmp_path)]
+  assert subprocess.run(cmd, env=env, capture_output=True, timeout=60).returncode == 0
+  (tmp_path / "dmljax.lock").write_text(
+      '{"host": "elsewhere", "pid": 3, "started": 0, "heartbeat": %f}' % time.time())
+  r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+  assert r.returncode == 2 and "locked by host elsewhere, pid 3" in r.stderr
 
 
 def test_tpu_help():
@@ -143,7 +194,7 @@ exit 0
   assert r.returncode == 0, r.stderr
   calls = [line.split()[3:5] for line in log.read_text().splitlines()]
   assert calls == [["describe", "dml"], ["delete", "dml"], ["create", "dml"], ["ssh", "dml"],
-                   ["scp", "--zone=us-central2-b"], ["ssh", "dml"]]
+                   ["scp", "--zone=us-central2-b"], ["ssh", "dml"], ["ssh", "dml"]]
   # A READY slice is reused as it is.
   log.unlink()
   path = _fake_bin(tmp_path / "ready", gcloud=f"""echo "$*" >> {log}
@@ -152,7 +203,8 @@ exit 0
 """)
   r = _run(TPU, *TPU_ARGS, "--no_install", env=_env(PATH=path))
   assert r.returncode == 0, r.stderr
-  assert [line.split()[3] for line in log.read_text().splitlines()] == ["describe", "scp", "ssh"]
+  assert [line.split()[3] for line in log.read_text().splitlines()] == [
+      "describe", "scp", "ssh", "ssh"]  # config, lock check, train
 
 
 # ============================================================================= SLURM
@@ -221,10 +273,11 @@ def test_slurm_array_folds():
     assert f"--folds={k}" in srun and "--workdir=/shared/4fold" in srun
     assert srun[-1] == "--config.total_steps=100"
   gather = cmds[-1]
-  assert gather[0] == "sbatch" and "--dependency=afterok:$JOB_ID" in gather
+  # The gathering job runs when every element has ended, failed or not, and trains nothing.
+  assert gather[0] == "sbatch" and "--dependency=afterany:$JOB_ID" in gather
   assert shlex.split(_option(gather, "wrap")) == [
       "python", "-m", "dmljax.protocol", f"--config={CONFIG}", "--workdir=/shared/4fold",
-      "--config.progress=False", "--config.total_steps=100"]
+      "--report_only", "--config.total_steps=100"]
   _, cmds = _dry(SLURM, "--array=folds", "--folds=1,3", "--no_gather", f"--config={CONFIG}",
                  "--workdir=/shared/4fold")
   assert "--array=1,3" in cmds[1] and len(_job_runs(cmds)) == 2 and cmds[-1][0] == "srun"
@@ -239,9 +292,25 @@ def test_slurm_array_seeds():
       ("/shared/seeds/seed0", "0"), ("/shared/seeds/seed1", "1"), ("/shared/seeds/seed5", "5")]
   assert all(r[:5] == ["srun", "--kill-on-bad-exit=1", "python", "-m", "dmljax.main"]
              for r in runs)
-  assert shlex.split(_option(cmds[-1], "wrap")) == [
-      "python", "-m", "dmljax.report", "/shared/seeds/seed0", "/shared/seeds/seed1",
-      "/shared/seeds/seed5", "--names=ccp,ccp,ccp"]
+  assert "--dependency=afterany:$JOB_ID" in cmds[-1]
+  wrap = _option(cmds[-1], "wrap")
+  assert "/shared/seeds/seed0 /shared/seeds/seed1 /shared/seeds/seed5" in wrap
+  assert "python -m dmljax.report" in wrap
+
+
+def test_slurm_seed_gather_names_failed_elements(tmp_path):
+  """The seeds' gathering job, run as sbatch would (bash -c WRAP): the finished seeds go to the
+  report, the others are named and the job fails."""
+  for s in (0, 1):
+    os.makedirs(tmp_path / f"seed{s}")
+  (tmp_path / "seed0" / "final_metrics.json").write_text("{}")
+  _, cmds = _dry(SLURM, "--array=seeds", "--seeds=0,1", f"--config={CONFIG}",
+                 f"--workdir={tmp_path}", "--python=echo")
+  r = subprocess.run(["bash", "-c", _option(cmds[-1], "wrap")], capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode != 0
+  assert r.stdout.strip() == f"-m dmljax.report {tmp_path}/seed0"
+  assert r.stderr.strip() == f"element seed1 did not finish: {tmp_path}/seed1"
 
 
 def test_slurm_inside_the_job():
@@ -344,10 +413,40 @@ def test_seeds_sh_submits_an_array_job_where_slurm_exists(tmp_path):
   calls = log.read_text().splitlines()
   assert len(calls) == 2, calls  # the array, then the gathering job
   assert "--array=0,4" in calls[0] and "--gpus-per-node=1" in calls[0]
-  assert "--config.total_steps=7" in calls[0] and "--dependency=afterok:123" in calls[1]
+  assert "--config.total_steps=7" in calls[0] and "--dependency=afterany:123" in calls[1]
   bad = subprocess.run(["bash", os.path.join(ROOT, "launch", "seeds.sh"), CONFIG, "/s", "0"],
                        env=dict(env, DMLJAX_SCHEDULER="pbs"), capture_output=True, text=True)
   assert bad.returncode == 2 and "DMLJAX_SCHEDULER" in bad.stderr
+
+
+def test_slurm_cpus_reach_srun_and_no_folder_without_sbatch(tmp_path):
+  _, cmds = _dry(SLURM, f"--config={CONFIG}", "--workdir=/shared/run", "--cpus_per_task=6")
+  sbatch, srun = cmds[1], cmds[2]
+  assert "--cpus-per-task=6" in sbatch and "--cpus_per_task=6" in sbatch  # job script gets it
+  assert srun[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=6"]
+  # Inside the job the count comes from SLURM_CPUS_PER_TASK as well.
+  _, cmds = _dry(SLURM, f"--config={CONFIG}", "--workdir=/s/run",
+                 env=_env(SLURM_JOB_ID="9", SLURM_CPUS_PER_TASK="4"))
+  assert cmds[0][:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=4"]
+  # No sbatch on PATH: refused before anything is created.
+  empty = tmp_path / "bin"
+  empty.mkdir()
+  r = _run(SLURM, f"--config={CONFIG}", f"--workdir={tmp_path}/run",
+           env=_env(PATH=f"{empty}{os.pathsep}/usr/bin:/bin"))
+  assert r.returncode == 2 and "sbatch not found" in r.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_seeds_sh_dry_run():
+  r = subprocess.run(["bash", os.path.join(ROOT, "launch", "seeds.sh"), "--dry-run", CONFIG,
+                      "/tmp/never", "0 2", "--config.total_steps=7"],
+                     env=dict(_env(), DMLJAX_SCHEDULER="local"), capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode == 0, r.stderr
+  runs = _commands(r.stdout)
+  assert [_option(c, "config.seed") for c in runs[:2]] == ["0", "2"]
+  assert "--config.total_steps=7" in runs[0] and "summarize.py" in runs[2][1]
+  assert not os.path.exists("/tmp/never")
 
 
 def test_claims_table_verdicts_and_sweep_choice(tmp_path):

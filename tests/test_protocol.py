@@ -378,7 +378,7 @@ def test_cli_errors(reference, tmp_path, capsys):
   cases = [
       (["dmljax.protocol", f"--config={CONFIG}"], "--workdir is required"),
       (_cli(str(tmp_path / "x"), "--config.batchsize=8"),
-       "unknown config key .*'batchsize' Did you mean \"batch_size\""),
+       "unknown config key 'batchsize' in --config.batchsize=8; did you mean 'batch_size'"),
       (_cli(str(tmp_path / "x"), "--folds=0,7"), r"Bad --folds \[0, 7\]"),
       (_cli(str(tmp_path / "x"), "--folds=a"), "expected comma-separated fold numbers"),
       (_cli(workdir, "--config.optim.learning_rate=0.5"),

@@ -124,7 +124,8 @@ def test_sigterm_saves_and_resume_is_exact(reference, tmp_path):
 @pytest.mark.parametrize("overrides,match", [
     ({"loss.name": "contrastve"}, r"Unknown loss 'contrastve'; valid losses: \[.*'contrastive'"),
     ({"framework": "xbmm"}, r"Unknown framework 'xbmm'; valid frameworks: \[.*'ccp'.*'standard'"),
-    ({"batch_size": 20, "num_devices": 0}, r"batch_size=20 is not divisible by the 8 devices"),
+    ({"batch_size": 20, "sampler.m": 4, "num_devices": 0},
+     r"batch_size=20 is not divisible by the 8 devices"),
     ({"sampler.m": 200, "batch_size": 1000}, r"200"),
     ({"dataset.name": "mnist"}, r"Unknown data set 'mnist'; valid data sets"),
 ])

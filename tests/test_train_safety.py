@@ -111,6 +111,9 @@ def test_resume_message_partial_log_line_and_config_change(tmp_path, capsys):
   log = os.path.join(workdir, "metrics.jsonl")
   with open(log, "a") as f:
     f.write('{"step": 3, "kind": "tr')               # a run killed mid-write
+  # A run killed after its final checkpoint, before final_metrics.json (a finished run is not
+  # resumed: it says it is already finished, tests/test_run_checks.py).
+  os.remove(os.path.join(workdir, "final_metrics.json"))
   capsys.readouterr()
   # Guards issue 12: a partial last line blocked resume (JSONDecodeError).
   again = train.train_and_evaluate(_digits(progress=True), workdir)   # a safe key may change
@@ -125,7 +128,8 @@ def test_resume_message_partial_log_line_and_config_change(tmp_path, capsys):
     train.train_and_evaluate(_digits(**{"optim.learning_rate": 0.5, "sampler.m": 5}), workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["optim"]["learning_rate"] == 0.001
-  train.train_and_evaluate(_digits(**{"optim.learning_rate": 0.5}), workdir,
+  # (a finished run continues with a changed config only when it trains more steps)
+  train.train_and_evaluate(_digits(**{"optim.learning_rate": 0.5, "total_steps": 24}), workdir,
                            allow_config_change=True)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["optim"]["learning_rate"] == 0.5

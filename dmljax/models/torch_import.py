@@ -316,6 +316,11 @@ def load_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
   else:
     with open(path, "rb") as f:
       head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):  # a zip whose end (its directory) is missing
+      raise ValueError(f"{path}: a truncated or damaged zip weight file (its table of contents "
+                       "is missing: did the download finish?); download it again.")
+    if not head:
+      raise ValueError(f"{path}: an empty file; download the weight file again.")
     if len(head) >= 262 and head[257:262] == b"ustar":
       raise ValueError(f"{path}: a tar-format weight file (PyTorch < 0.1.10) is not supported; "
                        "re-save it with a recent torch: torch.save(torch.load(f), g).")
