@@ -59,6 +59,8 @@ MEANINGS = {
     "sampler.m": "Images per class in a batch (batch_size must be a multiple).",
     "sampler.small_classes": "Classes with fewer than m images: error, or repeat (cycle their "
                              "images).",
+    "sampler.fit_batch": "m_per_class only: shrink batch_size to as many classes as the training "
+                         "split has (printed; config.json records the batch used).",
     "batch_size": "Global training batch (all devices, all processes).",
     "optim.name": "Optimizer: adam, adamw, sgd.",
     "optim.learning_rate": "Peak learning rate.",

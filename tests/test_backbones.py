@@ -681,8 +681,8 @@ def test_option_validation():
   for key, value in (("pooling", "sum"), ("freeze_bn", "all"), ("dtype", "float16")):
     with pytest.raises(ValueError, match=f"Unknown {key} '{value}'.*model.{key}"):
       models.get_model(_mc(**{key: value}))
-  with pytest.raises(ValueError, match="No PyTorch weight import for 'small_cnn'"):
-    models.import_torch_weights("small_cnn", __file__)
+  with pytest.raises(ValueError, match="No PyTorch weight import for 'vit_b16'"):
+    models.import_torch_weights("vit_b16", __file__)
 
 
 # ============================================================================= vs PyTorch

@@ -347,18 +347,4 @@ def test_read_only_workdir_is_one_message(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
-# ============================================================================= README
-
-
-def test_readme_python_snippets_run_as_pasted():
-  import re  # pylint: disable=g-import-not-at-top
-  text = open(os.path.join(ROOT, "README.md")).read()
-  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-  assert len(blocks) >= 2
-  for block in blocks:
-    scope = {}
-    exec(compile(block, "README.md", "exec"), scope)  # pylint: disable=exec-used
-  m, c = scope["m"], scope["c"]                       # the metrics snippet's results
-  assert set(m) >= {"precision_at_1", "r_precision", "map_at_r", "recall_at_1", "ndcg_at_10",
-                    "num_queries", "num_lone_queries"}
-  assert 0.0 <= m["map_at_r"] <= 1.0 and set(c) == {"nmi", "f1"}
+# The README's and the documentation's snippets run in tests/test_docs.py.
