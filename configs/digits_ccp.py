@@ -2,9 +2,10 @@ r"""CCP (contrastive, Euclidean, margins 0 / 1; 4 proxies per class) on the embe
 
   python -m dmljax.main --config=configs/digits_ccp.py --workdir=/tmp/dmljax/digits_ccp
 
-Measured (seed 0, 29 s on 2 CPU cores): test MAP@R 0.388 against 0.440 for the untrained network
-and 0.617 for the raw pixels (the final table's rows): five training digits teach nothing that
-transfers to the three unseen ones, so this config is for fast checks, not for claims.
+Measured (seed 0, 48 s wall on 2 CPU cores shared with the test suite; re-measured after issues
+17-23): test MAP@R 0.408 against 0.440 for the untrained network and 0.617 for the raw pixels (the
+final table's rows): five training digits teach nothing that transfers to the three unseen ones,
+so this config is for fast checks, not for claims.
 Small variant for tests: ``--config=configs/digits_ccp.py:small``.
 """
 from dmljax.configs import base_config, shrink
