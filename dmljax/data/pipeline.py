@@ -17,8 +17,13 @@ How grain is used: the steps are a ``grain.MapDataset.range(start_step, stop)`` 
 picklable step -> batch function (decode + augment the batch's images, stack them), converted with
 ``to_iter_dataset`` (no reader threads) and prefetched by ``mp_prefetch`` in ``num_workers`` spawned
 processes: worker ``w`` computes steps ``start + w, start + w + W, ...`` and grain interleaves them
-back in step order, passing the image arrays through shared memory; each worker keeps
-``ceil(prefetch / num_workers)`` finished batches buffered. The loader's checkpoint state is only
+back in step order; each worker keeps ``ceil(prefetch / num_workers)`` finished batches buffered.
+A worker reads a batch's records in one batched read and writes each transformed image straight
+into a batch array allocated in grain's shared memory, which grain hands to the main process by
+name: the main process maps it and yields a plain view of it, without copying (the block is freed
+with the last array viewing it). Batches that depend on the train state once per *hold* (PROFS
+with hard negative class mining) are computed ahead too: the loop publishes each hold's value on a
+:class:`HoldBoard` and the workers' :class:`HoldIndices` wait for it. The loader's checkpoint state is only
 the next step (plus the seed, as a check), not grain's per-worker state: it is JSON-able,
 independent of ``num_workers``, and :meth:`BatchLoader.set_state` rebuilds the grain pipeline at
 that step (lazily, on the next batch).
