@@ -174,6 +174,18 @@ def create_input(config) -> Input:
                train_transform=train_tf, eval_transform=eval_tf, image_copy=image_copy)
 
 
+def _cgroup_cpu_limit():
+  """The cgroup (v2) CPU quota in cores, rounded up (``cpu.max``: "quota period"), or None."""
+  try:
+    with open("/sys/fs/cgroup/cpu.max") as f:
+      quota, period = f.read().split()[:2]
+  except (OSError, ValueError):
+    return None
+  if quota == "max":
+    return None
+  return max(1, -(-int(quota) // int(period)))
+
+
 def available_cores() -> int:
   """CPU cores this process may use: its affinity mask (``os.sched_getaffinity``: a batch
   scheduler's or ``taskset``'s allotment, not the machine's count), further limited by a cgroup
@@ -182,14 +194,8 @@ def available_cores() -> int:
     cores = len(os.sched_getaffinity(0))
   except (AttributeError, OSError):  # not on Linux
     cores = os.cpu_count() or 1
-  try:
-    with open("/sys/fs/cgroup/cpu.max") as f:
-      quota, period = f.read().split()[:2]
-    if quota != "max":
-      cores = min(cores, max(1, -(-int(quota) // int(period))))
-  except (OSError, ValueError):
-    pass
-  return max(1, cores)
+  limit = _cgroup_cpu_limit()
+  return max(1, min(cores, limit) if limit else cores)
 
 
 def input_workers(config, data: Input) -> int:

@@ -159,9 +159,13 @@ def test_batched_reads_cores_and_hncm_holds_decoded_ahead(copies, monkeypatch):
   # Workers: one per available core (the affinity mask), unless set.
   c = _config(full_dir, **{"input.num_workers": -1})
   data = inputs.create_input(c)
-  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
-  assert inputs.input_workers(c, data) == min(3, inputs.available_cores())
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 5, 7, 9, 11, 12, 13, 14})
+  monkeypatch.setattr(inputs, "_cgroup_cpu_limit", lambda: None)
+  assert inputs.input_workers(c, data) == 10  # no longer capped at 8
+  monkeypatch.setattr(inputs, "_cgroup_cpu_limit", lambda: 3)  # docker --cpus=2.5
+  assert inputs.input_workers(c, data) == 3
   monkeypatch.undo()
+  assert inputs.input_workers(_config(full_dir, **{"input.num_workers": 2}), data) == 2
   # PROFS-HNCM: the batches of a hold come from a worker, computed from the table the loop
   # publishes at the hold's first step, handed over in shared memory without a copy.
   labels = split.labels
