@@ -14,11 +14,14 @@ both alike:
 * inference: eval-mode pooled features (jitted / eager under ``no_grad``).
 
 Median of ``--iters`` (5) timed repetitions after ``--warmup`` (2), JAX and PyTorch alternating.
-Each child also saves the eval features and the first step's loss and gradients (from the same
-initial variables); the parent compares every flag set's to the default flags' (``default``) and
-reports the largest difference per leaf relative to that leaf's largest magnitude. dmljax's own
-CPU defaults (``dmljax.xla_flags``) are switched off in the children (``DMLJAX_XLA_DEFAULTS=0``),
-so that each flag set is exactly what is measured. docs/backbones.md records the figures.
+Each child also saves the eval features, the first step's loss and gradients (from the same
+initial variables) and PyTorch's gradients of the same loss (dropout p = 0); the parent compares
+every flag set's to the default flags' (``default``): features relative to the largest feature,
+gradients as the relative L2 distance over all leaves, the largest difference per leaf relative
+to that leaf's largest value (leaves below ``SMALL_LEAF`` of the largest left out: zero but for
+rounding), and the same distances of both to PyTorch's gradients. dmljax's own CPU defaults
+(``dmljax.xla_flags``) are switched off in the children (``DMLJAX_XLA_DEFAULTS=0``), so that each
+flag set is exactly what is measured. docs/backbones.md records the figures.
 """
 import argparse
 import json
