@@ -361,7 +361,10 @@ class Evaluator:
   def metrics(self, embeddings, labels, gallery_embeddings=None,
               gallery_labels=None) -> dict[str, float]:
     """The configured metrics of one set of embeddings (see :func:`embedding_metrics`)."""
-    return embedding_metrics(self.config, embeddings, labels, gallery_embeddings, gallery_labels)
+    # From device arrays: searched on the devices they live on (the run's mesh); from numpy, on
+    # all devices as before (the results do not depend on the device count).
+    return embedding_metrics(self.config, embeddings, labels, gallery_embeddings, gallery_labels,
+                             mesh=self.mesh if isinstance(embeddings, jax.Array) else None)
 
   def knn_on_device(self) -> bool:
     """Whether evaluations keep the embeddings on the devices for the kNN

@@ -750,9 +750,9 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
   approx = check_approx(approx_recall, mesh)
   dev = search_on_device(queries, on_device, mesh)
   prep = prepare_device if dev else prepare_embeddings
-  q = prep(_as_device(queries) if dev else queries, "queries")
+  q = prep(_as_device(queries, mesh) if dev else queries, "queries")
   same = references is None
-  r = q if same else prep(_as_device(references) if dev else references, "references")
+  r = q if same else prep(_as_device(references, mesh) if dev else references, "references")
   if r.shape[1] != q.shape[1]:
     raise ValueError(f"references have dimension {r.shape[1]} but queries {q.shape[1]}.")
   available = r.shape[0] - int(same)
@@ -825,8 +825,13 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
   return _result(q, top, idx)
 
 
-def _as_device(x) -> jax.Array:
-  return x if isinstance(x, jax.Array) else jnp.asarray(x)
+def _as_device(x, mesh: Mesh) -> jax.Array:
+  """``x`` as a jax array on exactly the devices of ``mesh`` (replicated there if it lives on
+  other devices, e.g. a training mesh over fewer devices than the kNN's)."""
+  x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+  if set(x.devices()) != set(np.asarray(mesh.devices).reshape(-1)):
+    x = jax.device_put(x, NamedSharding(mesh, P()))
+  return x
 
 
 def _result(q, top: np.ndarray, idx: np.ndarray) -> KNNResult:
@@ -924,6 +929,8 @@ def first_relevant_rank(queries, query_labels: np.ndarray, query_ids: np.ndarray
                                 sizing_lib.memory_budget(mesh.devices, memory_budget), mesh.size)
     query_block = qb if query_block is None else query_block
     ref_block = rb if ref_block is None else ref_block
+  if isinstance(queries, jax.Array):
+    queries, references = _as_device(queries, mesh), _as_device(references, mesh)
   if query_block is None:
     query_block = 256  # no group-max buffer here: the [query_block, ref_block] scores only
   ref_block = REF_BLOCK if ref_block is None else ref_block
