@@ -68,6 +68,15 @@ distances from identical rows are equal scores, ranked by index. Two references 
 distances differ by about a float32 rounding of ``S`` can come in either order, and in a
 different order than on the per-query-block path or in faiss (which round differently again).
 
+Block sizes by backend (``sizing``, :mod:`dmljax.kernels.sizing`): the defaults above
+(:data:`REF_BLOCK`, :func:`auto_blocks`' 64 MB buffer, the symmetric path) are the CPU's. On a
+GPU/TPU the accelerator sizing (:func:`accelerator_blocks`) takes one query block per device
+against all references in a single step where a share of the device's memory allows, else the
+largest blocks that fit; the neighbours are the same. There, ``approx_recall`` may replace the
+exact top-k of step 2 by TPU's ``lax.approx_max_k`` (opt-in, TPU only). Device arrays are
+searched where they are (``on_device``): checks, augmented rows and the search run on the device
+and only the ``[Q, k]`` results are read back.
+
 Inputs are checked (:func:`prepare_embeddings`): NaN/inf values, and rows whose squared norm
 could make a float32 score overflow, are rejected with the row and the fix. Should non-finite
 scores still arise, both selection paths rank them last, never return a query as its own
