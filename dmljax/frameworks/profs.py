@@ -293,6 +293,9 @@ class PROFSFramework(Framework):
       self._table = (hold, fs["n"] if int(fs["h"]) > 0 else None)
     return self._table[1]
 
+  # The anchor moves inside the step (after_update, at the first step of each hold).
+  step_moves_anchor = True
+
   @property
   def sample_uses_state(self) -> bool:
     """With HNCM a batch's classes come from the neighbour table in the train state, so the
