@@ -24,7 +24,8 @@ class TrainState:
     batch_stats: BatchNorm running statistics of the model.
     opt_state: optax state over ``params``.
     anchor: proximal anchor, a copy of ``params["model"]`` (CCP's theta^(k-1)).
-    best: ``{"params", "batch_stats"}`` of the best validation evaluation so far.
+    best: ``{"params", "batch_stats"}`` of the best validation evaluation so far (changed only
+      at evaluations: kept out of the jitted step, see :func:`split_for_step`).
     tracker: early-stopping scalars: ``best_metric`` (float32, -inf before the first eval),
       ``best_step``, ``evals_since_best``, ``num_evals`` (int32); and the health counters of the
       train step: ``nonfinite_steps`` (steps whose update was skipped for a non-finite loss or

@@ -6,8 +6,12 @@ The module reads top to bottom as a run does; the parts it wires live in modules
   and the worker pipeline that decodes them;
 * **state** (:func:`create_state`): model variables, the framework's parameters and arrays, the
   optimizer state, in one :class:`~dmljax.state.TrainState`;
-* **step** (:func:`make_train_step`, :func:`jit_train_step`): one jitted step over the mesh; a
-  non-finite loss or gradient is never applied;
+* **step** (:func:`make_train_step`, :class:`StepDispatcher`): one jitted step over the mesh; a
+  non-finite loss or gradient is never applied. The step sees the *lean* state: what only
+  evaluations change (the best parameters, e.g. CCP's per-projection copy) stays outside and is
+  never donated, the proximal anchor is a read-only input; ``config.steps_per_dispatch`` runs
+  several steps per dispatch (a scan over prefetched batches, up to each evaluation and
+  checkpoint);
 * **evaluation** (:mod:`dmljax.evaluation`): inference-mode embedding and the retrieval (and
   optionally clustering) metrics of a split, the final table;
 * **the run directory** (:mod:`dmljax.rundir`): metrics.jsonl, TensorBoard, config.json, plots,
