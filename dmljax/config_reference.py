@@ -151,6 +151,17 @@ MEANINGS = {
                           "memory within this many MB, else decoded at every evaluation.",
     "eval_cache.train": "Also keep the training split under the evaluation transform (CCP's "
                         "k-center pools) when it fits what the splits left of host_mb.",
+    "eval_knn.sizing": "How the evaluation's kNN cuts its work: auto (the CPU's blocks on CPU; "
+                       "a single pass, or blocks sized from device memory, on GPU/TPU), cpu or "
+                       "accelerator. The metrics do not depend on it.",
+    "eval_knn.memory_mb": "Memory per device the accelerator sizing of the kNN may use (-1: a "
+                          "quarter of the device memory, 2 GB where the backend does not "
+                          "report it).",
+    "eval_knn.placement": "Where the evaluation's kNN runs: auto (from the device arrays on "
+                          "GPU/TPU with one process; via the host on CPU), device or host.",
+    "eval_knn.approx_recall": "TPU only: the kNN's group filter by lax.approx_max_k at this "
+                              "recall target in (0, 1), making the metrics approximate; 0 = "
+                              "exact (the default; refused on other backends).",
     "checkpoint.enabled": "Write checkpoints (and resume from them).",
     "paper_row": "Set by configs/paper.py (not a default): the catalogue row the run "
                  "reproduces (python -m dmljax.paper list).",

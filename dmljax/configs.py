@@ -134,6 +134,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_cache.device_mb = -1.0
   c.eval_cache.host_mb = 4096.0
   c.eval_cache.train = True
+  # The evaluation's kNN (dmljax.kernels.knn): how it cuts its work (auto = the CPU's blocks on
+  # CPU, a single pass or blocks sized from device memory on GPU/TPU; the metrics do not change),
+  # the accelerator sizing's memory per device (-1: a quarter of the device memory), where it
+  # runs (auto: from the device arrays on GPU/TPU, via the host on CPU) and, TPU only, an
+  # approximate group filter (lax.approx_max_k's recall target; 0 = exact, the default).
+  c.eval_knn = ml_collections.ConfigDict()
+  c.eval_knn.sizing = "auto"         # auto | cpu | accelerator
+  c.eval_knn.memory_mb = -1.0
+  c.eval_knn.placement = "auto"      # auto | device | host
+  c.eval_knn.approx_recall = 0.0
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True
