@@ -19,6 +19,9 @@ MEANINGS = {
                          "~/.cache/dmljax/glyphs.",
     "dataset.data_dir": "TFDS folder of the prepared benchmark data sets (a gs:// path works); "
                         "\"\" = $TFDS_DATA_DIR, else ~/tensorflow_datasets.",
+    "dataset.image_copy": "auto (the copy dataset.data_dir holds, recorded resolved), full, or "
+                          "short_side_N (prepare --short_side=N); a run never resumes on "
+                          "another copy.",
     "dataset.options": "Free-form: keyword options of the data set's loader (val_fraction, "
                        "protocol_fold, ...); unknown ones are refused by the loader.",
     "dataset.train_split": "Split trained on.",
@@ -31,7 +34,8 @@ MEANINGS = {
     "input.flip": "Training: random horizontal flips.",
     "input.crop_to_bbox": "CUB / Cars: crop to the bounding box before the transforms.",
     "input.augment": "Records: False trains on the evaluation transform.",
-    "input.num_workers": "Decode processes; -1 = min(8, CPU cores) for records, 0 for arrays.",
+    "input.num_workers": "Decode processes; -1 = one per available core (affinity mask, cgroup "
+                         "quota) for records, 0 for arrays.",
     "input.prefetch": "Batches decoded ahead of the step.",
     "model.name": "Backbone: small_cnn, resnet_v2_20, bn_inception, googlenet, resnet50 "
                   "(docs/backbones.md).",

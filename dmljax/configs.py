@@ -26,6 +26,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Prepared benchmark data sets (cub, cars, sop, inshop): the TFDS folder they were prepared
   # into ("" = $TFDS_DATA_DIR, else ~/tensorflow_datasets); a gs:// path works too.
   c.dataset.data_dir = ""
+  # Which copy of the images the run reads: "auto" = whatever dataset.data_dir holds, recorded
+  # resolved in config.json and the checkpoints ("full" or "short_side_256", prepared with
+  # `prepare --short_side=256`); "full" / "short_side_N" refuse the other copy. A run never
+  # resumes on another copy than it trained on.
+  c.dataset.image_copy = "auto"
 
   # The host input pipeline (dmljax.data.pipeline). Images are uint8 on the host; the backbone
   # normalises them on device. Records (the benchmark data sets) are decoded and augmented as in
@@ -40,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.flip = True
   c.input.crop_to_bbox = False       # CUB / Cars: crop to the bounding box first
   c.input.augment = True             # records only: False trains on the eval transform
-  c.input.num_workers = -1           # decode processes; -1 = min(8, CPU cores) for records, 0 arrays
+  c.input.num_workers = -1           # decode processes; -1 = one per available core for records
   c.input.prefetch = 4               # batches decoded ahead of the step
 
   c.model = ml_collections.ConfigDict()

@@ -315,6 +315,12 @@ def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factor
   if restored is not None:
     host = restored[1]
     changed = rundir.config_changes(host["config"], cfg_now) if "config" in host else {}
+    if not allow_config_change:
+      try:
+        inputs.check_image_copy(host, config, workdir)  # dataset.image_copy: not another copy
+      except errors.ConfigChanged:
+        checkpointer.close()
+        raise
     backend = host.get("precision", {}).get("backend")
     if "model.dtype" in changed and backend and backend != jax.default_backend():
       logging.warning("%s was trained on %s with model.dtype=%s; this run is on %s with "
@@ -483,6 +489,7 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
   console_lib.phase(f"Loading data set {config.dataset.name!r} for {workdir}")
   data = create_input(config)
   config = fit_batch(config, data, mesh.size)  # sampler.fit_batch: as many classes as there are
+  config = inputs.resolve_image_copy(config, data)  # dataset.image_copy as read, recorded
   console_lib.phase(f"Building {config.model.name} and the {config.framework} train state "
                     f"({data.num_classes} training classes, {len(data.train_labels)} images)")
   model = models.get_model(config.model)
