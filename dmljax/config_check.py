@@ -242,6 +242,10 @@ def check_values(config) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ConfigError(f"config.{key} must be an integer >= 1, got {v!r} (set "
                         f"--config.{key})")
+  k = flat.get("steps_per_dispatch", 0)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    raise ConfigError(f"config.steps_per_dispatch must be an integer >= 0 (0 = auto), got {k!r} "
+                      "(set --config.steps_per_dispatch)")
   if config.get("framework") == "ccp" and "ccp" in config:
     for key in ("proxies_per_class", "pool_size"):
       v = config.ccp.get(key, 1)

@@ -136,6 +136,10 @@ MEANINGS = {
     "eval_every_steps": "Validation every this many steps.",
     "patience_evals": "Early stopping: evaluations without improvement of val MAP@R.",
     "log_every_steps": "Progress line and metrics.jsonl record every this many steps.",
+    "steps_per_dispatch": "Train steps per dispatch to the devices (a scan over prefetched "
+                          "batches, equal to single steps); evaluations, checkpoints and "
+                          "preemption saves stay at their steps. 0 = auto: 8 on GPU/TPU, 1 on "
+                          "CPU and for PROFS with HNCM.",
     "eval_batch_size": "Embedding batch of evaluations (divisible by the device count).",
     "recall_ks": "Recall@k cut-offs reported.",
     "precision_ks": "Precision@k cut-offs reported.",

@@ -314,6 +314,9 @@ class PROFSFramework(Framework):
       self.hold_board.publish(hold, self._table[1])
     return self._table[1]
 
+  # The anchor moves inside the step (after_update, at the first step of each hold).
+  step_moves_anchor = True
+
   @property
   def sample_uses_state(self) -> bool:
     """With HNCM a batch's classes come from the neighbour table in the train state: the input
