@@ -14,11 +14,14 @@ both alike:
 * inference: eval-mode pooled features (jitted / eager under ``no_grad``).
 
 Median of ``--iters`` (5) timed repetitions after ``--warmup`` (2), JAX and PyTorch alternating.
-Each child also saves the eval features and the first step's loss and gradients (from the same
-initial variables); the parent compares every flag set's to the default flags' (``default``) and
-reports the largest difference per leaf relative to that leaf's largest magnitude. dmljax's own
-CPU defaults (``dmljax.xla_flags``) are switched off in the children (``DMLJAX_XLA_DEFAULTS=0``),
-so that each flag set is exactly what is measured. docs/backbones.md records the figures.
+Each child also saves the eval features, the first step's loss and gradients (from the same
+initial variables) and PyTorch's gradients of the same loss (dropout p = 0); the parent compares
+every flag set's to the default flags' (``default``): features relative to the largest feature,
+gradients as the relative L2 distance over all leaves, the largest difference per leaf relative
+to that leaf's largest value (leaves below ``SMALL_LEAF`` of the largest left out: zero but for
+rounding), and the same distances of both to PyTorch's gradients. dmljax's own CPU defaults
+(``dmljax.xla_flags``) are switched off in the children (``DMLJAX_XLA_DEFAULTS=0``), so that each
+flag set is exactly what is measured. docs/backbones.md records the figures.
 """
 import argparse
 import json
@@ -49,6 +52,10 @@ CONFIGS = {
                     f"--xla_cpu_experimental_xnn_fusion_type={_ALL_KINDS}"),
     "onednn_ynn_off": ("--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type= "
                        f"--xla_cpu_experimental_onednn_fusion_type={_ALL_KINDS}"),
+    "ynn_conv": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution",
+    # YNNPACK's default list less its convolutions (the '-' form removes a kind from the default).
+    "ynn_noconv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+    "xnn_graph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
 }
 
 
@@ -89,8 +96,26 @@ def child(arch, batch, size, warmup, iters, out):
   (loss0, _), grads = grad_fn(variables["params"], variables["batch_stats"], x)
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(g)
           for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
-  np.savez(out + ".npz", feats=feats, loss=np.asarray(loss0), **{"g:" + k: v
-                                                                   for k, v in flat.items()})
+  # PyTorch's gradients of the same loss from the same weights and input (an independent float32
+  # implementation): how far the default path itself is from another float32 result, per leaf.
+  # (torchvision's GoogLeNet drops out its pooled features in training mode; the Flax trunk has
+  # no dropout, so the reference is taken with p = 0.)
+  tm.train()
+  drop = getattr(tm, "dropout", None)
+  p_drop = getattr(drop, "p", None)
+  if p_drop is not None:
+    drop.p = 0.0
+  tm.zero_grad(set_to_none=True)
+  tm(xt).pow(2).mean().backward()
+  if p_drop is not None:
+    drop.p = p_drop
+  gsd = dict(sd)
+  gsd.update({k: p.grad.detach().numpy() for k, p in tm.named_parameters() if p.grad is not None})
+  tgrads = models.convert_state_dict(arch, gsd)[0]["params"]
+  tflat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(g)
+           for path, g in jax.tree_util.tree_flatten_with_path(tgrads)[0]}
+  np.savez(out + ".npz", feats=feats, loss=np.asarray(loss0),
+           **{"g:" + k: v for k, v in flat.items()}, **{"t:" + k: v for k, v in tflat.items()})
   del grads, flat
   infer_vars = jax.tree.map(jnp.array, variables)
   state = {"p": variables["params"], "bs": variables["batch_stats"]}
@@ -141,9 +166,53 @@ def child(arch, batch, size, warmup, iters, out):
     json.dump(res, f)
 
 
+#: Gradient leaves whose largest |value| is below this fraction of the largest over all leaves
+#: are left out of the per-leaf comparison: they are zero but for rounding (a convolution's bias
+#: followed by train-mode BatchNorm), so a relative difference there means nothing. Their
+#: difference still counts in ``grad_global`` (relative to the largest gradient of all leaves).
+SMALL_LEAF = 1e-3
+
+
+def grad_errors(ref, other, prefix_ref="g:", prefix_other="g:"):
+  """Per-leaf max |ref - other| / max |ref| over leaves above SMALL_LEAF, and over all leaves
+  relative to the largest |ref| of any leaf: (worst per-leaf, its leaf, worst global)."""
+  keys = [k[2:] for k in ref.files if k.startswith(prefix_ref)]
+  top = max(float(np.abs(ref[prefix_ref + k]).max()) for k in keys)
+  worst, worst_key, glob = 0.0, "", 0.0
+  for k in keys:
+    a, b = ref[prefix_ref + k], other[prefix_other + k]
+    d = float(np.abs(a - b).max())
+    glob = max(glob, d / top)
+    scale = float(np.abs(a).max())
+    if scale >= SMALL_LEAF * top and d / scale > worst:
+      worst, worst_key = d / scale, k
+  return worst, worst_key, glob
+
+
+def _rel_l2(ref, other, prefix_ref, prefix_other):
+  """||ref - other|| / ||ref|| over all gradient leaves together (float64)."""
+  keys = [k[2:] for k in ref.files if k.startswith(prefix_ref)]
+  num = sum(float(((ref[prefix_ref + k].astype(np.float64)
+                    - other[prefix_other + k].astype(np.float64)) ** 2).sum()) for k in keys)
+  den = sum(float((ref[prefix_ref + k].astype(np.float64) ** 2).sum()) for k in keys)
+  return (num / max(den, 1e-300)) ** 0.5
+
+
 def compare(ref_npz, npz):
-  """Largest |difference| / largest |reference| over the features and over each gradient leaf."""
+  """Largest |difference| / largest |reference| over the features and over each gradient leaf;
+  with PyTorch's gradients in ``npz``, also the default's and this flag set's distance to them."""
   a, b = np.load(ref_npz), np.load(npz)
+  out = {}
+  if any(k.startswith("t:") for k in b.files):
+    out["default_vs_torch"], out["default_vs_torch_leaf"], out["default_vs_torch_global"] = (
+        grad_errors(b, a, "t:", "g:"))
+    out["this_vs_torch"], out["this_vs_torch_leaf"], out["this_vs_torch_global"] = (
+        grad_errors(b, b, "t:", "g:"))
+  out["grad_rel_big"], out["grad_rel_big_leaf"], out["grad_global"] = grad_errors(a, b)
+  out["grad_l2"] = _rel_l2(a, b, "g:", "g:")  # ||this - default|| / ||default||, all leaves
+  if "this_vs_torch" in out:
+    out["default_vs_torch_l2"] = _rel_l2(b, a, "t:", "g:")
+    out["this_vs_torch_l2"] = _rel_l2(b, b, "t:", "g:")
   feats = float(np.abs(a["feats"] - b["feats"]).max() / max(np.abs(a["feats"]).max(), 1e-30))
   worst, worst_key = 0.0, ""
   for k in a.files:
@@ -154,7 +223,8 @@ def compare(ref_npz, npz):
     if d > worst:
       worst, worst_key = d, k[2:]
   loss = float(abs(a["loss"] - b["loss"]) / max(abs(float(a["loss"])), 1e-30))
-  return {"feats_rel": feats, "grad_rel": worst, "grad_worst_leaf": worst_key, "loss_rel": loss}
+  out.update(feats_rel=feats, grad_rel=worst, grad_worst_leaf=worst_key, loss_rel=loss)
+  return out
 
 
 def main():
@@ -181,6 +251,7 @@ def main():
         env = dict(os.environ, XLA_FLAGS=CONFIGS[name], DMLJAX_XLA_DEFAULTS="0",
                    TF_CPP_MIN_LOG_LEVEL="3")
         t = time.time()
+        load_before = os.getloadavg()
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", arch, path,
                                "--batch", str(args.batch), "--size", str(args.size),
                                "--warmup", str(args.warmup), "--iters", str(args.iters)],
@@ -190,7 +261,8 @@ def main():
           continue
         with open(path + ".json") as f:
           r = json.load(f)
-        r.update(arch=arch, config=name, round=rnd, wall=time.time() - t)
+        r.update(arch=arch, config=name, round=rnd, wall=time.time() - t, batch=args.batch,
+                 loadavg_before=load_before, loadavg_after=os.getloadavg())
         ref = os.path.join(tmp, f"{arch}-default-{rnd}.npz")
         if name != "default" and os.path.exists(ref):
           r.update(compare(ref, path + ".npz"))
@@ -198,9 +270,16 @@ def main():
         print(f"{arch:13s} {name:18s} train {r['jax_train'] * 1e3:7.0f} ms vs torch "
               f"{r['torch_train'] * 1e3:7.0f} ms ({r['jax_train'] / r['torch_train']:.2f}x)  "
               f"infer {r['jax_infer'] * 1e3:6.0f} vs {r['torch_infer'] * 1e3:6.0f} ms "
-              f"({r['jax_infer'] / r['torch_infer']:.2f}x)  load {r['load']:.1f}  "
-              + (f"feats {r['feats_rel']:.1e} grads {r['grad_rel']:.1e}"
-                 if "feats_rel" in r else ""), flush=True)
+              f"({r['jax_infer'] / r['torch_infer']:.2f}x)  load "
+              f"{'/'.join(f'{v:.1f}' for v in r['loadavg_before'])} -> "
+              f"{'/'.join(f'{v:.1f}' for v in r['loadavg_after'])}  "
+              f"compile {r['compile_train_s']:.0f} s  wall {r['wall']:.0f} s  "
+              + (f"feats {r['feats_rel']:.1e} grads {r['grad_rel_big']:.1e} "
+                 f"({r['grad_rel_big_leaf']}; all leaves {r['grad_global']:.1e} of the largest)"
+                 if "feats_rel" in r else "")
+              + (f" vs torch: default {r['default_vs_torch']:.1e} ({r['default_vs_torch_leaf']})"
+                 f" this {r['this_vs_torch']:.1e} ({r['this_vs_torch_leaf']})"
+                 if "this_vs_torch" in r else ""), flush=True)
         if args.out:
           with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

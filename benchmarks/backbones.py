@@ -15,7 +15,9 @@ For each backbone, with identical weights (the PyTorch model's random init, conv
 PyTorch gets as many threads as XLA's CPU client uses (all cores, ``--threads`` to change).
 ResNet-v2-20 runs at 28 x 28 x 1 (the MNIST net it is) against a PyTorch module of the same
 layout written here. Medians over ``--iters`` timed repetitions after one warm-up; the JAX
-compile time is reported separately. Needs torch and torchvision (and pretrainedmodels for
+compile time is reported separately. JAX runs with dmljax's CPU defaults for XLA
+(``dmljax.xla_flags``, applied by ``import dmljax``; ``DMLJAX_XLA_DEFAULTS=0`` measures XLA's
+own defaults). Needs torch and torchvision (and pretrainedmodels for
 BN-Inception; the ``torch_ref`` extra); docs/backbones.md records the figures.
 """
 import argparse

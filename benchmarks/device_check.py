@@ -11,7 +11,9 @@ mid-run leaves every finished part on disk), in this order:
   batch 32 at 227 x 227, C2-CCP loss with the proximal term) in ms/step, median of timed steps
   after the compile, and the inference forward pass of one eval batch;
 * ``knn``: SOP-sized retrieval evaluation (60,502 x 128 float32 embeddings, 11,318 classes):
-  the exact kNN and every metric, from device arrays, seconds;
+  the exact kNN and every metric, from device arrays with the backend's sizing, seconds; and,
+  measured in the same run, the same from the host with the CPU's blocks (the path before issue
+  17 item 6), whose metrics must be equal;
 * ``end_to_end``: a Cars-shaped run (JPEGs of ~770 x 530 written in the Cars196 layout and
   prepared with the project's own ``prepare``), the paper's cadence (validation every 25 steps),
   dtype "auto": wall time, steps, evaluations, and the fraction of wall time the device spends
@@ -122,6 +124,7 @@ def _step_part(tiny, dtype, reps):
 
 def _knn_part(tiny):
   from dmljax import metrics  # pylint: disable=g-import-not-at-top
+  from dmljax.kernels import sizing  # pylint: disable=g-import-not-at-top
   n, d, classes = (2000, 64, 300) if tiny else (60502, 128, 11318)
   rng = np.random.default_rng(0)
   labels = np.sort(rng.integers(0, classes, n))
@@ -134,8 +137,18 @@ def _knn_part(tiny):
   first = time.perf_counter() - t
   t = time.perf_counter()
   m = metrics.retrieval_metrics(on_device, labels, recall_ks=(1, 10, 100))
-  return {"num": n, "dim": d, "classes": classes, "first_s": first,
-          "seconds": time.perf_counter() - t, "map_at_r": float(m["map_at_r"])}
+  seconds = time.perf_counter() - t
+  # The reference, in the same run: the kNN as before issue 17 item 6 (the embeddings read back
+  # to the host, the CPU's blocks); its first call compiles, the second is timed.
+  old = dict(recall_ks=(1, 10, 100), sizing="cpu", on_device=False)
+  metrics.retrieval_metrics(on_device, labels, **old)
+  t = time.perf_counter()
+  m_old = metrics.retrieval_metrics(on_device, labels, **old)
+  return {"num": n, "dim": d, "classes": classes, "first_s": first, "seconds": seconds,
+          "map_at_r": float(m["map_at_r"]), "sizing": sizing.resolve("auto", jax.devices()),
+          "seconds_host_cpu_sizing": time.perf_counter() - t,
+          "same_metrics": {k: float(v) for k, v in m.items()} == {
+              k: float(v) for k, v in m_old.items()}}
 
 
 def cars_like(root, tiny=False, per_class=None, test_classes=None):

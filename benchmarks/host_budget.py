@@ -14,10 +14,12 @@ Parts (each printed as one JSON line, and all of them written to ``--out``):
   the caches), once from the host cache (the first evaluation, which builds it, reported apart).
   The model is the small CNN (4 and 8 channels) at 227 x 227: cheap, but not free, so its
   compute is subtracted rather than assumed away;
-* ``dispatch``: ms per call of a jitted, donating no-op over the CCP paper's train state
-  (BN-Inception, Cars: 98 x 8 proxies, with ``best`` and CCP's per-projection copy), and over the
-  same state without those two copies;
-* ``checkpoint``: seconds one save of that state blocks the loop, synchronous and asynchronous.
+* ``dispatch``: ms per step of dispatch with the CCP paper's train state (BN-Inception, Cars:
+  98 x 8 proxies): a jitted, donating no-op over the whole state (the step before the lean
+  step), and a no-op step through the trainer's :class:`~dmljax.train.StepDispatcher` (the lean
+  state) with one and with ``--steps_per_dispatch`` steps per dispatch;
+* ``checkpoint``: seconds one save of that state blocks the loop, synchronous and asynchronous
+  (and asynchronous as before the checkpointer's own host copy: Orbax given the jax.Arrays).
 """
 import argparse
 import json
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import device_check  # noqa: E402  (the Cars-shaped writer)
@@ -101,34 +104,59 @@ def _paper_state():
   fw = frameworks.get_framework(c, num_classes=98, embedding_dim=c.model.embedding_dim)
   tx = optim.make_optimizer(c.optim, c.total_steps)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  return parallel.replicate(train.create_state(c, model, fw, tx, data), mesh)
+  return parallel.replicate(train.create_state(c, model, fw, tx, data), mesh), fw, mesh
 
 
-def _dispatch_part(state, reps):
-  def per_call(st):
-    noop = jax.jit(lambda s: s.replace(step=s.step + 1), donate_argnums=(0,))
-    st = noop(st)
+def _dispatch_part(state, fw, mesh, reps, k):
+  """ms per step of dispatch: before the lean step (a jitted donating no-op over the whole
+  state, as the step was), and through the trainer's own :class:`~dmljax.train.StepDispatcher`
+  (the lean state: ``best`` and CCP's per-projection copy left out, the anchor read-only) with
+  one and with ``k`` steps per dispatch. The step itself is a no-op (the counter + 1) over a
+  one-byte-per-row batch of 8, so what is timed is the dispatch, not the model or the input."""
+  from dmljax import numerics, parallel, state as state_lib, train  # pylint: disable=g-import-not-at-top
+
+  def timed(call, st, steps):
+    st = call(st)                                   # compiles
     jax.block_until_ready(st.step)
     t = time.perf_counter()
     for _ in range(reps):
-      st = noop(st)
+      st = call(st)
     jax.block_until_ready(st.step)
-    return 1e3 * (time.perf_counter() - t) / reps, len(jax.tree.leaves(st))
-  from dmljax import numerics  # pylint: disable=g-import-not-at-top
-  full_ms, full_leaves = per_call(numerics.copy_tree(state))
-  lean = state.replace(best={}, framework={k: v for k, v in state.framework.items()
-                                           if k != "proj_best"})
-  lean_ms, lean_leaves = per_call(numerics.copy_tree(lean))
-  return {"ms_per_step": full_ms, "leaves": full_leaves,
-          "lean_ms_per_step": lean_ms, "lean_leaves": lean_leaves}
+    return 1e3 * (time.perf_counter() - t) / reps / steps, st
+
+  noop = jax.jit(lambda s: s.replace(step=s.step + 1), donate_argnums=(0,))
+  before_ms, st = timed(noop, numerics.copy_tree(state), 1)
+  out = {"before": {"ms_per_step": before_ms, "leaves": len(jax.tree.leaves(st))}}
+
+  def step_fn(s, images, labels, extras):
+    del images, extras
+    return s.replace(step=s.step + 1), {"loss": jnp.sum(labels).astype(jnp.float32)}
+  disp = train.StepDispatcher(step_fn, fw, mesh, k)
+  carry, anchor, held = state_lib.split_for_step(numerics.copy_tree(state), disp.held_keys,
+                                                 disp.anchor_in_step)
+  out["lean_leaves"] = {"donated": len(jax.tree.leaves(carry)),
+                        "read_only_anchor": len(jax.tree.leaves(anchor)),
+                        "held_outside": len(jax.tree.leaves(held))}
+  st = state_lib.merge_after_step(carry, anchor, held)
+  for steps in sorted({1, k}):
+    shape = (steps, 8, 1) if steps > 1 else (8, 1)
+    x = parallel.global_batch(np.zeros(shape, np.uint8), mesh, stacked=steps > 1)
+    y = parallel.global_batch(np.zeros(shape[:-1], np.int32), mesh, stacked=steps > 1)
+    ms, st = timed(lambda s, x=x, y=y, n=steps: disp(s, x, y, {}, n)[0], st, steps)
+    out[f"lean_k{steps}"] = {"ms_per_step": ms, "steps_per_dispatch": steps}
+  return out
 
 
 def _checkpoint_part(state, root):
   from dmljax import checkpoint  # pylint: disable=g-import-not-at-top
   out = {}
-  for mode in ("sync", "async"):
+  host_copy = checkpoint._host_copy  # pylint: disable=protected-access
+  # "async_jax_arrays": the asynchronous save as it was before the checkpointer copied to host
+  # itself (Orbax given the jax.Arrays: its per-array work on the loop thread).
+  for mode in ("sync", "async", "async_jax_arrays"):
+    checkpoint._host_copy = (lambda t: t) if mode == "async_jax_arrays" else host_copy  # pylint: disable=protected-access
     ck = checkpoint.Checkpointer(os.path.join(root, mode), save_best=False,
-                                 async_save=mode == "async")
+                                 async_save=mode != "sync")
     ck.save(1, state, {"step": 1})  # the first save also creates the folders
     ck.wait_until_finished()
     ck.blocked_seconds = 0.0
@@ -138,7 +166,9 @@ def _checkpoint_part(state, root):
     ck.wait_until_finished()
     out[mode] = {"blocked_s": blocked, "written_s": time.perf_counter() - t}
     ck.close()
-  out["async_blocked_fraction_of_sync"] = out["async"]["blocked_s"] / out["sync"]["written_s"]
+  checkpoint._host_copy = host_copy  # pylint: disable=protected-access
+  for mode in ("async", "async_jax_arrays"):
+    out[f"{mode}_blocked_fraction_of_sync"] = out[mode]["blocked_s"] / out["sync"]["written_s"]
   return out
 
 
@@ -147,7 +177,10 @@ def main(argv=None):
   ap.add_argument("--per_class", type=int, default=50, help="images per Cars class")
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--out", default="host_budget.json")
-  ap.add_argument("--skip", default="")
+  ap.add_argument("--skip", default="", help="parts left out: eval,dispatch,checkpoint")
+  ap.add_argument("--steps_per_dispatch", type=int, default=8,
+                  help="k of the dispatch part's scan (the trainer's default on GPU/TPU)")
+  ap.add_argument("--dispatch_reps", type=int, default=20)
   args = ap.parse_args(argv)
   skip = set(filter(None, args.skip.split(",")))
   result = {"cpu_count": os.cpu_count()}
@@ -167,9 +200,10 @@ def main(argv=None):
                    "per_class": args.per_class})
       put("eval", _eval_part(data_dir, args.reps))
     if not {"dispatch", "checkpoint"} <= skip:
-      state = _paper_state()
+      state, fw, mesh = _paper_state()
       if "dispatch" not in skip:
-        put("dispatch", _dispatch_part(state, 20))
+        put("dispatch", _dispatch_part(state, fw, mesh, args.dispatch_reps,
+                                       args.steps_per_dispatch))
       if "checkpoint" not in skip:
         put("checkpoint", _checkpoint_part(state, root))
   return result

@@ -231,6 +231,7 @@ def run_faiss_floor(path: str) -> dict:
 
 def run_pml(path: str) -> dict:
   import torch
+  torch.set_num_threads(int(os.environ.get("PML_TORCH_THREADS", "2")))
   from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
   data = np.load(path)
   x, y = data["x"], data["y"]
@@ -263,12 +264,14 @@ def _measure(what: str, path: str, python: str, query_limit: int = 0) -> dict:
     env["DMLJAX_NATIVE"] = "0"
   if what == "ours_user_1thread":  # the compiled selection without XLA's thread pool
     env["DMLJAX_NATIVE_THREADS"] = "1"
+  load_before = os.getloadavg()
   t0 = time.perf_counter()
   subprocess.run(cmd, check=True, env=env)
   with open(res_path) as f:
     res = json.load(f)
   os.unlink(res_path)
   res["process_wall_s"] = time.perf_counter() - t0
+  res["loadavg_before"], res["loadavg_after"] = load_before, os.getloadavg()
   return res
 
 
@@ -338,7 +341,9 @@ def main(argv=None):
       walls = {k: round(v, 2) for k, v in r.items() if k.startswith("wall_s")}
       tag = {True: " native", False: " xla"}.get(r.get("native"), "")
       print(f"[{rep}] {t:13s}{tag} {walls} peak {r['peak_mb']:.0f} MB "
-            f"(after load {r['peak_mb_after_load']:.0f} MB)", flush=True)
+            f"(after load {r['peak_mb_after_load']:.0f} MB) load avg before "
+            f"{'/'.join(f'{v:.2f}' for v in r['loadavg_before'])} after "
+            f"{'/'.join(f'{v:.2f}' for v in r['loadavg_after'])}", flush=True)
   summary = {}
   for t, rs in results.items():
     key = "wall_s_warm" if "wall_s_warm" in rs[0] else "wall_s_cold"
@@ -369,7 +374,7 @@ def main(argv=None):
     summary["per_repeat"].append(row)
   if "ours" in results:
     summary["ours_metrics"] = results["ours"][0]["metrics"]
-  mine = next((t for t in ("ours", "ours_user") if t in results), None)
+  mine = next((t for t in ("ours", "ours_user", "ours_plain") if t in results), None)
   if "pml" in results and mine:
     pm, om = results["pml"][0]["metrics"], results[mine][0]["metrics"]
     summary["pml_metrics"] = pm

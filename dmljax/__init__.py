@@ -1,6 +1,11 @@
 """dmljax: deep metric learning in JAX."""
 
+from dmljax import xla_flags as _xla_flags
+
 __version__ = "0.1.0"
+
+# CPU defaults for XLA (docs/backbones.md): before JAX starts, never over a flag the user set.
+_xla_flags.apply()
 
 
 def load_model(path):

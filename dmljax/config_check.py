@@ -242,6 +242,10 @@ def check_values(config) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ConfigError(f"config.{key} must be an integer >= 1, got {v!r} (set "
                         f"--config.{key})")
+  k = flat.get("steps_per_dispatch", 0)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    raise ConfigError(f"config.steps_per_dispatch must be an integer >= 0 (0 = auto), got {k!r} "
+                      "(set --config.steps_per_dispatch)")
   if config.get("framework") == "ccp" and "ccp" in config:
     for key in ("proxies_per_class", "pool_size"):
       v = config.ccp.get(key, 1)
@@ -252,8 +256,28 @@ def check_values(config) -> None:
     raise ConfigError(f"config.batch_size={bs} is not a multiple of config.sampler.m={m}; a "
                       "batch holds batch_size / m classes of m images (set --config.batch_size "
                       "or --config.sampler.m)")
+  check_eval_knn(config)
   check_loss_kwargs(config)
   check_inputs(config)
+
+
+def check_eval_knn(config) -> None:
+  """``eval_knn``: known sizing and placement, an approx_recall in [0, 1) (whether the backend
+  allows it is checked where the devices are known: the evaluator, before step 1)."""
+  ek = config.get("eval_knn", None)
+  if ek is None:
+    return
+  from dmljax.kernels import sizing  # pylint: disable=g-import-not-at-top
+  for key, valid in (("sizing", sizing.SIZINGS), ("placement", ("auto", "device", "host"))):
+    v = ek.get(key, "auto")
+    if v not in valid:
+      raise ConfigError(f"config.eval_knn.{key}={v!r} is not one of {', '.join(valid)} (set "
+                        f"--config.eval_knn.{key})")
+  r = ek.get("approx_recall", 0.0)
+  if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+    raise ConfigError(f"config.eval_knn.approx_recall={r!r} must be in [0, 1): 0 = the exact "
+                      "kNN, else lax.approx_max_k's recall target on TPU (set "
+                      "--config.eval_knn.approx_recall)")
 
 
 def check_inputs(config) -> None:

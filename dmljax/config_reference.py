@@ -19,6 +19,9 @@ MEANINGS = {
                          "~/.cache/dmljax/glyphs.",
     "dataset.data_dir": "TFDS folder of the prepared benchmark data sets (a gs:// path works); "
                         "\"\" = $TFDS_DATA_DIR, else ~/tensorflow_datasets.",
+    "dataset.image_copy": "auto (the copy dataset.data_dir holds, recorded resolved), full, or "
+                          "short_side_N (prepare --short_side=N); a run never resumes on "
+                          "another copy.",
     "dataset.options": "Free-form: keyword options of the data set's loader (val_fraction, "
                        "protocol_fold, ...); unknown ones are refused by the loader.",
     "dataset.train_split": "Split trained on.",
@@ -31,7 +34,8 @@ MEANINGS = {
     "input.flip": "Training: random horizontal flips.",
     "input.crop_to_bbox": "CUB / Cars: crop to the bounding box before the transforms.",
     "input.augment": "Records: False trains on the evaluation transform.",
-    "input.num_workers": "Decode processes; -1 = min(8, CPU cores) for records, 0 for arrays.",
+    "input.num_workers": "Decode processes; -1 = one per available core (affinity mask, cgroup "
+                         "quota) for records, 0 for arrays.",
     "input.prefetch": "Batches decoded ahead of the step.",
     "model.name": "Backbone: small_cnn, resnet_v2_20, bn_inception, googlenet, resnet50 "
                   "(docs/backbones.md).",
@@ -132,6 +136,10 @@ MEANINGS = {
     "eval_every_steps": "Validation every this many steps.",
     "patience_evals": "Early stopping: evaluations without improvement of val MAP@R.",
     "log_every_steps": "Progress line and metrics.jsonl record every this many steps.",
+    "steps_per_dispatch": "Train steps per dispatch to the devices (a scan over prefetched "
+                          "batches, equal to single steps); evaluations, checkpoints and "
+                          "preemption saves stay at their steps. 0 = auto: 8 on GPU/TPU, 1 on "
+                          "CPU and for PROFS with HNCM.",
     "eval_batch_size": "Embedding batch of evaluations (divisible by the device count).",
     "recall_ks": "Recall@k cut-offs reported.",
     "precision_ks": "Precision@k cut-offs reported.",
@@ -147,6 +155,17 @@ MEANINGS = {
                           "memory within this many MB, else decoded at every evaluation.",
     "eval_cache.train": "Also keep the training split under the evaluation transform (CCP's "
                         "k-center pools) when it fits what the splits left of host_mb.",
+    "eval_knn.sizing": "How the evaluation's kNN cuts its work: auto (the CPU's blocks on CPU; "
+                       "a single pass, or blocks sized from device memory, on GPU/TPU), cpu or "
+                       "accelerator. The metrics do not depend on it.",
+    "eval_knn.memory_mb": "Memory per device the accelerator sizing of the kNN may use (-1: a "
+                          "quarter of the device memory, 2 GB where the backend does not "
+                          "report it).",
+    "eval_knn.placement": "Where the evaluation's kNN runs: auto (from the device arrays on "
+                          "GPU/TPU with one process; via the host on CPU), device or host.",
+    "eval_knn.approx_recall": "TPU only: the kNN's group filter by lax.approx_max_k at this "
+                              "recall target in (0, 1), making the metrics approximate; 0 = "
+                              "exact (the default; refused on other backends).",
     "checkpoint.enabled": "Write checkpoints (and resume from them).",
     "paper_row": "Set by configs/paper.py (not a default): the catalogue row the run "
                  "reproduces (python -m dmljax.paper list).",

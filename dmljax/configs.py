@@ -26,6 +26,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Prepared benchmark data sets (cub, cars, sop, inshop): the TFDS folder they were prepared
   # into ("" = $TFDS_DATA_DIR, else ~/tensorflow_datasets); a gs:// path works too.
   c.dataset.data_dir = ""
+  # Which copy of the images the run reads: "auto" = whatever dataset.data_dir holds, recorded
+  # resolved in config.json and the checkpoints ("full" or "short_side_256", prepared with
+  # `prepare --short_side=256`); "full" / "short_side_N" refuse the other copy. A run never
+  # resumes on another copy than it trained on.
+  c.dataset.image_copy = "auto"
 
   # The host input pipeline (dmljax.data.pipeline). Images are uint8 on the host; the backbone
   # normalises them on device. Records (the benchmark data sets) are decoded and augmented as in
@@ -40,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.flip = True
   c.input.crop_to_bbox = False       # CUB / Cars: crop to the bounding box first
   c.input.augment = True             # records only: False trains on the eval transform
-  c.input.num_workers = -1           # decode processes; -1 = min(8, CPU cores) for records, 0 arrays
+  c.input.num_workers = -1           # decode processes; -1 = one per available core for records
   c.input.prefetch = 4               # batches decoded ahead of the step
 
   c.model = ml_collections.ConfigDict()
@@ -112,6 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.patience_evals = 12             # overall early stopping (paper: 60 evaluations)
   c.log_every_steps = 25
   c.eval_batch_size = 256           # must be divisible by the device count
+  # Train steps run per dispatch (a scan over that many prefetched batches; results equal those
+  # of single steps). 0 = auto: 8 on GPU/TPU, 1 on CPU (where a step takes seconds) and for
+  # frameworks that choose a batch from the train state (PROFS with HNCM).
+  c.steps_per_dispatch = 0
   # Evaluation metrics (validation during training and the final table): MAP@R, R-precision and
   # P@1 always, plus these cut-offs; clustering adds k-means NMI and pairwise F1.
   c.recall_ks = (1,)
@@ -130,6 +139,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_cache.device_mb = -1.0
   c.eval_cache.host_mb = 4096.0
   c.eval_cache.train = True
+  # The evaluation's kNN (dmljax.kernels.knn): how it cuts its work (auto = the CPU's blocks on
+  # CPU, a single pass or blocks sized from device memory on GPU/TPU; the metrics do not change),
+  # the accelerator sizing's memory per device (-1: a quarter of the device memory), where it
+  # runs (auto: from the device arrays on GPU/TPU, via the host on CPU) and, TPU only, an
+  # approximate group filter (lax.approx_max_k's recall target; 0 = exact, the default).
+  c.eval_knn = ml_collections.ConfigDict()
+  c.eval_knn.sizing = "auto"         # auto | cpu | accelerator
+  c.eval_knn.memory_mb = -1.0
+  c.eval_knn.placement = "auto"      # auto | device | host
+  c.eval_knn.approx_recall = 0.0
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True

@@ -67,36 +67,39 @@ class _Take:
 
 
 def embed_source(embed_fn, mesh, model_params, batch_stats, source, transform, batch_size: int,
-                 num_workers: int = 0, prefetch: int = 2, batches=None) -> np.ndarray:
+                 num_workers: int = 0, prefetch: int = 2, batches=None, on_device: bool = False):
   """Embeds every image of ``source`` through the input pipeline; returns ``[N, D]`` numpy.
 
   Fixed-size global batches (one compile; the last one padded, the padding cut off). Each process
   reads and decodes only its own part of every batch; the embeddings, never the images, are what
   the processes share. Every batch is dispatched before any embedding is read back (one read at
   the end). ``batches``: a live :class:`~dmljax.data.pipeline.EvalBatches` of ``source`` to use
-  (kept open: its workers serve the next pass too) instead of a new one.
+  (kept open: its workers serve the next pass too) instead of a new one. ``on_device``: return
+  the (replicated) jax array instead, nothing read back.
   """
   from dmljax.data import pipeline  # pylint: disable=g-import-not-at-top
   n = len(source)
   if n == 0:
     raise ValueError("Cannot embed an empty split.")
   if batches is not None:
-    return _embed_batches(embed_fn, mesh, model_params, batch_stats, batches, n)
+    return _embed_batches(embed_fn, mesh, model_params, batch_stats, batches, n, on_device)
   with pipeline.eval_batches(source, transform, batch_size, jax.process_index(),
                              jax.process_count(), num_workers, prefetch) as batches:
-    return _embed_batches(embed_fn, mesh, model_params, batch_stats, batches, n)
+    return _embed_batches(embed_fn, mesh, model_params, batch_stats, batches, n, on_device)
 
 
-def _embed_batches(embed_fn, mesh, model_params, batch_stats, batches, n: int) -> np.ndarray:
+def _embed_batches(embed_fn, mesh, model_params, batch_stats, batches, n: int,
+                   on_device: bool = False):
   out = [embed_fn(model_params, batch_stats, parallel.global_batch(images, mesh))
          for images, _ in batches]
-  return _read_back(out, n)
+  return _read_back(out, n, on_device)
 
 
-def _read_back(outputs, n: int) -> np.ndarray:
-  """The rows ``[:n]`` of the concatenated device outputs, read back to the host once."""
-  return numerics.to_host(jnp.concatenate(outputs, axis=0)[:n] if len(outputs) > 1
-                          else outputs[0][:n])
+def _read_back(outputs, n: int, on_device: bool = False):
+  """The rows ``[:n]`` of the concatenated device outputs, read back to the host once (or, with
+  ``on_device``, left where they are)."""
+  out = jnp.concatenate(outputs, axis=0)[:n] if len(outputs) > 1 else outputs[0][:n]
+  return out if on_device else numerics.to_host(out)
 
 
 # ============================================================================= image caches
@@ -193,7 +196,19 @@ class Evaluator:
     self.caches: dict[int, ImageCache] = {}
     self.build_seconds: dict[str, float] = {}
     self._streams: dict = {}
+    self._check_knn()
     self._plan_caches()
+
+  def _check_knn(self):
+    """``config.eval_knn.approx_recall`` on a backend that has no approximate top-k: refused
+    before step 1, not at the first evaluation."""
+    from dmljax import config_check  # pylint: disable=g-import-not-at-top
+    from dmljax.kernels import knn as knn_lib  # pylint: disable=g-import-not-at-top
+    try:
+      knn_lib.check_approx(knn_options(self.config).get("approx_recall"),
+                           knn_lib.flat_mesh(self.mesh))
+    except ValueError as e:
+      raise config_check.ConfigError(f"config.eval_knn.approx_recall: {e}") from None
 
   # --------------------------------------------------------------------------- caches
 
@@ -281,7 +296,7 @@ class Evaluator:
         out[b * per:(b + 1) * per] = images
       return ImageCache(where, n, bsz, host=out)
 
-  def _embed_cache(self, model_params, batch_stats, c: ImageCache, embed_fn) -> np.ndarray:
+  def _embed_cache(self, model_params, batch_stats, c: ImageCache, embed_fn, on_device=False):
     if c.device is not None:
       out = [embed_fn(model_params, batch_stats, x) for x in c.device]
     else:
@@ -289,9 +304,9 @@ class Evaluator:
       out = [embed_fn(model_params, batch_stats,
                            parallel.global_batch(c.host[b * per:(b + 1) * per], self.mesh))
              for b in range(len(c.host) // per)]
-    return _read_back(out, c.num)
+    return _read_back(out, c.num, on_device)
 
-  def _embed_rows(self, model_params, batch_stats, rows, indices, embed_fn) -> np.ndarray:
+  def _embed_rows(self, model_params, batch_stats, rows, indices, embed_fn, on_device=False):
     """Embeddings of ``rows[indices]`` in the streaming path's batches (padding: the batch's
     first image), built from the cached rows."""
     indices = np.asarray(indices, np.int64)
@@ -305,7 +320,7 @@ class Evaluator:
       pos[:min(bsz, n - lo)] = np.arange(lo, min(lo + bsz, n))
       local = rows[indices[pos[pi * per:(pi + 1) * per]]]
       out.append(embed_fn(model_params, batch_stats, parallel.global_batch(local, self.mesh)))
-    return _read_back(out, n)
+    return _read_back(out, n, on_device)
 
   def close(self):
     """Stops the streaming workers and drops the caches (idempotent)."""
@@ -316,16 +331,17 @@ class Evaluator:
 
   # --------------------------------------------------------------------------- embedding
 
-  def embed(self, model_params, batch_stats, images, indices=None, raw=False) -> np.ndarray:
+  def embed(self, model_params, batch_stats, images, indices=None, raw=False, on_device=False):
     """Embeddings of an image source (array or records), or of its ``indices``; ``raw``: before
-    the model's normalisation."""
+    the model's normalisation. numpy, or with ``on_device`` the jax array left on the devices."""
     embed_fn = self.embed_fn_raw if raw else self.embed_fn
     c = self.cache(images)
     if c is not None and indices is None and c.rows is None:
-      return self._embed_cache(model_params, batch_stats, c, embed_fn)
+      return self._embed_cache(model_params, batch_stats, c, embed_fn, on_device)
     if c is not None and c.rows is not None:
       return self._embed_rows(model_params, batch_stats, c.rows,
-                              np.arange(c.num) if indices is None else indices, embed_fn)
+                              np.arange(c.num) if indices is None else indices, embed_fn,
+                              on_device)
     if indices is None and self.plan.get(id(images)) == STREAM:
       # A planned split too large for the caches: its workers live for the whole run.
       if id(images) not in self._streams:
@@ -333,11 +349,11 @@ class Evaluator:
             images, jax.process_index(), jax.process_count(), persistent=True)
       return embed_source(embed_fn, self.mesh, model_params, batch_stats, images,
                           self.data.eval_transform, self.batch_size,
-                          batches=self._streams[id(images)])
+                          batches=self._streams[id(images)], on_device=on_device)
     source = images if indices is None else take(images, indices)
     return embed_source(embed_fn, self.mesh, model_params, batch_stats, source,
                         self.data.eval_transform, self.batch_size,
-                        self._workers_for(len(source)), self.prefetch)
+                        self._workers_for(len(source)), self.prefetch, on_device=on_device)
 
   def embed_train(self, model_params, batch_stats, indices, raw=False) -> np.ndarray:
     return self.embed(model_params, batch_stats, self.data.train_images, indices, raw=raw)
@@ -345,12 +361,28 @@ class Evaluator:
   def metrics(self, embeddings, labels, gallery_embeddings=None,
               gallery_labels=None) -> dict[str, float]:
     """The configured metrics of one set of embeddings (see :func:`embedding_metrics`)."""
-    return embedding_metrics(self.config, embeddings, labels, gallery_embeddings, gallery_labels)
+    # From device arrays: searched on the devices they live on (the run's mesh); from numpy, on
+    # all devices as before (the results do not depend on the device count).
+    return embedding_metrics(self.config, embeddings, labels, gallery_embeddings, gallery_labels,
+                             mesh=self.mesh if isinstance(embeddings, jax.Array) else None)
+
+  def knn_on_device(self) -> bool:
+    """Whether evaluations keep the embeddings on the devices for the kNN
+    (``config.eval_knn.placement``: "auto" = on GPU/TPU with one process, not on CPU)."""
+    from dmljax.kernels import knn as knn_lib  # pylint: disable=g-import-not-at-top
+    placement = knn_placement(self.config)
+    if placement == "host":
+      return False
+    return knn_lib.search_on_device(jnp.zeros((1, 1)), True if placement == "device" else None,
+                                    knn_lib.flat_mesh(self.mesh))
 
   def _finite(self, emb):
-    if not np.all(np.isfinite(emb)):
-      # Finite losses can still leave weights that overflow in inference mode.
+    if isinstance(emb, jax.Array):  # on the devices: only the count of bad rows is read back
+      bad = int(jnp.sum(~jnp.all(jnp.isfinite(emb), axis=1)))
+    else:
       bad = int(np.sum(~np.all(np.isfinite(emb), axis=1)))
+    if bad:
+      # Finite losses can still leave weights that overflow in inference mode.
       raise errors.TrainingDiverged(errors.diverged_message(
           self.config, self.checkpointer,
           f"the model's embeddings of {bad} of {len(emb)} evaluation images are not finite at "
@@ -363,16 +395,17 @@ class Evaluator:
     query / gallery split: the queries' then the gallery's rows, concatenated)."""
     from dmljax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
     split = self.data.split(split) if isinstance(split, str) else split
+    dev = self.knn_on_device()  # the kNN then starts from the device arrays
     if isinstance(split, splits_lib.QueryGallery):
-      q = self._finite(self.embed(model_params, batch_stats, split.query.images))
-      g = self._finite(self.embed(model_params, batch_stats, split.gallery.images))
+      q = self._finite(self.embed(model_params, batch_stats, split.query.images, on_device=dev))
+      g = self._finite(self.embed(model_params, batch_stats, split.gallery.images, on_device=dev))
       if on_embeddings is not None:
-        on_embeddings(np.concatenate([q, g]), split)
+        on_embeddings(np.concatenate([numerics.to_host(q), numerics.to_host(g)]), split)
       return self.metrics(q, np.asarray(split.query.labels), g,
                           np.asarray(split.gallery.labels))
-    emb = self._finite(self.embed(model_params, batch_stats, split.images))
+    emb = self._finite(self.embed(model_params, batch_stats, split.images, on_device=dev))
     if on_embeddings is not None:
-      on_embeddings(emb, split)
+      on_embeddings(numerics.to_host(emb), split)
     return self.metrics(emb, np.asarray(split.labels))
 
   def pixel_baseline(self) -> dict[str, float]:
@@ -395,19 +428,42 @@ class Evaluator:
     return out
 
 
+def knn_placement(config) -> str:
+  """``config.eval_knn.placement`` ("auto" where a config predates it)."""
+  ek = config.get("eval_knn", None)
+  return "auto" if ek is None else str(ek.get("placement", "auto"))
+
+
+def knn_options(config) -> dict:
+  """The evaluation kNN's keyword arguments from ``config.eval_knn`` (defaults where absent):
+  ``sizing``, ``memory_budget`` (bytes; None = from the device's memory), ``approx_recall``."""
+  ek = config.get("eval_knn", None)
+  if ek is None:
+    return {}
+  mb = float(ek.get("memory_mb", -1.0))
+  return {"sizing": str(ek.get("sizing", "auto")),
+          "memory_budget": int(mb * 2**20) if mb > 0 else None,
+          "approx_recall": float(ek.get("approx_recall", 0.0)) or None}
+
+
 def embedding_metrics(config, embeddings, labels, gallery_embeddings=None,
-                      gallery_labels=None) -> dict[str, float]:
+                      gallery_labels=None, mesh=None) -> dict[str, float]:
   """The metrics ``config`` asks for (``recall_ks``, ``precision_ks``, ``map_ks``, ``ndcg_ks``;
   MAP@R, R-precision and P@1 always; k-means NMI and F1 with ``clustering``) of same-set
-  retrieval, or of queries searched against a gallery."""
+  retrieval, or of queries searched against a gallery. Embeddings may be numpy or jax arrays;
+  jax arrays on a GPU/TPU are searched where they are (``config.eval_knn``)."""
   from dmljax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   c = config
+  placement = knn_placement(c)
   m = metrics_lib.retrieval_metrics(
       embeddings, labels, gallery_embeddings=gallery_embeddings, gallery_labels=gallery_labels,
       recall_ks=tuple(c.recall_ks), precision_ks=tuple(c.precision_ks),
-      map_ks=tuple(c.map_ks), ndcg_ks=tuple(c.ndcg_ks))
+      map_ks=tuple(c.map_ks), ndcg_ks=tuple(c.ndcg_ks), mesh=mesh,
+      on_device={"auto": None, "device": True, "host": False}[placement], **knn_options(c))
   if c.clustering:
+    embeddings = numerics.to_host(embeddings)
     if gallery_embeddings is not None:
+      gallery_embeddings = numerics.to_host(gallery_embeddings)
       embeddings = np.concatenate([embeddings, gallery_embeddings])
       labels = np.concatenate([labels, gallery_labels])
     m.update(metrics_lib.clustering_metrics(embeddings, labels, seed=c.seed))

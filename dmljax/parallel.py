@@ -32,6 +32,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """``[k, B, ...]``: k stacked batches (several train steps per dispatch), each split over the
+  data axis as :func:`batch_sharding` splits one."""
+  return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -49,22 +55,25 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "config.batch_size
                      f"{jax.process_count()}.")
 
 
-def global_batch(local_arrays, mesh: Mesh):
+def global_batch(local_arrays, mesh: Mesh, stacked: bool = False):
   """Builds globally sharded arrays from this process's slice of each (numpy) array.
 
   Args:
-    local_arrays: pytree of numpy arrays, each holding this process's ``B / process_count`` rows.
+    local_arrays: pytree of numpy arrays, each holding this process's ``B / process_count`` rows
+      (``stacked``: ``[k, B / process_count, ...]``, k batches).
     mesh: the data mesh.
+    stacked: the arrays are k stacked batches, the batch axis second.
 
   Returns:
-    The same pytree of ``jax.Array`` with global leading dimension ``B``, sharded over ``data``.
+    The same pytree of ``jax.Array`` with global batch dimension ``B``, sharded over ``data``.
   """
-  sharding = batch_sharding(mesh)
+  sharding = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
   pc = jax.process_count()
+  axis = 1 if stacked else 0
 
   def build(x):
     x = np.asarray(x)
-    global_shape = (x.shape[0] * pc,) + x.shape[1:]
+    global_shape = x.shape[:axis] + (x.shape[axis] * pc,) + x.shape[axis + 1:]
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
   return jax.tree.map(build, local_arrays)

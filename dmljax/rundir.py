@@ -249,7 +249,11 @@ RESUME_SAFE_KEYS = ("progress", "log_every_steps", "plot_projections", "checkpoi
                     "max_consecutive_nonfinite", "baselines", "num_devices", "eval_batch_size",
                     "input.num_workers", "input.prefetch", "dataset.data_dir",
                     "eval_cache.device_mb", "eval_cache.host_mb", "eval_cache.train",
-                    "checkpoint.async_save", "compilation_cache")
+                    "checkpoint.async_save", "compilation_cache", "eval_knn.sizing",
+                    "eval_knn.memory_mb", "eval_knn.placement", "steps_per_dispatch",
+                    # checked on its own (inputs.check_image_copy): it may be "auto" in a config
+                    # and is absent from runs that predate it, but the copy must not change
+                    "dataset.image_copy")
 SAMPLER_KEYS = ("seed", "batch_size", "sampler.name", "sampler.m", "sampler.small_classes")
 
 

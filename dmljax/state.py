@@ -24,7 +24,8 @@ class TrainState:
     batch_stats: BatchNorm running statistics of the model.
     opt_state: optax state over ``params``.
     anchor: proximal anchor, a copy of ``params["model"]`` (CCP's theta^(k-1)).
-    best: ``{"params", "batch_stats"}`` of the best validation evaluation so far.
+    best: ``{"params", "batch_stats"}`` of the best validation evaluation so far (changed only
+      at evaluations: kept out of the jitted step, see :func:`split_for_step`).
     tracker: early-stopping scalars: ``best_metric`` (float32, -inf before the first eval),
       ``best_step``, ``evals_since_best``, ``num_evals`` (int32); and the health counters of the
       train step: ``nonfinite_steps`` (steps whose update was skipped for a non-finite loss or
@@ -71,3 +72,36 @@ def create_train_state(*, rng, model_params, batch_stats, extra_params, framewor
       framework=framework_state,
       rng=rng,
   )
+
+
+# ----------------------------------------------------------------------------- the lean step
+
+
+def split_for_step(state: TrainState, held_keys=(), anchor_in_step: bool = False):
+  """``(carry, anchor, held)``: what the jitted step changes, what it only reads, the rest.
+
+  * ``carry``: ``state`` without ``best`` (None), without the framework-state entries
+    ``held_keys`` and, unless ``anchor_in_step``, without the anchor (None): the step's donated
+    input and its output;
+  * ``anchor``: the proximal anchor as a read-only (not donated) step input, or None when it is
+    part of ``carry``;
+  * ``held``: what only evaluations change (``best``, the framework's ``held_keys`` entries);
+    never passed to the step.
+
+  Only dictionary look-ups: no array is copied or touched. :func:`merge_after_step` is the
+  inverse.
+  """
+  fs = state.framework
+  held = {"best": state.best, "framework": {k: fs[k] for k in held_keys if k in fs}}
+  carry = state.replace(best=None, framework={k: v for k, v in fs.items()
+                                              if k not in held["framework"]})
+  anchor = None
+  if not anchor_in_step:
+    anchor, carry = state.anchor, carry.replace(anchor=None)
+  return carry, anchor, held
+
+
+def merge_after_step(carry: TrainState, anchor, held: dict) -> TrainState:
+  """The whole :class:`TrainState` again from :func:`split_for_step`'s parts."""
+  state = carry.replace(best=held["best"], framework={**carry.framework, **held["framework"]})
+  return state if anchor is None else state.replace(anchor=anchor)

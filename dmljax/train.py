@@ -6,8 +6,12 @@ The module reads top to bottom as a run does; the parts it wires live in modules
   and the worker pipeline that decodes them;
 * **state** (:func:`create_state`): model variables, the framework's parameters and arrays, the
   optimizer state, in one :class:`~dmljax.state.TrainState`;
-* **step** (:func:`make_train_step`, :func:`jit_train_step`): one jitted step over the mesh; a
-  non-finite loss or gradient is never applied;
+* **step** (:func:`make_train_step`, :class:`StepDispatcher`): one jitted step over the mesh; a
+  non-finite loss or gradient is never applied. The step sees the *lean* state: what only
+  evaluations change (the best parameters, e.g. CCP's per-projection copy) stays outside and is
+  never donated, the proximal anchor is a read-only input; ``config.steps_per_dispatch`` runs
+  several steps per dispatch (a scan over prefetched batches, up to each evaluation and
+  checkpoint);
 * **evaluation** (:mod:`dmljax.evaluation`): inference-mode embedding and the retrieval (and
   optionally clustering) metrics of a split, the final table;
 * **the run directory** (:mod:`dmljax.rundir`): metrics.jsonl, TensorBoard, config.json, plots,
@@ -165,6 +169,95 @@ def jit_train_step(step_fn, mesh):
                  donate_argnums=(0,))
 
 
+# ============================================================================= dispatch
+
+
+def resolve_steps_per_dispatch(config, framework) -> int:
+  """``config.steps_per_dispatch``, with 0 (auto) resolved: 8 on GPU/TPU, 1 on CPU (a step takes
+  seconds there, dispatch is noise) and for frameworks whose batches are chosen from the train
+  state (those need the state after every step).
+
+  Raises:
+    ValueError: more than one step per dispatch for a framework that samples from the state.
+  """
+  k = int(config.get("steps_per_dispatch", 0))
+  uses_state = bool(getattr(framework, "sample_uses_state", False))
+  if k == 0:
+    return 1 if uses_state or jax.default_backend() == "cpu" else AUTO_STEPS_PER_DISPATCH
+  if k > 1 and uses_state:
+    raise ValueError(f"config.steps_per_dispatch={k}, but {config.framework} chooses each batch "
+                     "from the train state after the previous step (PROFS with HNCM); set "
+                     "--config.steps_per_dispatch=1 (or 0, auto).")
+  return k
+
+
+#: ``config.steps_per_dispatch = 0`` on an accelerator.
+AUTO_STEPS_PER_DISPATCH = 8
+
+
+class StepDispatcher:
+  """The trainer's train steps over the lean state: one step, or a scan over ``k`` stacked batches.
+
+  The jitted functions never see what only evaluations change (:func:`dmljax.state.
+  split_for_step`): ``best`` and the framework's ``held_state_keys`` entries stay outside, the
+  anchor is a read-only input (unless ``framework.step_moves_anchor``), and only the rest is
+  donated. With ``k > 1`` one dispatch runs ``k`` steps with ``jax.lax.scan`` over batches stacked
+  ``[k, B, ...]`` (sharded over ``data`` on their second axis) and returns every step's metrics
+  stacked ``[k]``; each step is the same function as a single step (a non-finite one is skipped
+  on its own), so the result equals ``k`` single steps.
+
+  ``dispatch(state, images, labels, extras, steps)`` -> ``(state, metrics)`` takes and returns the
+  whole :class:`~dmljax.state.TrainState`; ``steps`` is 1 or ``k``.
+  """
+
+  def __init__(self, step_fn: Callable, framework, mesh, k: int = 1):
+    self.k = int(k)
+    self.held_keys = tuple(getattr(framework, "held_state_keys", ()))
+    self.anchor_in_step = bool(getattr(framework, "step_moves_anchor", False))
+    const_anchor = not self.anchor_in_step
+
+    def one(carry, anchor, images, labels, extras):
+      state = carry.replace(anchor=anchor) if const_anchor else carry
+      new, metrics = step_fn(state, images, labels, extras)
+      return (new.replace(anchor=None) if const_anchor else new), metrics
+
+    def many(carry, anchor, images, labels, extras):
+      return jax.lax.scan(lambda c, xs: one(c, anchor, *xs), carry, (images, labels, extras))
+
+    rep = parallel.replicated(mesh)
+
+    def jit(fn, bat):
+      return jax.jit(fn, in_shardings=(rep, rep, bat, bat, bat), out_shardings=(rep, rep),
+                     donate_argnums=(0,))
+    self._fns = {1: jit(one, parallel.batch_sharding(mesh))}
+    if self.k > 1:
+      self._fns[self.k] = jit(many, parallel.stacked_batch_sharding(mesh))
+
+  def __call__(self, state, images, labels, extras, steps: int = 1):
+    carry, anchor, held = state_lib.split_for_step(state, self.held_keys, self.anchor_in_step)
+    carry, metrics = self._fns[steps](carry, anchor, images, labels, extras)
+    return state_lib.merge_after_step(carry, anchor, held), metrics
+
+
+def dispatch_length(step: int, k: int, config) -> int:
+  """Steps of the next dispatch from ``step``: ``k`` when the next evaluation, periodic
+  checkpoint and the end of training are all at least ``k`` steps away, else 1 (the steps up to
+  such a boundary run one at a time, so only two functions ever compile). A pure function of the
+  step: a run resumed at any dispatch boundary dispatches as the uninterrupted one."""
+  if k <= 1:
+    return 1
+  ends = [config.total_steps, (step // config.eval_every_steps + 1) * config.eval_every_steps]
+  every = int(config.checkpoint.every_steps or 0) if config.checkpoint.enabled else 0
+  if every:
+    ends.append((step // every + 1) * every)
+  return k if min(ends) - step >= k else 1
+
+
+def _row(metrics: dict, i: int) -> dict:
+  """Step ``i`` of a dispatch's host metrics (scalars for a single step, ``[k]`` for a scan)."""
+  return {key: (v[i] if np.ndim(v) else v) for key, v in metrics.items()}
+
+
 # ============================================================================= precision
 
 
@@ -222,6 +315,12 @@ def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factor
   if restored is not None:
     host = restored[1]
     changed = rundir.config_changes(host["config"], cfg_now) if "config" in host else {}
+    if not allow_config_change:
+      try:
+        inputs.check_image_copy(host, config, workdir)  # dataset.image_copy: not another copy
+      except errors.ConfigChanged:
+        checkpointer.close()
+        raise
     backend = host.get("precision", {}).get("backend")
     if "model.dtype" in changed and backend and backend != jax.default_backend():
       logging.warning("%s was trained on %s with model.dtype=%s; this run is on %s with "
@@ -290,12 +389,17 @@ def restore_or_start(config, workdir, checkpointer, state, framework, ctx_factor
 
 
 def _check_finite(config, metrics, step, checkpointer, workdir):
-  """Raises TrainingDiverged once ``max_consecutive_nonfinite`` steps in a row were skipped."""
+  """Raises TrainingDiverged once ``max_consecutive_nonfinite`` steps in a row were skipped.
+
+  ``metrics``: a dispatch's metrics (``[k]`` for k steps per dispatch), ``step`` its last step.
+  """
   if metrics is None:
     return
-  streak = int(parallel.to_host(metrics["nonfinite_streak"]))
-  if streak < config.max_consecutive_nonfinite:
+  streaks = np.atleast_1d(parallel.to_host(metrics["nonfinite_streak"]))
+  over = np.flatnonzero(streaks >= config.max_consecutive_nonfinite)
+  if not len(over):
     return
+  step, streak = step - len(streaks) + 1 + int(over[0]), int(streaks[over[0]])
   raise errors.TrainingDiverged(errors.diverged_message(
       config, checkpointer, f"steps {step - streak + 1}-{step} ({streak} in a row) had a "
       "non-finite loss or gradient and none of them was applied",
@@ -385,6 +489,7 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
   console_lib.phase(f"Loading data set {config.dataset.name!r} for {workdir}")
   data = create_input(config)
   config = fit_batch(config, data, mesh.size)  # sampler.fit_batch: as many classes as there are
+  config = inputs.resolve_image_copy(config, data)  # dataset.image_copy as read, recorded
   console_lib.phase(f"Building {config.model.name} and the {config.framework} train state "
                     f"({data.num_classes} training classes, {len(data.train_labels)} images)")
   model = models.get_model(config.model)
@@ -398,7 +503,8 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
 
   # ------------------------------------------------------------------- compiled functions
   step_fn, traces = make_train_step(model, framework, tx)
-  train_step = jit_train_step(step_fn, mesh)
+  k = resolve_steps_per_dispatch(config, framework)
+  train_step = StepDispatcher(step_fn, framework, mesh, k)
   evaluator = Evaluator(config, model, mesh, data)
 
   # ------------------------------------------------------------------- resume or start
@@ -453,35 +559,43 @@ def _train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fal
   console = console_lib.Console(config.total_steps, step, rundir.progress_enabled(config))
   try:
     while not host["done"] and step < config.total_steps:
-      idx, extras = framework.sample(sampler, state, step, pi, pc)
-      idx = np.asarray(idx)
-      if loader.batch_indices_fn is None:  # indices chosen from the state: decode them now
-        batch = loader.load(step, idx)
-      else:  # decoded ahead by the workers; the same indices by construction
-        got_step, batch, got_idx = next(loader)
-        if got_step != step or not np.array_equal(got_idx, idx):
-          raise RuntimeError(f"input pipeline out of step: it produced step {got_step}, the "
-                             f"loop is at step {step}.")
-      extras = dict(extras, **{PREEMPT_KEY: np.full(len(idx), preempt.is_set)})
-      images, labels, extras = parallel.global_batch(
-          (batch, data.train_labels[idx].astype(np.int32), extras), mesh)
-      state, last = train_step(state, images, labels, extras)
-      step += 1
-      t_steps += 1
+      n = dispatch_length(step, k, config)
+      rows = []
+      for s in range(step, step + n):
+        idx, extras = framework.sample(sampler, state, s, pi, pc)
+        idx = np.asarray(idx)
+        if loader.batch_indices_fn is None:  # indices chosen from the state: decode them now
+          batch = loader.load(s, idx)
+        else:  # decoded ahead by the workers; the same indices by construction
+          got_step, batch, got_idx = next(loader)
+          if got_step != s or not np.array_equal(got_idx, idx):
+            raise RuntimeError(f"input pipeline out of step: it produced step {got_step}, the "
+                               f"loop is at step {s}.")
+        extras = dict(extras, **{PREEMPT_KEY: np.full(len(idx), preempt.is_set)})
+        rows.append((batch, data.train_labels[idx].astype(np.int32), extras))
+      local = rows[0] if n == 1 else jax.tree.map(lambda *x: np.stack(x), *rows)
+      images, labels, extras = parallel.global_batch(local, mesh, stacked=n > 1)
+      state, last = train_step(state, images, labels, extras, n)
+      first, step = step, step + n
+      t_steps += n
       evaluator.step = step
-      # The previous step's health and the agreed preemption flag, read while this step runs
+      # The previous dispatch's health and the agreed preemption flag, read while this one runs
       # (no stall of the pipeline); every process reads the same values.
       preempted = False
       if pending is not None:
-        _check_finite(config, pending, step - 1, checkpointer, workdir)
-        preempted = bool(parallel.to_host(pending[PREEMPT_KEY]))
+        _check_finite(config, pending, first, checkpointer, workdir)
+        preempted = bool(np.any(parallel.to_host(pending[PREEMPT_KEY])))
       pending = last
 
-      if step % config.log_every_steps == 0 or step == config.total_steps:
+      logged = [s for s in range(first + 1, step + 1)
+                if s % config.log_every_steps == 0 or s == config.total_steps]
+      if logged:  # every step's metrics came back: each logged step gets its own
         vals = parallel.to_host(last)
         rate = t_steps / max(time.time() - t0, 1e-9)
-        logger.log(step, dict(vals, steps_per_second=rate))
-        console.train(step, rate, float(vals["loss"]), framework.progress(state))
+        for s in logged:
+          row = _row(vals, s - first - 1)
+          logger.log(s, dict(row, steps_per_second=rate))
+        console.train(logged[-1], rate, float(row["loss"]), framework.progress(state))
         t0, t_steps = time.time(), 0
 
       if step % config.eval_every_steps == 0 or step == config.total_steps:

@@ -116,3 +116,23 @@ def test_budgets_are_respected(setup):
   assert ev.plan[id(val.images)] == evaluation.HOST
   assert list(ev.plan.values()).count(evaluation.HOST) == 1
   assert id(data.train_images) not in ev.plan
+
+
+def test_knn_from_device_arrays_gives_the_host_metrics(setup):
+  """config.eval_knn.placement="device": the evaluator keeps the embeddings on the devices and
+  the kNN starts from them (what "auto" does on a GPU/TPU); the metrics are the host path's."""
+  c, data, model, mesh, state = setup
+  p, bs = state.params["model"], state.batch_stats
+  got = {}
+  for placement in ("host", "device"):
+    cfg = c.copy_and_resolve_references()
+    cfg.eval_knn.placement = placement
+    ev = evaluation.Evaluator(cfg, model, mesh, data)
+    assert ev.knn_on_device() == (placement == "device")
+    seen = {}
+    got[placement] = ev.evaluate(p, bs, "val", on_embeddings=lambda e, s: seen.setdefault("e", e))
+    assert isinstance(seen["e"], np.ndarray)
+    got[placement + "/emb"] = seen["e"]
+    ev.close()
+  assert got["device"] == got["host"]
+  np.testing.assert_array_equal(got["device/emb"], got["host/emb"])

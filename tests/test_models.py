@@ -1,4 +1,7 @@
-"""Models: shapes, normalisations, registry errors, BatchNorm train/eval behaviour."""
+"""Models: shapes, normalisations, registry errors, BatchNorm train/eval behaviour.
+
+Random test images are drawn flat and reshaped (the same values as a 4-D draw; XLA:CPU compiles
+a 4-D threefry draw several times slower, see ``layers.variance_scaling``)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +21,7 @@ def _model(**kw):
 @pytest.mark.parametrize("norm", ["bounded", "l2", "none"])
 def test_shapes_and_normalisation(norm):
   m = _model(normalization=norm, embedding_dim=6)
-  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(0), (256,)).reshape(4, 8, 8, 1)
   v = m.init(jax.random.PRNGKey(1), x, train=False)
   # Scale the head so that some raw embeddings are long (> 1) and make the norms testable.
   v = jax.tree_util.tree_map_with_path(
@@ -48,7 +51,7 @@ def test_embedding_layer_without_bias():
 
 def test_32x32_input_and_batch_stats_update():
   m = _model()
-  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 1))
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4096,)).reshape(4, 32, 32, 1)
   v = m.init(jax.random.PRNGKey(1), x, train=False)
   out, mut = m.apply(v, x, train=True, mutable=["batch_stats"])
   assert out.shape == (4, 16)
@@ -78,3 +81,21 @@ def test_auto_dtype_is_bf16_on_accelerators_f32_on_cpu():
   record = train.precision_record(resolved)
   assert record["backend"] == jax.default_backend()
   assert record["model_dtype"] == layers.auto_dtype()
+
+
+def test_conv_initialisers_are_flax_s_with_flat_draws():
+  """layers.variance_scaling (flat random draws, reshaped: XLA:CPU compiles them several times
+  faster) gives flax's initialisers bit for bit: lecun_normal (small_cnn's convolutions, flax's
+  default) and He normal on fan_out (the imported backbones' ``layers.conv``)."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from dmljax.models import layers  # pylint: disable=g-import-not-at-top
+  key, shape = jax.random.PRNGKey(7), (3, 3, 2, 5)
+  pairs = [(layers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+            nn.initializers.lecun_normal()),
+           (layers.variance_scaling(2.0, "fan_out", "normal"),
+            nn.initializers.variance_scaling(2.0, "fan_out", "normal"))]
+  got, want = jax.jit(lambda k: ([ours(k, shape) for ours, _ in pairs],
+                                 [theirs(k, shape) for _, theirs in pairs]))(key)
+  for g, w in zip(got, want):
+    assert g.shape == shape and np.array_equal(np.asarray(g), np.asarray(w))
+    assert np.asarray(g).std() > 0.1

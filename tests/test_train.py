@@ -105,6 +105,13 @@ def test_sigkill_then_resume_is_exact(reference, tmp_path):
 
 
 def test_sigterm_saves_and_resume_is_exact(reference, tmp_path):
+  # With 4 steps per dispatch (a scan over stacked batches; up to each evaluation and checkpoint
+  # the steps run singly): the SIGTERM save lands at a dispatch boundary, and the resumed run
+  # ends as the reference's single steps, to float rounding (XLA compiles the convolutions and
+  # BatchNorm of a scan's body apart from a single step's: the metrics agree to ~1e-6).
+  # Exact resumption with a fixed steps_per_dispatch rests on the dispatch pattern being a
+  # function of the step (tests/test_lean_step.py); with one step per dispatch it is bitwise
+  # (the SIGKILL test above).
   _, ref = reference
   workdir = str(tmp_path / "run")
   ckpt = os.path.join(workdir, "checkpoints", "10")
@@ -115,10 +122,21 @@ def test_sigterm_saves_and_resume_is_exact(reference, tmp_path):
     os.kill(os.getpid(), signal.SIGTERM)
 
   threading.Thread(target=send_when_checkpointed, daemon=True).start()
-  out = train.train_and_evaluate(_config(), workdir)
+  out = train.train_and_evaluate(_config(steps_per_dispatch=4), workdir)
   assert out["preempted"] and 10 <= out["step"] < 30
+  assert out["step"] in (14, 18, 19, 20, 24, 28, 29)              # a dispatch boundary
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(out["step"])))  # saved on SIGTERM
-  assert _final(train.train_and_evaluate(_config(), workdir)) == _final(ref)
+  resumed = train.train_and_evaluate(_config(steps_per_dispatch=4), workdir)
+  assert 1 <= resumed.pop("train_step_traces") <= 2                 # one step and the scan
+  expected = {k: v for k, v in _final(ref).items() if k != "train_step_traces"}
+  assert sorted(_final(resumed)) == sorted(expected)
+  for k, v in expected.items():
+    if isinstance(v, float):
+      np.testing.assert_allclose(resumed[k], v, rtol=1e-5, err_msg=k)
+    else:
+      assert resumed[k] == v, k
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert sorted({l["step"] for l in lines if l["kind"] == "train"}) == [10, 20, 30]
 
 
 @pytest.mark.parametrize("overrides,match", [

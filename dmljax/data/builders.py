@@ -22,6 +22,13 @@ own class id; In-shop: the number in the item id), ``image_id`` (int64: CUB and 
 pixels; the whole image ``0 0 w h`` for SOP and In-shop, which have no boxes) and ``width``,
 ``height`` (int64, of the full image).
 
+**Short-side copy** (``prepare --short_side=256``): every image is stored resized so that its
+shorter side is 256 (:func:`shrink_image`: torchvision's ``Resize(256)``, a JPEG of quality 95),
+its box and size in the copy's pixels, so the protocol's resize-then-crop reads a small file. The
+metadata's ``image_copy`` says which copy a data set is (``"full"``, or ``"short_side_256"`` with
+``short_side`` and ``jpeg_quality``); a run records the copy it trained on and refuses to resume
+on the other one (:func:`dmljax.inputs.check_image_copy`).
+
 Records are written in a fixed order (``disable_shuffling``): by ``image_id``, except Cars196, whose
 records are ordered by class id and then by the SHA-1 of the image bytes, so that both releases
 (whose file names and annotation orders differ) give the same records in the same order. Each
@@ -37,6 +44,7 @@ everything is written, so an interrupted preparation never looks finished.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -56,7 +64,8 @@ import tensorflow_datasets as tfds
 __all__ = [
     "NAMES", "BUILTIN_NAMES", "VERSION", "SPLITS", "SkippedImageWarning", "Plan", "make_plan",
     "tfds_name", "short_name", "full_name", "is_benchmark", "check_own_name", "builder_class",
-    "summarize", "image_size", "DmljaxCub", "DmljaxCars", "DmljaxSop", "DmljaxInshop",
+    "summarize", "image_size", "shrink_image", "image_copy_name", "copy_short_side",
+    "check_copy", "DmljaxCub", "DmljaxCars", "DmljaxSop", "DmljaxInshop",
 ]
 
 VERSION = "1.0.0"
@@ -618,6 +627,10 @@ def image_size(data: bytes) -> tuple:
   return width, height
 
 
+#: JPEG quality of the short-side copies (``prepare --short_side``; ``--jpeg_quality``).
+FULL_QUALITY = 95
+
+
 @dataclasses.dataclass
 class Example:
   """One image that will be written: its annotation plus what decoding it told."""
@@ -633,10 +646,65 @@ class Example:
   digest: str
   label: int = -1
 
-  def record(self, data: bytes) -> dict:
+  def record(self, data: bytes, short_side: int = 0, quality: int = FULL_QUALITY) -> dict:
+    """The record of this image: its file as distributed, or (``short_side`` > 0) the
+    short-side copy of it (:func:`shrink_image`), box and size in the copy's pixels."""
+    bbox, width, height = self.bbox, self.width, self.height
+    if short_side:
+      data, (width, height), (sx, sy) = shrink_image(data, short_side, quality)
+      x1, y1, x2, y2 = bbox
+      bbox = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
     return {"image": data, "label": self.label, "class_id": self.class_id,
             "image_id": self.image_id, "path": self.path.encode("utf-8"),
-            "bbox": np.asarray(self.bbox, np.float32), "width": self.width, "height": self.height}
+            "bbox": np.asarray(bbox, np.float32), "width": width, "height": height}
+
+
+def image_copy_name(short_side: int) -> str:
+  """What a data set's metadata calls its copy: ``"full"`` (the files as distributed) or
+  ``"short_side_N"`` (every image resized to shorter side N, ``prepare --short_side=N``)."""
+  return f"short_side_{int(short_side)}" if short_side else "full"
+
+
+def copy_short_side(image_copy: str) -> int:
+  """The N of ``"short_side_N"``; 0 for ``"full"``."""
+  if image_copy == "full":
+    return 0
+  if image_copy.startswith("short_side_") and image_copy[len("short_side_"):].isdigit():
+    return int(image_copy[len("short_side_"):])
+  raise ValueError(f"unknown image copy {image_copy!r}; expected 'full' or 'short_side_N'.")
+
+
+def shrink_image(data: bytes, short_side: int, quality: int = FULL_QUALITY):
+  """The image resized so its shorter side is ``short_side``, as a JPEG.
+
+  The whole image is decoded (no reduced-scale decode) and resized with PIL's antialiased
+  bilinear filter, torchvision's ``Resize(short_side)``: the same size (long side
+  ``int(short_side * long / short)``) and resampling as the protocol's first step, so the eval
+  transform's resize of the copy is the identity. An image whose shorter side is already at most
+  ``short_side`` is kept as it is (never enlarged; re-encoded only if it is not a JPEG).
+  Orientation is the stored pixel order (EXIF is ignored, as the pipeline's decoder does).
+
+  Returns:
+    ``(jpeg bytes, (width, height), (scale_x, scale_y))``: the new file, its size, and the factor
+    from the original's pixel coordinates to the copy's (for the bounding box).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(io.BytesIO(data)) as image:
+    width, height = image.size
+    is_jpeg = image.format == "JPEG"
+    if min(width, height) <= short_side and is_jpeg and image.mode in ("RGB", "L"):
+      return data, (width, height), (1.0, 1.0)
+    rgb = image.convert("RGB") if image.mode != "RGB" else image
+    if min(width, height) > short_side:
+      if height <= width:
+        size = (int(short_side * width / height), short_side)
+      else:
+        size = (short_side, int(short_side * height / width))
+      rgb = rgb.resize(size, Image.BILINEAR)
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=int(quality))
+  new_w, new_h = rgb.size
+  return out.getvalue(), (new_w, new_h), (new_w / width, new_h / height)
 
 
 def _inspect(entry: _Entry):
@@ -675,6 +743,11 @@ class Plan:
   info: dict
   _inputs: Optional[_Inputs] = None
   _scratch: Optional[_Scratch] = None
+  #: 0: the image files as distributed; N > 0: each resized to shorter side N (a JPEG of
+  #: ``quality``), boxes and sizes rescaled (``prepare --short_side=N``).
+  short_side: int = 0
+  quality: int = FULL_QUALITY
+  workers: int = 0  # threads making the short-side copies (0: up to 8)
 
   def metadata(self) -> dict:
     """The JSON-able metadata stored with the data set (see the module docstring)."""
@@ -685,7 +758,10 @@ class Plan:
           "labels": [ex.label for ex in examples], "class_ids": ids,
           "class_names": [self.class_names.get(c, str(c)) for c in ids],
           "skipped": self.skipped[split]}
-    return {"dataset": self.name, **self.info, "splits": splits}
+    copy = {"image_copy": image_copy_name(self.short_side)}
+    if self.short_side:
+      copy.update(short_side=int(self.short_side), jpeg_quality=int(self.quality))
+    return {"dataset": self.name, **self.info, **copy, "splits": splits}
 
   def scratch(self) -> str:
     """A temporary folder removed by :meth:`close`."""
@@ -794,6 +870,22 @@ def summarize(metadata) -> dict:
   return {"splits": splits, "skipped": skipped}
 
 
+def check_copy(builder, short_side: int, data_dir: str) -> None:
+  """Refuses to treat a prepared data set as ready when it is the other copy than the one asked
+  for (``prepare --short_side``), so that the full copy is never taken for the small one."""
+  held = dict(builder.info.metadata or {}).get("image_copy", "full")
+  want = image_copy_name(short_side)
+  if held != want:
+    def words(copy):
+      return ("its full-size images (as distributed)" if copy == "full" else
+              f"its copy resized to shorter side {copy_short_side(copy)} (--short_side="
+              f"{copy_short_side(copy)})")
+    raise ValueError(
+        f"{builder.name} in {data_dir} holds {words(held)}, but this command asks for "
+        f"{words(want)}; prepare it into another --data_dir (both copies can be kept, a run reads "
+        "the one its dataset.data_dir names), or add --overwrite to replace this one.")
+
+
 # ------------------------------------------------------------------------------------------------
 # The TFDS builders.
 
@@ -863,8 +955,25 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, examples):  # pylint: disable=arguments-differ
     # With shuffling disabled TFDS writes the records sorted by key: the key is the position.
-    for position, example in enumerate(examples):
-      yield position, example.record(example.source.read(example.member))
+    plan = self.plan
+    if not plan.short_side:
+      for position, example in enumerate(examples):
+        yield position, example.record(example.source.read(example.member))
+      return
+    # Short-side copies: decode, resize and encode in threads (PIL releases the GIL), in order,
+    # at most a window of images in flight.
+    def make(example):
+      return example.record(example.source.read(example.member), plan.short_side, plan.quality)
+    workers = plan.workers or min(8, os.cpu_count() or 1)
+    window = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      for position, example in enumerate(examples):
+        window.append(pool.submit(make, example))
+        if len(window) >= 4 * workers:
+          yield position - len(window) + 1, window.popleft().result()
+      first = len(examples) - len(window)
+      for i, future in enumerate(window):
+        yield first + i, future.result()
 
 
 class DmljaxCub(_Builder):

@@ -471,7 +471,9 @@ def _same_source(stored: dict, now: dict) -> Optional[str]:
 def prepare(kind: str, manual_dir: Optional[str], data_dir: str, *, name: str,
             layout: Optional[str] = None, test_fraction: Optional[float] = None,
             shuffle_seed: Optional[int] = None, overwrite: bool = False,
-            workers: Optional[int] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+            workers: Optional[int] = None, short_side: int = 0,
+            jpeg_quality: Optional[int] = None,
+            log: Optional[Callable[[str], None]] = None) -> dict:
   """Prepares (or recognises as already prepared) the data set ``name`` of your own images.
 
   Args:
@@ -484,6 +486,8 @@ def prepare(kind: str, manual_dir: Optional[str], data_dir: str, *, name: str,
     shuffle_seed: draw the training classes at random with this seed instead of by name.
     overwrite: rebuild a data set already prepared under this name.
     workers: threads decoding the images.
+    short_side: N > 0 stores each image resized to shorter side N (``--short_side``).
+    jpeg_quality: JPEG quality of that copy (default 95).
     log: called with progress lines.
 
   Returns:
@@ -498,6 +502,7 @@ def prepare(kind: str, manual_dir: Optional[str], data_dir: str, *, name: str,
   if kind not in KINDS:
     raise ValueError(f"unknown input kind {kind!r}; valid: {', '.join(KINDS)}.")
   builders.check_own_name(name)
+  quality = prepare_lib.check_copy_options(short_side, jpeg_quality)
   if kind == "csv" and layout not in (None, "auto"):
     raise ValueError("--layout is for folders; a CSV gives its splits in a split column.")
   test_fraction = 0.5 if test_fraction is None else float(test_fraction)
@@ -517,6 +522,7 @@ def prepare(kind: str, manual_dir: Optional[str], data_dir: str, *, name: str,
     stored = dict(builder.info.metadata or {}).get("source", {})
     differs = _same_source(stored, listing.source)
     if differs is None and not overwrite:
+      builders.check_copy(builder, short_side, data_dir)
       already = True
     elif differs is not None and not overwrite:
       raise ValueError(f"{builder.name} in {data_dir} {differs}; --overwrite rebuilds it from "
@@ -528,9 +534,11 @@ def prepare(kind: str, manual_dir: Optional[str], data_dir: str, *, name: str,
           + (f"; {len(listing.ignored)} other files ignored (not images, or outside the class "
              "folders)" if listing.ignored else ""))
     plan = make_plan(name, listing, workers=workers, log=log)
+    plan.short_side, plan.quality, plan.workers = int(short_side), quality, workers or 0
     prepare_lib.write(builder, plan, listing.root, overwrite=overwrite, log=log)
     builder = cls(data_dir=data_dir)  # re-read what was written
   summary = builders.summarize(builder.info.metadata)
   return {"name": name, "tfds_name": builder.name, "path": os.fspath(builder.data_path),
-          "already_prepared": already, "kind": kind, "manual_dir": listing.manual_dir,
+          "already_prepared": already,
+          "image_copy": dict(builder.info.metadata or {}).get("image_copy", "full"), "kind": kind, "manual_dir": listing.manual_dir,
           "data_dir": data_dir, **summary}

@@ -17,8 +17,13 @@ How grain is used: the steps are a ``grain.MapDataset.range(start_step, stop)`` 
 picklable step -> batch function (decode + augment the batch's images, stack them), converted with
 ``to_iter_dataset`` (no reader threads) and prefetched by ``mp_prefetch`` in ``num_workers`` spawned
 processes: worker ``w`` computes steps ``start + w, start + w + W, ...`` and grain interleaves them
-back in step order, passing the image arrays through shared memory; each worker keeps
-``ceil(prefetch / num_workers)`` finished batches buffered. The loader's checkpoint state is only
+back in step order; each worker keeps ``ceil(prefetch / num_workers)`` finished batches buffered.
+A worker reads a batch's records in one batched read and writes each transformed image straight
+into a batch array allocated in grain's shared memory, which grain hands to the main process by
+name: the main process maps it and yields a plain view of it, without copying (the block is freed
+with the last array viewing it). Batches that depend on the train state once per *hold* (PROFS
+with hard negative class mining) are computed ahead too: the loop publishes each hold's value on a
+:class:`HoldBoard` and the workers' :class:`HoldIndices` wait for it. The loader's checkpoint state is only
 the next step (plus the seed, as a check), not grain's per-worker state: it is JSON-able,
 independent of ``num_workers``, and :meth:`BatchLoader.set_state` rebuilds the grain pipeline at
 that step (lazily, on the next batch).
@@ -29,7 +34,9 @@ is padded by repeating its first index and comes with the number of valid rows.
 import atexit
 import concurrent.futures
 import math
+import os
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -70,16 +77,41 @@ def _check_source(source, cfg):
                      f"__len__ and __getitem__, got {type(source).__name__}.")
 
 
-def _load_range(source, cfg, indices, seed, step, first_slot, lo, hi, out):
-  """Transforms images ``lo:hi`` of ``indices`` into ``out[lo:hi]`` (a list or an array)."""
+def _read_records(source, indices):
+  """The records ``indices`` of a record source: one batched read (``__getitems__``, e.g. one
+  array_record read for the whole batch) where the source has one, else one read per record."""
+  getitems = getattr(source, "__getitems__", None)
+  if getitems is not None:
+    records = getitems([int(i) for i in indices])
+    if len(records) != len(indices):
+      raise RuntimeError(f"the source returned {len(records)} records for {len(indices)} indices.")
+    return records
+  return [source[int(i)] for i in indices]
+
+
+def _load_range(records, cfg, seed, step, first_slot, lo, hi, out):
+  """Transforms ``records[lo:hi]`` into ``out[lo:hi]`` (a list, or an array written in place)."""
   for j in range(lo, hi):
     rng = transforms.augment_rng(seed, step, first_slot + j) if cfg.kind == "train" else None
-    out[j] = transforms.transform_record(source[int(indices[j])], cfg, rng)
+    out[j] = transforms.transform_record(records[j], cfg, rng)
+
+
+def _new_array(shape, dtype, shared):
+  """An output array: in grain's shared memory (``shared``: a worker hands it to the main process
+  without copying it), else an ordinary one."""
+  if shared:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+    return shared_memory_array.SharedMemoryArray(shape, dtype)
+  return np.empty(shape, dtype)
 
 
 def load_batch(source, cfg, indices, *, seed=0, step=0, first_slot=0, executor=None,
-               num_threads=1):
+               num_threads=1, shared_output=False):
   """Decodes and transforms the records ``indices`` of ``source``: one batch, computed here.
+
+  The records are read in one batched read where the source has ``__getitems__``
+  (:class:`dmljax.data.records.RecordSplit`: one array_record read), and each transformed image is
+  written straight into the batch array (no stacking copy).
 
   Args:
     source: a numpy array or a record source (see the module docstring).
@@ -92,6 +124,8 @@ def load_batch(source, cfg, indices, *, seed=0, step=0, first_slot=0, executor=N
     executor: optional ``concurrent.futures`` thread pool to spread the images over (the JPEG
       decode and PIL's resampling release the GIL); with ``num_threads`` contiguous chunks.
     num_threads: number of chunks for ``executor``.
+    shared_output: allocate the batch in grain's shared memory (in a worker process: the main
+      process then maps it instead of receiving a copy).
 
   Returns:
     ``uint8 [B, size, size, C]`` for "train"/"eval"; for "none" the stacked images as stored (an
@@ -101,37 +135,168 @@ def load_batch(source, cfg, indices, *, seed=0, step=0, first_slot=0, executor=N
   if _is_array_source(source) and cfg.kind == "none":
     return source[indices]
   count = len(indices)
-  images = [None] * count
-  if executor is not None and num_threads > 1 and count > 1:
-    bounds = np.linspace(0, count, min(num_threads, count) + 1).astype(int)
-    futures = [executor.submit(_load_range, source, cfg, indices, seed, step, first_slot, lo, hi,
-                               images) for lo, hi in zip(bounds[:-1], bounds[1:])]
+  if count == 0:
+    return np.zeros((0, cfg.size, cfg.size, 3), np.uint8)
+  records = ([source[int(i)] for i in indices] if _is_array_source(source)
+             else _read_records(source, indices))
+  if cfg.kind == "none":  # sizes unknown before decoding: a list, then stacked
+    images = [None] * count
+    _spread(records, cfg, seed, step, first_slot, 0, count, images, executor, num_threads)
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+      raise ValueError(f"images of a batch differ in shape ({sorted(shapes)[:3]}...); use "
+                       "transform kind 'train' or 'eval' to bring records to a common size.")
+    return np.stack(images)
+  # The first image gives the output's shape; every image is then written into the batch array.
+  first = [None]
+  _load_range(records, cfg, seed, step, first_slot, 0, 1, first)
+  images = _new_array((count,) + first[0].shape, first[0].dtype, shared_output)
+  images[0] = first[0]
+  _spread(records, cfg, seed, step, first_slot, 1, count, images, executor, num_threads)
+  return images
+
+
+def _spread(records, cfg, seed, step, first_slot, lo, hi, out, executor, num_threads):
+  """:func:`_load_range` over ``lo:hi``, in ``num_threads`` contiguous chunks on ``executor``."""
+  if executor is not None and num_threads > 1 and hi - lo > 1:
+    bounds = np.linspace(lo, hi, min(num_threads, hi - lo) + 1).astype(int)
+    futures = [executor.submit(_load_range, records, cfg, seed, step, first_slot, a, b, out)
+               for a, b in zip(bounds[:-1], bounds[1:])]
     for f in futures:
       f.result()
   else:
-    _load_range(source, cfg, indices, seed, step, first_slot, 0, count, images)
-  if count == 0:
-    return np.zeros((0, cfg.size, cfg.size, 3), np.uint8)
-  shapes = {im.shape for im in images}
-  if len(shapes) != 1:
-    raise ValueError(f"images of a batch differ in shape ({sorted(shapes)[:3]}...); use transform "
-                     "kind 'train' or 'eval' to bring records to a common size.")
-  return np.stack(images)
+    _load_range(records, cfg, seed, step, first_slot, lo, hi, out)
 
 
 class _StepBatch:
   """Picklable step -> ``(step, images, indices)``: what every grain worker runs."""
 
-  def __init__(self, source, cfg, seed, batch_indices_fn, process_index):
+  def __init__(self, source, cfg, seed, batch_indices_fn, process_index, shared_output=False):
     self.source, self.cfg, self.seed = source, cfg, seed
     self.batch_indices_fn, self.process_index = batch_indices_fn, process_index
+    self.shared_output = shared_output
+
+  def in_workers(self, generation=0):
+    """This function as the grain workers run it: output in shared memory; hold-dependent
+    indices (:class:`HoldIndices`) tied to the loader's current ``generation``."""
+    fn = self.batch_indices_fn
+    if isinstance(fn, HoldIndices):
+      fn = fn.with_generation(generation)
+    return _StepBatch(self.source, self.cfg, self.seed, fn, self.process_index,
+                      shared_output=True)
 
   def __call__(self, step):
     step = int(step)
     indices = np.asarray(self.batch_indices_fn(step), np.int64).reshape(-1)
     images = load_batch(self.source, self.cfg, indices, seed=self.seed, step=step,
-                        first_slot=self.process_index * len(indices))
+                        first_slot=self.process_index * len(indices),
+                        shared_output=self.shared_output)
     return np.int64(step), images, indices
+
+
+class HoldClosed(RuntimeError):
+  """The loader stopped while a worker waited for a hold's value (the worker ends there)."""
+
+
+def _board_dir():
+  """A folder for :class:`HoldBoard` files: shared memory (``/dev/shm``) where there is one."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  shm = "/dev/shm"
+  return tempfile.mkdtemp(prefix="dmljax-holds-",
+                          dir=shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None)
+
+
+class HoldBoard:
+  """Values the training loop publishes once per *hold* (a run of steps whose batches depend on
+  the train state only through that value), read by the loader's worker processes.
+
+  PROFS with hard negative class mining draws the classes of every batch of hold ``k`` from a
+  neighbour table the train state holds at the start of hold ``k`` and that changes only at the
+  end of a hold. The loop reads it once per hold (:meth:`publish`); the workers, which compute
+  steps ahead, wait in :meth:`read` until the table of their step's hold is there, so every batch
+  of a hold after its first is decoded ahead, as for any step-determined batch. Values are small
+  ``.npy`` files in a folder (in ``/dev/shm`` where it exists); only the folder's path is pickled.
+  """
+
+  _NONE = np.zeros((0,), np.int32)  # how None is stored
+
+  def __init__(self):
+    self.directory = _board_dir()
+
+  def _path(self, hold):
+    return os.path.join(self.directory, f"hold-{int(hold)}.npy")
+
+  def _stop_path(self, generation):
+    return os.path.join(self.directory, f"stop-{int(generation)}")
+
+  def publish(self, hold, value):
+    """Publishes ``value`` (an int array, or None) for ``hold``; the first value of a hold stays.
+    Values of holds older than ``hold - 1`` are removed."""
+    path = self._path(hold)
+    if os.path.exists(path):
+      return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+      np.save(f, self._NONE if value is None else np.asarray(value))
+    os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+    old = self._path(int(hold) - 2)
+    if os.path.exists(old):
+      os.remove(old)
+
+  def read(self, hold, generation=0):
+    """The value of ``hold`` (None if None was published), waiting until it is published.
+
+    Raises:
+      HoldClosed: the loader stopped this ``generation`` of workers meanwhile.
+    """
+    path, delay = self._path(hold), 1e-4
+    while True:
+      try:
+        with open(path, "rb") as f:
+          value = np.load(f)
+        return None if value.size == 0 else value
+      except FileNotFoundError:
+        if os.path.exists(self._stop_path(generation)) or not os.path.isdir(self.directory):
+          raise HoldClosed(f"the loader stopped while waiting for hold {hold}.") from None
+        time.sleep(delay)
+        delay = min(2 * delay, 5e-3)
+
+  def stop(self, generation):
+    """Releases the workers of ``generation`` that wait in :meth:`read`."""
+    if os.path.isdir(self.directory):
+      open(self._stop_path(generation), "w").close()
+
+  def close(self):
+    """Removes the folder (also releases every waiting worker)."""
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class HoldIndices:
+  """Picklable ``step -> indices`` for batches that depend on a per-hold value: ``fn(step,
+  board.read(step // hold_steps))``. The training loop publishes each hold's value on ``board``
+  (before it asks the loader for that hold's first batch); the workers wait for it."""
+
+  def __init__(self, fn, board, hold_steps, generation=0):
+    if int(hold_steps) < 1:
+      raise ValueError(f"hold_steps must be >= 1, got {hold_steps}.")
+    self.fn, self.board, self.hold_steps = fn, board, int(hold_steps)
+    self.generation = int(generation)
+    self._last = (None, None)  # (hold, value) read last, in this process
+
+  def with_generation(self, generation):
+    return HoldIndices(self.fn, self.board, self.hold_steps, generation)
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_last"] = (None, None)
+    return state
+
+  def __call__(self, step):
+    hold = int(step) // self.hold_steps
+    if self._last[0] != hold:
+      self._last = (hold, self.board.read(hold, self.generation))
+    return self.fn(int(step), self._last[1])
 
 
 # Holders with a live grain iterator, closed by an exit hook that runs before multiprocessing's
@@ -143,7 +308,7 @@ _EXIT_HOOK = []
 
 def _close_open_at_exit():
   for holder in list(_OPEN.values()):
-    _close_all(holder)
+    _close_all(holder, True)
 
 
 def _grain_iterator(items, fn, num_workers, prefetch, holder):
@@ -167,10 +332,13 @@ def _grain_iterator(items, fn, num_workers, prefetch, holder):
 
 
 def _own_arrays(element):
-  """Plain numpy copies of a worker's output: grain hands arrays over in shared-memory blocks that
-  live as long as the array; copying releases them now, so batches the caller keeps (or that
-  outlive the loader) hold no shared memory."""
-  return tuple(np.array(x) if isinstance(x, np.ndarray) else x for x in element)
+  """A worker's output as plain numpy arrays, without copying: grain hands the batch over in a
+  shared-memory block that the main process maps (the worker wrote the batch there directly), and
+  the block is unlinked when the last array viewing it is garbage-collected. A plain ``ndarray``
+  view keeps that block alive as its base, so the caller may keep the batch as long as it likes
+  (e.g. in a device transfer that reads it asynchronously)."""
+  return tuple(x.view(np.ndarray) if isinstance(x, np.ndarray) and type(x) is not np.ndarray
+               else x for x in element)
 
 
 def _close_grain(iterator):
@@ -193,14 +361,21 @@ def _close_grain(iterator):
   iterator.close()
 
 
-def _close_all(holder):
-  """Finaliser: closes what a loader holds (a grain iterator, a thread pool)."""
+def _close_all(holder, final=False):
+  """Finaliser: closes what a loader holds (a grain iterator, a thread pool; with ``final``, its
+  :class:`HoldBoard`). Workers waiting on the board for a hold are released first."""
   _OPEN.pop(id(holder), None)
   it, pool = holder.pop("iterator", None), holder.pop("pool", None)
+  board = holder.get("board")
   if it is not None:
+    if board is not None:
+      board.stop(holder["generation"])
+      holder["generation"] += 1
     _close_grain(it)
   if pool is not None:
     pool.shutdown(wait=True, cancel_futures=True)
+  if final and board is not None:
+    holder.pop("board").close()
 
 
 def _check_workers(num_workers, prefetch):
@@ -256,7 +431,9 @@ class BatchLoader:
     self._fast = _is_array_source(source) and self.cfg.kind == "none"
     self._fn = _StepBatch(source, self.cfg, self.seed, batch_indices_fn, self.process_index)
     self._holder = {}  # the grain iterator and the thread pool, closed by close() or the finaliser
-    self._finalizer = weakref.finalize(self, _close_all, self._holder)
+    if isinstance(batch_indices_fn, HoldIndices):  # the loader owns the board from now on
+      self._holder.update(board=batch_indices_fn.board, generation=0)
+    self._finalizer = weakref.finalize(self, _close_all, self._holder, True)
     self._iter_start = None  # step at which the current grain iterator started
 
   # ----------------------------------------------------------------------------- iteration
@@ -274,7 +451,8 @@ class BatchLoader:
       it = self._holder.get("iterator")
       if it is None:
         import grain  # pylint: disable=g-import-not-at-top
-        it = _grain_iterator(grain.MapDataset.range(step, self._stop), self._fn,
+        it = _grain_iterator(grain.MapDataset.range(step, self._stop),
+                             self._fn.in_workers(self._holder.get("generation", 0)),
                              self.num_workers, self.prefetch, self._holder)
       out = _own_arrays(next(it))
       if int(out[0]) != step:  # cannot happen with grain's in-order interleave; guard anyway
@@ -314,9 +492,9 @@ class BatchLoader:
     """The batch of ``step`` for the given record ``indices`` (this process's slice), computed now.
 
     For frameworks whose indices depend on device state. Same augmentation as the prefetched path
-    for the same ``(step, indices)``. With ``num_workers > 1`` the images are spread over that many
-    threads of this process (decoding and resampling release the GIL), so the source's
-    ``__getitem__`` must then be safe to call from several threads at once.
+    for the same ``(step, indices)``. The records are read in one batched read here; with
+    ``num_workers > 1`` their decoding and transforms are spread over that many threads of this
+    process (decoding and resampling release the GIL).
     """
     indices = np.asarray(indices, np.int64).reshape(-1)
     pool = None
@@ -334,7 +512,7 @@ class BatchLoader:
 
   def close(self):
     """Stops the worker processes and threads (idempotent)."""
-    _close_all(self._holder)
+    _close_all(self._holder, True)
 
   def __enter__(self):
     return self
@@ -350,6 +528,14 @@ class _EvalBatch:
     self.source, self.cfg, self.batch_size = source, cfg, batch_size
     self.process_index, self.process_count, self.seed = process_index, process_count, seed
     self.num = len(source)
+    self.shared_output = False
+
+  def in_workers(self):
+    """This function as grain's workers run it: the batch written in shared memory."""
+    import copy  # pylint: disable=g-import-not-at-top
+    fn = copy.copy(self)
+    fn.shared_output = True
+    return fn
 
   def global_indices(self, b):
     """``([batch_size] indices, valid count)`` of global batch ``b``: padded with its first."""
@@ -364,7 +550,7 @@ class _EvalBatch:
     per = self.batch_size // self.process_count
     local = indices[self.process_index * per:(self.process_index + 1) * per]
     images = load_batch(self.source, self.cfg, local, seed=self.seed, step=int(b),
-                        first_slot=self.process_index * per)
+                        first_slot=self.process_index * per, shared_output=self.shared_output)
     return images, np.int64(valid), np.int64(b)
 
 
@@ -419,7 +605,8 @@ class EvalBatches:
       batches = grain.MapDataset.range(num)
       if self.persistent:
         batches = batches.repeat()
-      _grain_iterator(batches, self._fn, self.num_workers, self.prefetch, self._holder)
+      _grain_iterator(batches, self._fn.in_workers(), self.num_workers, self.prefetch,
+                      self._holder)
     token = id(self._holder["iterator"])
     self._at_pass_start = False
     finished = False

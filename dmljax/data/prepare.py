@@ -24,6 +24,13 @@ missing) are skipped, each named in a warning. The command ends with a table of 
 {split: {"images", "classes"}}, "skipped": {split: [paths]}}``. A data set already prepared in
 ``--data_dir`` is left as it is unless ``--overwrite`` is given; for your own images, an input
 that changed since it was prepared is refused instead (``--overwrite`` rebuilds it).
+
+``--short_side=256`` stores every image resized so its shorter side is 256 (torchvision's
+``Resize(256)``, JPEG quality ``--jpeg_quality``, default 95; boxes and sizes rescaled), so the
+protocol's resize-then-crop decodes a small file; the data set's metadata records the copy
+(``image_copy``: ``full`` or ``short_side_256``). Prepare it into its own ``--data_dir``: one
+``--data_dir`` holds one copy of a data set, and asking for the other copy where one is prepared
+is refused (``--overwrite`` replaces it).
 """
 from __future__ import annotations
 
@@ -66,12 +73,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="rebuild the data set even if it is already prepared in --data_dir")
   p.add_argument("--workers", type=int, default=None,
                  help="threads decoding the images (default: up to 8)")
+  p.add_argument("--short_side", type=int, default=0,
+                 help="store each image resized so its shorter side is this (e.g. 256: the "
+                 "protocol's resize; boxes rescaled), a JPEG of --jpeg_quality; 0 (default) "
+                 "stores the files as distributed")
+  p.add_argument("--jpeg_quality", type=int, default=None,
+                 help="JPEG quality of the --short_side copies (default 95)")
   p.add_argument("--verbose", action="store_true", help="show tracebacks with error messages")
   return p.parse_args(argv)
 
 
+def check_copy_options(short_side: int, jpeg_quality: Optional[int]) -> int:
+  """Validates ``--short_side`` / ``--jpeg_quality``; returns the quality to use."""
+  from dmljax.data import builders  # pylint: disable=g-import-not-at-top
+  if int(short_side) != short_side or short_side < 0:
+    raise ValueError(f"--short_side must be an integer >= 0 (0: the files as distributed), got "
+                     f"{short_side}.")
+  if jpeg_quality is None:
+    return builders.FULL_QUALITY
+  if not short_side:
+    raise ValueError("--jpeg_quality is for the --short_side copies; the full copy stores the "
+                     "files as distributed (add --short_side=256, or drop --jpeg_quality).")
+  if not 1 <= int(jpeg_quality) <= 100:
+    raise ValueError(f"--jpeg_quality must be in 1..100, got {jpeg_quality}.")
+  return int(jpeg_quality)
+
+
 def prepare(name: str, manual_dir: Optional[str], data_dir: str, *, overwrite: bool = False,
-            workers: Optional[int] = None,
+            workers: Optional[int] = None, short_side: int = 0,
+            jpeg_quality: Optional[int] = None,
             log: Optional[Callable[[str], None]] = None) -> dict:
   """Builds the TFDS data set ``dmljax_NAME`` in ``data_dir`` from the files in ``manual_dir``.
 
@@ -82,11 +112,14 @@ def prepare(name: str, manual_dir: Optional[str], data_dir: str, *, overwrite: b
     overwrite: rebuild even if a finished preparation exists (the old one is deleted only once
       every input file has been checked).
     workers: threads decoding images.
+    short_side: 0 stores the image files as distributed; N > 0 stores each image resized so its
+      shorter side is N (boxes and sizes rescaled; :func:`dmljax.data.builders.shrink_image`).
+    jpeg_quality: JPEG quality of the short-side copy (default 95).
     log: called with progress lines (None: silent).
 
   Returns:
-    The summary: ``name``, ``tfds_name``, ``path``, ``already_prepared``, ``splits`` ({split:
-    {"images", "classes"}}) and ``skipped`` ({split: [paths]}).
+    The summary: ``name``, ``tfds_name``, ``path``, ``already_prepared``, ``image_copy``,
+    ``splits`` ({split: {"images", "classes"}}) and ``skipped`` ({split: [paths]}).
 
   Raises:
     FileNotFoundError: input files missing (all named).
@@ -94,20 +127,25 @@ def prepare(name: str, manual_dir: Optional[str], data_dir: str, *, overwrite: b
   """
   from dmljax.data import builders  # pylint: disable=g-import-not-at-top
   key = builders.short_name(name)
+  quality = check_copy_options(short_side, jpeg_quality)
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   builder = builders.builder_class(key)(data_dir=data_dir, file_format="array_record")
   already = builder.is_prepared() and not overwrite
+  if already:
+    builders.check_copy(builder, short_side, data_dir)
   if not already:
     if not manual_dir:
       raise ValueError(f"--manual_dir is required to prepare {key}: the folder holding the "
                        f"downloaded files. {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
     plan = builders.make_plan(key, manual_dir, scratch_dir=data_dir, workers=workers, log=log)
+    plan.short_side, plan.quality, plan.workers = int(short_side), quality, workers or 0
     write(builder, plan, manual_dir, overwrite=overwrite, log=log)
     builder = builders.builder_class(key)(data_dir=data_dir)  # re-read what was written
   summary = builders.summarize(builder.info.metadata)
   return {"name": key, "tfds_name": builder.name, "path": os.fspath(builder.data_path),
-          "already_prepared": already, **summary}
+          "already_prepared": already,
+          "image_copy": dict(builder.info.metadata).get("image_copy", "full"), **summary}
 
 
 def write(builder, plan, manual_dir: str, *, overwrite: bool,
@@ -124,7 +162,9 @@ def write(builder, plan, manual_dir: str, *, overwrite: bool,
     config = tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode,
                                           try_download_gcs=False)
     if log:
-      log(f"{plan.name}: writing {builder.data_path}")
+      copy = (f" (each image resized to shorter side {plan.short_side}, JPEG quality "
+              f"{plan.quality})" if plan.short_side else "")
+      log(f"{plan.name}: writing {builder.data_path}{copy}")
     builder.download_and_prepare(download_dir=os.path.join(scratch.path(), "downloads"),
                                  download_config=config)
   finally:
@@ -164,7 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if a.name in own.KINDS:
       summary = own.prepare(a.name, a.manual_dir, a.data_dir, name=a.own_name, layout=a.layout,
                             test_fraction=a.test_fraction, shuffle_seed=a.shuffle_seed,
-                            overwrite=a.overwrite, workers=a.workers, log=log)
+                            overwrite=a.overwrite, workers=a.workers, short_side=a.short_side,
+                            jpeg_quality=a.jpeg_quality, log=log)
     else:
       if not builders.is_benchmark(a.name):
         raise ValueError(f"Unknown data set {a.name!r}; valid names: {', '.join(builders.NAMES)}, "
@@ -175,13 +216,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for your "
                          f"own images (folder, csv), not for the benchmark {a.name}.")
       summary = prepare(a.name, a.manual_dir, a.data_dir, overwrite=a.overwrite,
-                        workers=a.workers, log=log)
+                        workers=a.workers, short_side=a.short_side,
+                        jpeg_quality=a.jpeg_quality, log=log)
   if summary["already_prepared"]:
     source = f" from {summary['manual_dir']}" if "manual_dir" in summary else ""
     print(f"{summary['tfds_name']} is already prepared in {summary['path']}{source}; nothing to "
           "do (--overwrite rebuilds it).")
   else:
     print(f"{summary['tfds_name']} prepared in {summary['path']}")
+  if summary.get("image_copy", "full") != "full":
+    print(f"image copy: {summary['image_copy']} (each image resized to that shorter side)")
   print(format_table(summary))
   if "kind" in summary:
     print(f"train on it: python -m dmljax.main --config=configs/own_data.py "

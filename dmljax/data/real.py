@@ -132,7 +132,7 @@ def load_prepared(name: str, *, seed: int = 0, data_dir: Optional[str] = None,
                                           gallery=_split(prepared["gallery"]))
   else:
     out["test"] = _split(prepared["test"])
-  info = {"data_dir": data_dir, "train_classes": groups["train"], "val_classes": groups["val"],
+  info = {"data_dir": data_dir, "image_copy": prepared.image_copy, "train_classes": groups["train"], "val_classes": groups["val"],
           "prepared": {k: len(v) for k, v in prepared.splits.items()}}
   if protocol_fold is not None:
     test = out["test"]

@@ -75,10 +75,13 @@ class RecordSplit:
     class_ids: [C] int32 original class id of each label.
     class_names: C readable class names.
     indices: [N] int64 record numbers in the prepared split (``arange(N)`` for a whole split).
+    image_copy: which copy of the images the data set holds: ``"full"`` (the files as
+      distributed) or ``"short_side_N"`` (``prepare --short_side=N``).
   """
 
   def __init__(self, name: str, data_dir: str, split: str, labels, class_ids,
-               class_names: Optional[Sequence[str]] = None, indices=None):
+               class_names: Optional[Sequence[str]] = None, indices=None,
+               image_copy: str = "full"):
     self.name = name
     self.data_dir = data_dir
     self.split = split
@@ -88,6 +91,7 @@ class RecordSplit:
         str(c) for c in self.class_ids)
     self.indices = (np.arange(len(self.labels), dtype=np.int64) if indices is None
                     else np.asarray(indices, np.int64))
+    self.image_copy = str(image_copy)
     if len(self.indices) != len(self.labels):
       raise ValueError(f"{len(self.indices)} record indices but {len(self.labels)} labels.")
     self._source = None
@@ -127,7 +131,8 @@ class RecordSplit:
     return record
 
   def __getitems__(self, positions: Sequence[int]) -> list:
-    """Several records in one read (what grain's batched reads call)."""
+    """Several records in one read (what the loader's batches and grain's batched reads call:
+    one array_record read of all of them instead of one per record)."""
     positions = [self._position(i) for i in positions]
     records = self._open().__getitems__([int(self.indices[i]) for i in positions])
     out = []
@@ -158,7 +163,7 @@ class RecordSplit:
     present, labels = np.unique(self.labels[positions], return_inverse=True)
     return RecordSplit(self.name, self.data_dir, self.split, labels.astype(np.int32),
                        self.class_ids[present], [self.class_names[k] for k in present],
-                       self.indices[positions])
+                       self.indices[positions], self.image_copy)
 
   def with_classes(self, class_ids) -> "RecordSplit":
     """A view over the records whose original class id is in ``class_ids`` (relabelled)."""
@@ -185,13 +190,19 @@ class PreparedDataset:
     data_dir: the TFDS data folder.
     splits: split name -> :class:`RecordSplit`.
     metadata: what the preparation stored (per split: labels, class ids and names, skipped
-      images; the release and input files).
+      images; the release and input files; ``image_copy``).
   """
   name: str
   tfds_name: str
   data_dir: str
   splits: dict
   metadata: dict
+
+  @property
+  def image_copy(self) -> str:
+    """``"full"`` (the image files as distributed) or ``"short_side_N"`` (``prepare
+    --short_side=N``); data sets prepared before the option existed are full."""
+    return str(self.metadata.get("image_copy", "full"))
 
   def __getitem__(self, split: str) -> RecordSplit:
     if split not in self.splits:
@@ -253,7 +264,8 @@ def open_prepared(name: str, data_dir: str) -> PreparedDataset:
       labels, class_ids, names = m["labels"], m["class_ids"], m.get("class_names")
     else:
       labels, class_ids, names = _labels_from_records(full, data_dir, split)
-    splits[split] = RecordSplit(key, data_dir, split, labels, class_ids, names)
+    splits[split] = RecordSplit(key, data_dir, split, labels, class_ids, names,
+                                image_copy=metadata.get("image_copy", "full"))
   return PreparedDataset(key, full, data_dir, splits, metadata)
 
 
@@ -270,6 +282,7 @@ def _open_own(name: str, data_dir: str) -> PreparedDataset:
     raise DatasetNotPrepared.for_dataset(
         name, data_dir, f" ({version_dir} was not written by python -m dmljax.data.prepare)")
   splits = {split: RecordSplit(name, data_dir, split, m["labels"], m["class_ids"],
-                               m.get("class_names"))
+                               m.get("class_names"),
+                               image_copy=metadata.get("image_copy", "full"))
             for split, m in stored.items()}
   return PreparedDataset(name, full, data_dir, splits, metadata)

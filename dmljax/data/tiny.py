@@ -322,7 +322,7 @@ def expected_splits(written: dict) -> dict:
   return {split: {"images": len(ids), "classes": len(set(ids))} for split, ids in written.items()}
 
 
-def prepare_tiny(name: str, root, **kw) -> str:
+def prepare_tiny(name: str, root, short_side: int = 0, **kw) -> str:
   """Writes a tiny data set into ``root/manual`` and prepares it into ``root/data``.
 
   Preparation goes through ``dmljax.data.prepare.prepare``, with TFDS's progress bars, info logs
@@ -332,6 +332,8 @@ def prepare_tiny(name: str, root, **kw) -> str:
   Args:
     name: ``cub``, ``cars``, ``sop`` or ``inshop``.
     root: a folder (e.g. pytest's ``tmp_path``).
+    short_side: 0 prepares the files as written into ``root/data``; N > 0 the copy resized to
+      shorter side N (``prepare --short_side=N``) into ``root/data_short_side_N``.
     **kw: arguments of the writer (:func:`write_cub`, ...).
 
   Returns:
@@ -346,7 +348,8 @@ def prepare_tiny(name: str, root, **kw) -> str:
   from dmljax.data import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
   key = builders.short_name(name)
   manual = os.path.join(os.fspath(root), "manual")
-  data_dir = os.path.join(os.fspath(root), "data")
+  data_dir = os.path.join(os.fspath(root),
+                          f"data_short_side_{int(short_side)}" if short_side else "data")
   WRITERS[key](manual, **kw)
   tfds.disable_progress_bar()
   verbosity = absl_logging.get_verbosity()
@@ -354,7 +357,7 @@ def prepare_tiny(name: str, root, **kw) -> str:
   try:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
       warnings.simplefilter("error", builders.SkippedImageWarning)
-      summary = prepare_lib.prepare(key, manual, data_dir)
+      summary = prepare_lib.prepare(key, manual, data_dir, short_side=short_side)
   finally:
     absl_logging.set_verbosity(verbosity)
   skipped = [p for paths in summary["skipped"].values() for p in paths]

@@ -37,6 +37,13 @@ Per step:
   optimizer has stepped (e.g. moving the proximal anchor every M steps). Identity by default.
   A step whose loss or gradient is not finite is skipped whole, this hook's changes included.
 
+What the jitted step sees of the state (the *lean step*): the state without ``best`` (None)
+and without the framework-state entries named in ``held_state_keys`` (state only the host hooks
+read and change, e.g. CCP's per-projection copy of the model); the anchor is a read-only input of
+the step unless ``step_moves_anchor`` (then it is part of the donated step state, as PROFS moves
+it at every hold). Only what the step changes is donated and passed through each dispatch; the
+rest stays where it is until an evaluation's hooks change it. Checkpoints hold all of it.
+
 Host-side, between evaluations:
 
 * ``after_eval(state, ctx, metrics) -> (state, events)``: after every validation evaluation
@@ -119,6 +126,14 @@ class Framework:
   def on_start(self, state, ctx: HostContext):
     del ctx
     return state
+
+  #: Framework-state keys that only the host hooks read or change (never :meth:`loss` or
+  #: :meth:`after_update`): kept out of the jitted step (see "the lean step" above).
+  held_state_keys: tuple = ()
+
+  #: Whether :meth:`after_update` changes ``state.anchor`` (PROFS); otherwise the anchor is a
+  #: read-only, non-donated input of the step.
+  step_moves_anchor = False
 
   #: Whether :meth:`sample` reads the train state. When False (the default) the batch of a
   #: step is ``sampler.batch(step, ...)``, a pure function of the step, and the input pipeline

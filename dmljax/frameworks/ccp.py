@@ -104,6 +104,8 @@ class CCPFramework(Framework):
 
   name = "ccp"
   config_key = "ccp"
+  # The projection's best solution changes only at evaluations: it stays out of the jitted step.
+  held_state_keys = ("proj_best",)
 
   @staticmethod
   def default_config():

@@ -73,7 +73,10 @@ work). The class choice is then made as follows:
    ``hncm_neighbors [L, n]`` (``-1`` = none) and the hold it was made for, ``hncm_hold``, are
    framework state (checkpointed: a resumed run reads the same table);
 2. on the host, once per hold, the first :meth:`sample` of the hold reads that small int table
-   (the only device-to-host read PROFS adds; the step itself never waits for the host);
+   (the only device-to-host read PROFS adds; the step itself never waits for the host) and
+   publishes it on the loader's :class:`~dmljax.data.pipeline.HoldBoard`
+   (:meth:`PROFSFramework.hold_batch_indices`): the loader's workers compute every batch of the
+   hold from it, so all but the first batch of a hold are decoded ahead like any other;
 3. on the host, per step (plain numpy, deterministic in ``(seed, step)`` and the table): ``K``
    distinct seed classes are drawn uniformly; walking through them, each seed not yet in the
    batch brings itself and then its nearest classes not yet in the batch, until ``K`` classes
@@ -186,6 +189,21 @@ def hncm_classes(seed: int, step: int, neighbors: np.ndarray, k: int) -> np.ndar
   return np.asarray(chosen, np.int64)
 
 
+class HNCMBatch:
+  """Picklable ``(step, table) -> indices``: the batch of ``step`` under HNCM with neighbour table
+  ``table`` (None: hold 0, or no table yet: the sampler's uniform classes), exactly what
+  :meth:`PROFSFramework.sample` draws."""
+
+  def __init__(self, sampler, seed, classes_per_batch, process_index, process_count):
+    self.sampler, self.seed, self.k = sampler, seed, classes_per_batch
+    self.process_index, self.process_count = process_index, process_count
+
+  def __call__(self, step, table):
+    classes = None if table is None else hncm_classes(self.seed, step, table, self.k)
+    return self.sampler.batch(step, process_index=self.process_index,
+                              process_count=self.process_count, classes=classes)
+
+
 class PROFSFramework(Framework):
   """PROFS with any pair loss of the library (adapted as in section 5.3) or eq. (4.6)."""
 
@@ -233,6 +251,7 @@ class PROFSFramework(Framework):
       hold = profs_hold_steps(self.num_classes, self.batch_size, self.m, float(pc.rho))
     self.hold_steps = max(int(hold), 1)
     self._table = (None, None)  # host cache: (hold index, [L, n] neighbour table or None)
+    self.hold_board = None  # the loader's HoldBoard (hold_batch_indices), fed the tables
 
   def validate(self):
     pc = self.config.profs
@@ -291,13 +310,32 @@ class PROFSFramework(Framework):
     if self._table[0] != hold:
       fs = to_host({"n": state.framework["hncm_neighbors"], "h": state.framework["hncm_hold"]})
       self._table = (hold, fs["n"] if int(fs["h"]) > 0 else None)
+    if self.hold_board is not None:  # idempotent: the first value of a hold stays
+      self.hold_board.publish(hold, self._table[1])
     return self._table[1]
+
+  # The anchor moves inside the step (after_update, at the first step of each hold).
+  step_moves_anchor = True
 
   @property
   def sample_uses_state(self) -> bool:
-    """With HNCM a batch's classes come from the neighbour table in the train state, so the
-    input pipeline cannot decode batches ahead of the step."""
+    """With HNCM a batch's classes come from the neighbour table in the train state: the input
+    pipeline decodes a hold's batches ahead once the loop has published that hold's table
+    (:meth:`hold_batch_indices`), not from the step alone."""
     return bool(self.hncm)
+
+  def hold_batch_indices(self, sampler, process_index: int, process_count: int, board):
+    """With HNCM: a picklable ``step -> indices`` for the loader's workers
+    (:class:`~dmljax.data.pipeline.HoldIndices`): the batch :meth:`sample` draws at ``step``,
+    computed from the neighbour table that :meth:`sample` publishes on ``board`` at the hold's
+    first step. None without HNCM (batches depend on the step alone)."""
+    if not self.hncm:
+      return None
+    from dmljax.data import pipeline  # pylint: disable=g-import-not-at-top
+    self.hold_board = board
+    fn = HNCMBatch(sampler, int(self.config.seed), self.classes_per_batch, int(process_index),
+                   int(process_count))
+    return pipeline.HoldIndices(fn, board, self.hold_steps)
 
   def batch_classes(self, state, step: int):
     """The ``[K]`` classes of the batch of ``step`` under HNCM, or None (uniform, the sampler's)."""

@@ -68,6 +68,15 @@ distances from identical rows are equal scores, ranked by index. Two references 
 distances differ by about a float32 rounding of ``S`` can come in either order, and in a
 different order than on the per-query-block path or in faiss (which round differently again).
 
+Block sizes by backend (``sizing``, :mod:`dmljax.kernels.sizing`): the defaults above
+(:data:`REF_BLOCK`, :func:`auto_blocks`' 64 MB buffer, the symmetric path) are the CPU's. On a
+GPU/TPU the accelerator sizing (:func:`accelerator_blocks`) takes one query block per device
+against all references in a single step where a share of the device's memory allows, else the
+largest blocks that fit; the neighbours are the same. There, ``approx_recall`` may replace the
+exact top-k of step 2 by TPU's ``lax.approx_max_k`` (opt-in, TPU only). Device arrays are
+searched where they are (``on_device``): checks, augmented rows and the search run on the device
+and only the ``[Q, k]`` results are read back.
+
 Inputs are checked (:func:`prepare_embeddings`): NaN/inf values, and rows whose squared norm
 could make a float32 score overflow, are rejected with the row and the fix. Should non-finite
 scores still arise, both selection paths rank them last, never return a query as its own
@@ -92,9 +101,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dmljax.kernels import native
+from dmljax.kernels import sizing as sizing_lib
 
 __all__ = ["KNNResult", "knn", "first_relevant_rank", "prepare_embeddings", "flat_mesh",
-           "auto_blocks", "use_cpu_cores_as_devices"]
+           "auto_blocks", "accelerator_blocks", "use_cpu_cores_as_devices"]
 
 #: Default block sizes, tuned on a 2-core CPU for 128-d embeddings
 #: (see docs/benchmarks_retrieval.md).
@@ -127,6 +137,58 @@ def auto_blocks(num_refs: int, k: int, query_block=None, group=None, ref_block=R
     while query_block > 32 and query_block * groups > _MAX_BUFFER:
       query_block //= 2
   return query_block, group
+
+
+def _accel_cost(qb: int, rb: int, n: int, dim: int, kg: int, group: int) -> int:
+  """Bytes of one query block's intermediates on the per-query-block path: scores and their
+  group maxima for one reference block, the group-max buffer (twice: its update may copy), the
+  re-scored candidates' rows and the top-k outputs."""
+  n_pad = _round_up(n, rb)
+  return 4 * qb * (rb + rb // group + 2 * (n_pad // group) + kg * group * (dim + 2) + 2 * kg)
+
+
+def accelerator_blocks(num_queries: int, num_refs: int, dim: int, k: int, group: int,
+                       budget: int, num_devices: int = 1) -> tuple[int, int]:
+  """``(query_block, ref_block)`` of the accelerator sizing (:mod:`dmljax.kernels.sizing`).
+
+  A single pass where ``budget`` (bytes per device) allows it: one query block holding each
+  device's share of the queries, scanned against all references in one block. Otherwise the
+  query blocks are halved first (down to 256 rows), then the references are cut into equal
+  blocks (down to :data:`REF_BLOCK`), then the query blocks again (down to 8 rows). Sizes are
+  multiples of 8 (queries) and of ``group`` (references), not powers of two: padding stays under
+  8 rows per block.
+  """
+  kg = k + 1
+  n = _round_up(max(num_refs, kg * group), group)
+  per_device = max(1, -(-num_queries // max(1, num_devices)))
+  blocks, steps = 1, 1
+  qb, rb = _round_up(per_device, 8), n
+
+  def cost():
+    return _accel_cost(qb, rb, n, dim, kg, group)
+
+  while cost() > budget and qb > 256:
+    blocks *= 2
+    qb = _round_up(-(-per_device // blocks), 8)
+  while cost() > budget and rb > max(REF_BLOCK, group):
+    steps *= 2
+    rb = _round_up(-(-n // steps), group)
+  while cost() > budget and qb > 8:
+    blocks *= 2
+    qb = _round_up(-(-per_device // blocks), 8)
+  return qb, rb
+
+
+def _accelerator_sym_block(num_rows: int, group: int, budget: int, state: int) -> int:
+  """Rows per block of the same-set symmetric path under the accelerator sizing: the largest
+  equal cut whose block pair (its product, scores and group maxima, ~3 blocks x blocks floats)
+  fits ``budget`` beside the running lists (``state`` bytes)."""
+  n = _round_up(num_rows, group)
+  steps, b = 1, n
+  while 12 * b * b + state > budget and b > max(REF_BLOCK, group):
+    steps *= 2
+    b = _round_up(-(-n // steps), group)
+  return b
 
 
 def use_cpu_cores_as_devices(num: Optional[int] = None) -> bool:
@@ -222,6 +284,114 @@ def _check_norms(x: np.ndarray, name: str) -> None:
         f"(multiply all by one small factor; the neighbours do not change).")
 
 
+@jax.jit
+def _device_checks(x):
+  """Per-array facts :func:`prepare_device` needs, computed where ``x`` lives (scalars only)."""
+  bad = ~jnp.isfinite(x).all(axis=1)
+  sq = jnp.sum(jnp.square(jnp.where(bad[:, None], 0.0, x)), axis=1)  # float32; inf on overflow
+  big = sq >= MAX_SQUARED_NORM
+  return (bad.sum(), jnp.argmax(bad), big.sum(), jnp.argmax(sq), jnp.sqrt(jnp.max(sq)))
+
+
+def prepare_device(x, name: str = "embeddings") -> jax.Array:
+  """:func:`prepare_embeddings` for a jax array that stays on its device: the same checks and
+  messages, computed on the device (only five scalars are read back); returns float32 ``[N, D]``.
+  Squared norms are float32 sums here (the host checks in float64), which matters only for rows
+  within a rounding of the :data:`MAX_SQUARED_NORM` bound."""
+  if x.ndim != 2:
+    raise ValueError(f"{name} must have shape [num, dim], got shape {x.shape}.")
+  if x.shape[0] == 0 or x.shape[1] == 0:
+    raise ValueError(f"{name} is empty (shape {x.shape}); pass at least one embedding.")
+  if not (jnp.issubdtype(x.dtype, jnp.floating)):
+    raise ValueError(f"{name} must be float32 or bfloat16, got dtype {x.dtype}.")
+  x = x.astype(jnp.float32)
+  nbad, first, nbig, worst, norm = (np.asarray(v) for v in _device_checks(x))
+  if nbad:
+    raise ValueError(
+        f"{name} has {int(nbad)} row(s) with NaN or infinite values (first: row {int(first)}); "
+        f"fix or drop them before evaluating.")
+  if nbig:
+    raise ValueError(
+        f"{name} are too large for float32 distance arithmetic: row {int(worst)} has norm "
+        f"{float(norm):.3g} ({int(nbig)} row(s) with a norm of 2^63 = "
+        f"{np.sqrt(MAX_SQUARED_NORM):.3g} or more), and squared norms or dot products that large "
+        f"overflow. Normalise the embeddings (e.g. to unit L2 norm) or rescale them (multiply "
+        f"all by one small factor; the neighbours do not change).")
+  return x
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _augment_refs_device(refs, rows: int):
+  """:func:`_augment_refs` on the device (``rows`` padded rows); the half squared norms are
+  float32 sums of float32 squares (the host path rounds a float64 sum)."""
+  n, d = refs.shape
+  h = -0.5 * jnp.sum(jnp.square(refs), axis=1)
+  body = jnp.concatenate([refs, h[:, None]], axis=1)
+  pad = jnp.zeros((rows - n, d + 1), jnp.float32).at[:, d].set(-jnp.inf)
+  return jnp.concatenate([body, pad], axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _augment_queries_device(queries, rows: int):
+  n, d = queries.shape
+  q = jnp.concatenate([queries, jnp.zeros((rows - n, d), jnp.float32)], axis=0)
+  return jnp.concatenate([q, jnp.ones((rows, 1), jnp.float32)], axis=1)
+
+
+def _aug_refs(refs, ref_block: int, min_rows: int):
+  """Augmented references, on the host (numpy in) or on the device (jax in)."""
+  if isinstance(refs, np.ndarray):
+    return _augment_refs(refs, ref_block, min_rows)
+  return _augment_refs_device(refs, _round_up(max(refs.shape[0], min_rows), ref_block))
+
+
+def _aug_queries(queries, rows: int):
+  if isinstance(queries, np.ndarray):
+    return _augment_queries(queries, rows)
+  return _augment_queries_device(queries, rows)
+
+
+def _sq_norms_host(x) -> np.ndarray:
+  """float64 squared norms of the rows of ``x`` (numpy, or a device array: summed there in
+  float32, only ``[N]`` read back)."""
+  if isinstance(x, np.ndarray):
+    return np.einsum("nd,nd->n", x.astype(np.float64), x)
+  return np.asarray(jnp.sum(jnp.square(x), axis=1)).astype(np.float64)
+
+
+def search_on_device(x, on_device: Optional[bool], mesh: Mesh) -> bool:
+  """Whether the search runs from the device arrays (see :func:`knn`'s ``on_device``)."""
+  if on_device is None:
+    on_cpu = all(d.platform == "cpu" for d in np.asarray(mesh.devices).reshape(-1))
+    return isinstance(x, jax.Array) and not on_cpu and jax.process_count() == 1
+  if on_device and jax.process_count() > 1:
+    raise ValueError("on_device=True needs a single process; with several processes the kNN "
+                     "reads the embeddings to each host (leave on_device=None).")
+  return bool(on_device)
+
+
+def check_approx(approx_recall, mesh: Mesh) -> float:
+  """0.0 (exact) or a recall target for ``lax.approx_max_k`` on TPU; ValueError otherwise."""
+  if approx_recall is None or approx_recall == 0:
+    return 0.0
+  if isinstance(approx_recall, bool) or not isinstance(approx_recall, (int, float)) or not (
+      0.0 < float(approx_recall) < 1.0):
+    raise ValueError(f"approx_recall must be a recall target in (0, 1) (or 0 for the exact "
+                     f"search), got {approx_recall!r}.")
+  found = sizing_lib.platforms(mesh.devices)
+  if not found <= set(APPROX_PLATFORMS):
+    raise ValueError(
+        f"approx_recall={approx_recall} asks for jax.lax.approx_max_k, which is an approximate "
+        f"(fast) search on TPU only, but the kNN runs on {'/'.join(sorted(found))}: set "
+        f"approx_recall to 0 (the exact search) here.")
+  return float(approx_recall)
+
+
+#: Platforms where ``approx_recall`` is accepted (``lax.approx_max_k`` is TPU's approximate
+#: top-k; elsewhere it is an exact sort, slower than the exact path's ``top_k``).
+APPROX_PLATFORMS = ("tpu",)
+
+
 def flat_mesh(mesh: Optional[Mesh]) -> Mesh:
   """A 1-D mesh over all devices of ``mesh`` (all local devices when None), axis name "q"."""
   devices = jax.devices() if mesh is None else list(np.asarray(mesh.devices).reshape(-1))
@@ -283,7 +453,7 @@ def _worst_to_lowest(x):
 
 
 def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self, use_native,
-                 native_threads=0):
+                 native_threads=0, approx_recall=0.0):
   """Top-k of every query of this device's blocks. qa: [nb, qb, Da], qidx: [nb, qb]."""
   n_pad = ra.shape[0]
   num_groups_per_block = ref_block // group
@@ -319,7 +489,10 @@ def _topk_blocks(qa, qidx, ra, *, k, ref_block, group, exclude_self, use_native,
       return jax.ffi.ffi_call(native.KNN_SELECT, out_types)(
           q, qi, gmax, ra, k=np.int64(k), group=np.int64(group),
           exclude_self=np.int64(exclude_self), max_threads=np.int64(native_threads))
-    _, best_groups = jax.lax.top_k(gmax, kg)
+    if approx_recall:  # TPU only (_check_approx): the groups kept may miss some of the best
+      _, best_groups = jax.lax.approx_max_k(gmax, kg, recall_target=approx_recall)
+    else:
+      _, best_groups = jax.lax.top_k(gmax, kg)
     return _rescore_xla(q, qi, best_groups, ra, k=k, group=group, exclude_self=exclude_self)
 
   return jax.lax.map(one_block, (qa, qidx))
@@ -458,10 +631,10 @@ def _sym_state_bytes(num_rows: int, k: int, use_native: bool, num_devices: int) 
 
 @functools.lru_cache(maxsize=64)
 def _topk_fn(mesh: Mesh, k: int, ref_block: int, group: int, exclude_self: bool,
-             use_native: bool, native_threads: int = 0):
+             use_native: bool, native_threads: int = 0, approx_recall: float = 0.0):
   body = functools.partial(_topk_blocks, k=k, ref_block=ref_block, group=group,
                            exclude_self=exclude_self, use_native=use_native,
-                           native_threads=native_threads)
+                           native_threads=native_threads, approx_recall=approx_recall)
   return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("q"), P("q"), P()),
                                out_specs=(P("q"), P("q")), check_vma=False))
 
@@ -528,17 +701,20 @@ def _check_blocks(query_block: int, ref_block: int, group: int):
 
 
 def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_BLOCK,
-        ref_block: int = REF_BLOCK, group: Optional[int] = GROUP,
+        ref_block: Optional[int] = None, group: Optional[int] = GROUP,
         mesh: Optional[Mesh] = None, use_native: Optional[bool] = None,
-        symmetric: Optional[bool] = None) -> KNNResult:
+        symmetric: Optional[bool] = None, sizing: str = "auto",
+        memory_budget: Optional[int] = None, approx_recall: Optional[float] = None,
+        on_device: Optional[bool] = None) -> KNNResult:
   """Exact k nearest references of each query by squared Euclidean distance.
 
   Args:
     queries: ``[Q, D]`` float32 or bfloat16 (numpy or jax).
     references: ``[N, D]``, or None for same-set search (each query is excluded by index).
     k: number of neighbours, at most the number of references (minus one in same-set mode).
-    query_block: queries per block (per device step); None: :func:`auto_blocks`.
-    ref_block: references per scanned block; a multiple of ``group``.
+    query_block: queries per block (per device step); None: by ``sizing``.
+    ref_block: references per scanned block; a multiple of ``group``. None: by ``sizing``
+      (:data:`REF_BLOCK` on the CPU sizing).
     group: references per group of the max filter (see the module docstring); None:
       :func:`auto_blocks`.
     mesh: devices to shard query blocks over; None uses all devices.
@@ -546,21 +722,46 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
       :mod:`dmljax.kernels.native`. None: when every device of the mesh is a CPU and the kernel
       builds (else the pure XLA path, with a warning if the build failed). True: require it.
     symmetric: same-set mode only: compute each pair of ``ref_block``-sized blocks' dot products
-      once and feed both sides (see the module docstring). None: when the running lists fit in
-      :data:`MAX_SYMMETRIC_STATE` bytes per device; False: the per-query-block path.
+      once and feed both sides (see the module docstring). None: on the CPU sizing when the
+      running lists fit in :data:`MAX_SYMMETRIC_STATE` bytes per device, never on the
+      accelerator sizing (whose single pass has no block pairs to share); False: the
+      per-query-block path.
+    sizing: ``"cpu"`` (blocks tuned on a 2-core CPU: a 64 MB group-max buffer per query block,
+      :data:`REF_BLOCK` references per scan step), ``"accelerator"`` (:func:`accelerator_blocks`:
+      a single pass where ``memory_budget`` allows, else blocks sized from it) or ``"auto"``
+      (``"cpu"`` on CPU devices, else ``"accelerator"``; :mod:`dmljax.kernels.sizing`). Explicit
+      ``query_block`` / ``ref_block`` win. Every sizing gives the same neighbours.
+    memory_budget: bytes per device the accelerator sizing may use; None: a quarter of the
+      device memory (:func:`dmljax.kernels.sizing.memory_budget`).
+    approx_recall: TPU only, where exactness is not required: keep each query's best groups with
+      ``lax.approx_max_k`` at this recall target in (0, 1) instead of the exact ``top_k`` (the
+      neighbours found are then exact distances but may miss some true neighbours). None or 0:
+      exact (the default). ValueError on any other backend, and with ``symmetric=True``.
+    on_device: search from device arrays without reading them back. None: when ``queries`` is a
+      jax array on a GPU/TPU and one process runs (on CPU the host path is used: the arrays are
+      in host memory already, and the compiled selection takes them as they are); True: also on
+      CPU (tests); False: always via numpy. Only the ``[Q, k]`` results (and, on the XLA same-set
+      path, ``[Q]`` norms) are read back. On the device the references' half norms are float32
+      sums (the host rounds a float64 sum), which can only swap two references whose distances
+      to a query differ by about one float32 rounding.
 
   Returns:
     A :class:`KNNResult`; ties are broken by the smaller reference index.
 
   Raises:
     ValueError: on bad shapes, NaN/inf values, rows whose squared norm would overflow float32
-      scores (:data:`MAX_SQUARED_NORM`: normalise or rescale), or ``k`` larger than the
-      references.
+      scores (:data:`MAX_SQUARED_NORM`: normalise or rescale), ``k`` larger than the
+      references, an unknown ``sizing`` or an ``approx_recall`` outside TPU or (0, 1).
     RuntimeError: ``use_native=True`` on non-CPU devices or when the kernel cannot be built.
   """
-  q = prepare_embeddings(queries, "queries")
+  mesh = flat_mesh(mesh)
+  sizing = sizing_lib.resolve(sizing, mesh.devices)
+  approx = check_approx(approx_recall, mesh)
+  dev = search_on_device(queries, on_device, mesh)
+  prep = prepare_device if dev else prepare_embeddings
+  q = prep(_as_device(queries, mesh) if dev else queries, "queries")
   same = references is None
-  r = q if same else prepare_embeddings(references, "references")
+  r = q if same else prep(_as_device(references, mesh) if dev else references, "references")
   if r.shape[1] != q.shape[1]:
     raise ValueError(f"references have dimension {r.shape[1]} but queries {q.shape[1]}.")
   available = r.shape[0] - int(same)
@@ -569,24 +770,44 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
   if k > available:
     raise ValueError(f"k={k} is larger than the {available} references available to each query; "
                      f"ask for at most {available} neighbours.")
-  mesh = flat_mesh(mesh)
-  if query_block is None:
-    # Small query sets: a block no larger than the queries. Not a function of the number of
-    # devices, so that 1 and 8 devices run the same arithmetic.
-    query_block = min(auto_blocks(r.shape[0], int(k), None, group, ref_block)[0],
-                      max(8, 1 << (q.shape[0] - 1).bit_length()))
-  query_block, group = auto_blocks(r.shape[0], int(k), query_block, group, ref_block)
-  _check_blocks(query_block, ref_block, group)
-  # Small reference sets: one block just large enough.
-  ref_block = min(ref_block, _round_up(max(r.shape[0], (k + int(same)) * group), group))
-  kg = k + int(same)
-  ra = _augment_refs(r, ref_block, min_rows=kg * group)
-  native_on = _resolve_native(use_native, mesh)
-  threads = _native_threads(mesh.size) if native_on else 0
   if symmetric and not same:
     raise ValueError("symmetric=True needs same-set mode (references=None).")
-  if same and (symmetric if symmetric is not None else _sym_state_bytes(
-      ra.shape[0], int(k), native_on, mesh.size) <= MAX_SYMMETRIC_STATE):
+  if symmetric and approx:
+    raise ValueError("approx_recall applies to the per-query-block search; pass symmetric=False "
+                     "(or None) with it.")
+  native_on = _resolve_native(use_native, mesh)
+  threads = _native_threads(mesh.size) if native_on else 0
+  kg = k + int(same)
+  if sizing == "accelerator":
+    budget = sizing_lib.memory_budget(mesh.devices, memory_budget)
+    group = auto_blocks(r.shape[0], int(k), 1, group, 1 << 30)[1] if group is None else group
+    use_sym = same and bool(symmetric) and not approx
+    if use_sym and ref_block is None:
+      ref_block = _accelerator_sym_block(
+          r.shape[0], group, budget, _sym_state_bytes(r.shape[0], int(k), native_on, mesh.size))
+    elif query_block is None or ref_block is None:
+      qb, rb = accelerator_blocks(q.shape[0], r.shape[0], q.shape[1], int(k) + 1, group, budget,
+                                  mesh.size)
+      query_block = qb if query_block is None else query_block
+      ref_block = rb if ref_block is None else ref_block
+    _check_blocks(query_block or 1, ref_block, group)
+    ref_block = min(ref_block, _round_up(max(r.shape[0], kg * group), group))
+    ra = _aug_refs(r, ref_block, min_rows=kg * group)
+  else:
+    ref_block = REF_BLOCK if ref_block is None else ref_block
+    if query_block is None:
+      # Small query sets: a block no larger than the queries. Not a function of the number of
+      # devices, so that 1 and 8 devices run the same arithmetic.
+      query_block = min(auto_blocks(r.shape[0], int(k), None, group, ref_block)[0],
+                        max(8, 1 << (q.shape[0] - 1).bit_length()))
+    query_block, group = auto_blocks(r.shape[0], int(k), query_block, group, ref_block)
+    _check_blocks(query_block, ref_block, group)
+    # Small reference sets: one block just large enough.
+    ref_block = min(ref_block, _round_up(max(r.shape[0], (k + int(same)) * group), group))
+    ra = _aug_refs(r, ref_block, min_rows=kg * group)
+    use_sym = same and not approx and (symmetric if symmetric is not None else _sym_state_bytes(
+        ra.shape[0], int(k), native_on, mesh.size) <= MAX_SYMMETRIC_STATE)
+  if use_sym:
     num_blocks = ra.shape[0] // ref_block
     per_device = -(-num_blocks // mesh.size)
     # Device d takes blocks d, d + n, d + 2n, ... (about equal shares of the block pairs).
@@ -604,18 +825,27 @@ def knn(queries, references=None, *, k: int, query_block: Optional[int] = QUERY_
       return KNNResult(dist, idx.astype(np.int32))
     return _result(q, top, idx)
   rows, _ = _query_layout(q.shape[0], query_block, mesh.size)
-  qa = _augment_queries(q, rows).reshape(-1, query_block, q.shape[1] + 1)
+  qa = _aug_queries(q, rows).reshape(-1, query_block, q.shape[1] + 1)
   qidx = np.arange(rows, dtype=np.int32).reshape(-1, query_block)
-  fn = _topk_fn(mesh, int(k), ref_block, group, same, native_on, threads)
+  fn = _topk_fn(mesh, int(k), ref_block, group, same, native_on, threads, approx)
   top, idx = fn(*_global_inputs(mesh, (qa, P("q")), (qidx, P("q")), (ra, P())))
   top = _gather(top).reshape(rows, k)[:q.shape[0]]
   idx = _gather(idx).reshape(rows, k)[:q.shape[0]]
   return _result(q, top, idx)
 
 
-def _result(q: np.ndarray, top: np.ndarray, idx: np.ndarray) -> KNNResult:
+def _as_device(x, mesh: Mesh) -> jax.Array:
+  """``x`` as a jax array on exactly the devices of ``mesh`` (replicated there if it lives on
+  other devices, e.g. a training mesh over fewer devices than the kNN's)."""
+  x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+  if set(x.devices()) != set(np.asarray(mesh.devices).reshape(-1)):
+    x = jax.device_put(x, NamedSharding(mesh, P()))
+  return x
+
+
+def _result(q, top: np.ndarray, idx: np.ndarray) -> KNNResult:
   """Squared distances |q|^2 - 2 score (float64, clipped at 0) and indices."""
-  sq = np.einsum("nd,nd->n", q.astype(np.float64), q)
+  sq = _sq_norms_host(q)
   dist = np.maximum(sq[:, None] - 2.0 * top.astype(np.float64), 0.0).astype(np.float32)
   return KNNResult(dist, idx.astype(np.int32))
 
@@ -676,10 +906,11 @@ def _first_rank_fn(mesh: Mesh, ref_block: int, exclude_self: bool):
                                out_specs=P("q"), check_vma=False))
 
 
-def first_relevant_rank(queries: np.ndarray, query_labels: np.ndarray, query_ids: np.ndarray,
-                        references: np.ndarray, ref_labels: np.ndarray, *, same_set: bool,
-                        query_block: Optional[int] = QUERY_BLOCK, ref_block: int = REF_BLOCK,
-                        mesh: Optional[Mesh] = None) -> np.ndarray:
+def first_relevant_rank(queries, query_labels: np.ndarray, query_ids: np.ndarray,
+                        references, ref_labels: np.ndarray, *, same_set: bool,
+                        query_block: Optional[int] = QUERY_BLOCK, ref_block: Optional[int] = None,
+                        mesh: Optional[Mesh] = None, sizing: str = "auto",
+                        memory_budget: Optional[int] = None) -> np.ndarray:
   """1-based rank of the nearest relevant (same-label) reference of each query; 0 if none.
 
   Used for Recall@k with k beyond the neighbours kept by :func:`knn`: two blocked passes (best
@@ -687,32 +918,42 @@ def first_relevant_rank(queries: np.ndarray, query_labels: np.ndarray, query_ids
   stays cheap however large k is. Same order as :func:`knn` (distance, then index).
 
   Args:
-    queries: ``[Q, D]`` checked float32 queries.
+    queries: ``[Q, D]`` checked float32 queries (numpy, or a jax array kept on its device).
     query_labels: ``[Q]`` int labels (non-negative).
     query_ids: ``[Q]`` each query's index among the references in same-set mode (its own row
       is excluded); ignored otherwise.
-    references: ``[N, D]`` checked float32.
+    references: ``[N, D]`` checked float32 (numpy or jax, as ``queries``).
     ref_labels: ``[N]`` int labels.
     same_set: whether queries are references (self excluded by ``query_ids``).
-    query_block, ref_block, mesh: as in :func:`knn`.
+    query_block, ref_block, mesh, sizing, memory_budget: as in :func:`knn` (the CPU sizing: 256
+      queries, :data:`REF_BLOCK` references).
 
   Returns:
     ``[Q]`` int64 ranks.
   """
+  mesh = flat_mesh(mesh)
+  if sizing_lib.resolve(sizing, mesh.devices) == "accelerator" and (
+      query_block is None or ref_block is None):
+    qb, rb = accelerator_blocks(queries.shape[0], references.shape[0], queries.shape[1], 0, 1,
+                                sizing_lib.memory_budget(mesh.devices, memory_budget), mesh.size)
+    query_block = qb if query_block is None else query_block
+    ref_block = rb if ref_block is None else ref_block
+  if isinstance(queries, jax.Array):
+    queries, references = _as_device(queries, mesh), _as_device(references, mesh)
   if query_block is None:
     query_block = 256  # no group-max buffer here: the [query_block, ref_block] scores only
+  ref_block = REF_BLOCK if ref_block is None else ref_block
   _check_blocks(query_block, ref_block, 1)
-  mesh = flat_mesh(mesh)
   nq = queries.shape[0]
   # Bucket the padded size to a power of two number of blocks so that varying subset sizes
   # reuse a few compiled shapes.
   blocks = max(1, -(-nq // (query_block * mesh.size)))
   blocks = 1 << (blocks - 1).bit_length()
   rows = blocks * query_block * mesh.size
-  qa = _augment_queries(queries, rows).reshape(-1, query_block, queries.shape[1] + 1)
+  qa = _aug_queries(queries, rows).reshape(-1, query_block, queries.shape[1] + 1)
   qi = _pad_rows(np.asarray(query_ids, np.int32), rows, -1).reshape(-1, query_block)
   ql = _pad_rows(np.asarray(query_labels, np.int32), rows, -2).reshape(-1, query_block)
-  ra = _augment_refs(references, ref_block, min_rows=1)
+  ra = _aug_refs(references, ref_block, min_rows=1)
   rl = _pad_rows(np.asarray(ref_labels, np.int32), ra.shape[0], -1)
   out = _first_rank_fn(mesh, ref_block, same_set)(*_global_inputs(
       mesh, (qa, P("q")), (qi, P("q")), (ql, P("q")), (ra, P()), (rl, P())))

@@ -120,30 +120,59 @@ def _split_reduce(pos_terms: Array, neg_terms: Array, pos: Array, neg: Array, re
   return core.reduce(pos_terms, pos, reduction) + core.reduce(neg_terms, neg, reduction)
 
 
-#: Reference columns per block in :func:`_blockwise_split_reduce` (a ``[B, 1024]`` float32 block
-#: of one intermediate is 1 MiB at B = 256: the few of them in flight stay in cache).
+#: Reference columns per block in :func:`_blockwise_split_reduce` under the CPU sizing (a
+#: ``[B, 1024]`` float32 block of one intermediate is 1 MiB at B = 256: the few of them in flight
+#: stay in cache); used above ``2 * _BLOCK_REFS`` references.
 _BLOCK_REFS = 1024
+#: ``[B, R]`` float32 intermediates the unblocked reduction keeps alive at once (forward and
+#: backward: distances, masked terms, counts, gradients): what the accelerator sizing budgets for.
+_LIVE_INTERMEDIATES = 12
+
+
+def pair_ref_block(batch: int, num_refs: int, ref_block=None, sizing: str = "auto",
+                   memory_budget=None) -> int:
+  """References per block of a long-reference reduction (0: a single pass over all of them).
+
+  ``ref_block``: an int >= 0 is used as given (0 = single pass); None picks by ``sizing``
+  (:mod:`dmljax.kernels.sizing`; "auto" = by JAX's default backend): the CPU sizing takes blocks
+  of 1,024 above 2,048 references (what keeps XLA:CPU's intermediates in cache), the accelerator
+  sizing a single pass when ``_LIVE_INTERMEDIATES`` ``[B, R]`` float32 arrays fit the memory
+  budget (SOP's ~35,000 proxies at batch 32: ~54 MB), else the largest equal blocks that do.
+  """
+  if ref_block is not None:
+    if isinstance(ref_block, bool) or not isinstance(ref_block, int) or ref_block < 0:
+      raise ValueError(f"ref_block must be an integer >= 0 (0: a single pass over the "
+                       f"references), got {ref_block!r}.")
+    return 0 if ref_block >= num_refs else ref_block
+  from dmljax.kernels import sizing as sizing_lib  # pylint: disable=g-import-not-at-top
+  if sizing_lib.resolve(sizing) == "cpu":
+    return _BLOCK_REFS if num_refs > 2 * _BLOCK_REFS else 0
+  budget = sizing_lib.memory_budget(budget=memory_budget)
+  steps = 1
+  while 4 * _LIVE_INTERMEDIATES * batch * -(-num_refs // steps) > budget and steps < num_refs:
+    steps *= 2
+  return 0 if steps == 1 else -(-num_refs // steps)
 
 
 def _blockwise_split_reduce(term_fn, emb: Array, ref: Array, pos: Array, neg: Array,
-                            reduction: str) -> Array:
+                            reduction: str, block: int = _BLOCK_REFS) -> Array:
   """:func:`_split_reduce` over reference blocks, for long reference sets (a memory bank).
 
   Same value as ``_split_reduce(*term_fn(emb, ref), pos, neg, reduction)`` (up to float
   summation order) for ``reduction`` in mean_nonzero / mean / sum. Why: with the whole ``[B, R]``
   matrix at once (R = 8,192) XLA:CPU streams about ten ``[B, R]`` intermediates (distances,
-  masked terms, counts, gradient) through main memory; a scan over blocks of ``_BLOCK_REFS``
+  masked terms, counts, gradient) through main memory; a scan over blocks of ``block``
   references keeps them in cache (~30% faster forward + backward, one thread). Each block is
   rematerialised in the backward pass (``jax.checkpoint``), so memory stays ``O(B x block)``.
   Padded reference slots are in neither mask, so they add nothing.
   """
   b, r = pos.shape
-  n = -(-r // _BLOCK_REFS)
-  pad = n * _BLOCK_REFS - r
-  ref = jnp.pad(ref, ((0, pad), (0, 0))).reshape(n, _BLOCK_REFS, ref.shape[1])
+  n = -(-r // block)
+  pad = n * block - r
+  ref = jnp.pad(ref, ((0, pad), (0, 0))).reshape(n, block, ref.shape[1])
 
   def blocks(mask):  # [B, R] -> [n, B, block]: one block per scan step
-    return jnp.pad(mask, ((0, 0), (0, pad))).reshape(b, n, _BLOCK_REFS).swapaxes(0, 1)
+    return jnp.pad(mask, ((0, 0), (0, pad))).reshape(b, n, block).swapaxes(0, 1)
 
   @jax.checkpoint
   def block_sums(ref_blk, pos_blk, neg_blk):
@@ -180,7 +209,7 @@ def _lse_or_zero(x: Array, mask: Array, add_one: bool = False) -> Array:
 def contrastive(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref_mask=None,
                 pair_mask=None,
                 pos_margin: float = 0.0, neg_margin: float = 1.0, distance: str = "euclidean",
-                power: float = 1.0, reduction: str = "mean_nonzero") -> Array:
+                power: float = 1.0, reduction: str = "mean_nonzero", ref_block=None) -> Array:
   """Contrastive loss (Hadsell et al. 2006), generalised with a positive margin.
 
   Per pair, with ``d`` the distance::
@@ -219,6 +248,10 @@ def contrastive(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref
     power: exponent applied to each hinge (1 = PML/CCP, 2 = Hadsell/PROFS); >= 1.
     reduction: ``"mean_nonzero"`` (default), ``"mean"``, ``"sum"`` or ``"none"`` (``[B, R]``
       per-pair losses, zero on pairs that do not exist).
+    ref_block: long reference sets (proxies, a memory bank) are reduced in blocks of this many
+      references, 0 = in one pass; None (default) sizes by backend (:func:`pair_ref_block`:
+      blocks of 1,024 above 2,048 references on CPU, one pass on GPU/TPU where memory allows).
+      The value is the same either way, up to float summation order.
 
   Returns:
     The loss (0 when there is no pair with a non-zero term).
@@ -237,9 +270,10 @@ def contrastive(embeddings, labels, *, ref_embeddings=None, ref_labels=None, ref
       pos_terms, neg_terms = pos_terms ** power, neg_terms ** power
     return pos_terms, neg_terms
 
-  if reduction != "none" and p.ref.shape[0] > 2 * _BLOCK_REFS:
-    # Long reference sets (cross-batch memory): reduce block by block, see the helper.
-    return _blockwise_split_reduce(terms, p.emb, p.ref, p.pos, p.neg, reduction)
+  block = pair_ref_block(p.emb.shape[0], p.ref.shape[0], ref_block)
+  if reduction != "none" and block:
+    # Long reference sets (proxies, cross-batch memory): reduce block by block, see the helper.
+    return _blockwise_split_reduce(terms, p.emb, p.ref, p.pos, p.neg, reduction, block)
   return _split_reduce(*terms(p.emb, p.ref), p.pos, p.neg, reduction)
 
 

@@ -41,6 +41,8 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dmljax.kernels import knn as knn_lib
@@ -146,8 +148,10 @@ def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_la
                       ndcg_ks: Sequence[int] = (), map_ks: Sequence[int] = (),
                       map_min_r_ks: Sequence[int] = (), k: Optional[int] = None,
                       query_block: Optional[int] = knn_lib.QUERY_BLOCK,
-                      ref_block: int = knn_lib.REF_BLOCK, group: Optional[int] = knn_lib.GROUP,
-                      mesh=None) -> dict[str, float]:
+                      ref_block: Optional[int] = None, group: Optional[int] = knn_lib.GROUP,
+                      mesh=None, sizing: str = "auto", memory_budget: Optional[int] = None,
+                      approx_recall: Optional[float] = None,
+                      on_device: Optional[bool] = None) -> dict[str, float]:
   """Retrieval metrics of ``embeddings`` (the queries) by exact kNN; see the module docstring.
 
   Args:
@@ -162,8 +166,16 @@ def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_la
     k: search at least this many neighbours (default: what the metrics need, as PML's
       ``"max_bin_count"``). It changes no value, only how deep the single pass goes.
     query_block, ref_block, group: kNN block sizes (:func:`dmljax.kernels.knn.knn`; None:
-      chosen from the sizes).
+      chosen from the sizes and ``sizing``).
     mesh: devices to shard query blocks over; None = all devices.
+    sizing, memory_budget: how the kNN cuts its work (:func:`dmljax.kernels.knn.knn`: ``"auto"``
+      = the CPU's blocks on CPU, a single pass or blocks sized from device memory on GPU/TPU);
+      the metrics do not depend on it.
+    approx_recall: TPU only, opt-in: the kNN's group filter by ``lax.approx_max_k`` at this
+      recall target; the metrics are then approximate (None / 0: exact, the default).
+    on_device: compute from the device arrays (see :func:`dmljax.kernels.knn.knn`; None: jax
+      arrays on a GPU/TPU stay there and only the ``[Q, K]`` neighbour indices are read back;
+      numpy input, and CPU devices, take the host path).
 
   Returns:
     dict with ``precision_at_1``, ``r_precision``, ``map_at_r``, ``recall_at_{k}``,
@@ -175,7 +187,14 @@ def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_la
     ValueError: length mismatch between embeddings and labels, NaN/inf embeddings, empty sets,
       gallery given without labels, or a requested k larger than the references.
   """
-  queries = knn_lib.prepare_embeddings(embeddings, "embeddings")
+  flat = knn_lib.flat_mesh(mesh)
+  dev = knn_lib.search_on_device(embeddings, on_device, flat)
+  if dev:
+    def prep(x, name):
+      return knn_lib.prepare_device(x if isinstance(x, jax.Array) else jnp.asarray(x), name)
+  else:
+    prep = knn_lib.prepare_embeddings
+  queries = prep(embeddings, "embeddings")
   q_labels = check_labels(labels, queries.shape[0], "labels", "embeddings")
   if (gallery_embeddings is None) != (gallery_labels is None):
     raise ValueError("gallery_embeddings and gallery_labels must be given together.")
@@ -183,7 +202,7 @@ def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_la
   if same:
     refs, r_labels = queries, q_labels
   else:
-    refs = knn_lib.prepare_embeddings(gallery_embeddings, "gallery_embeddings")
+    refs = prep(gallery_embeddings, "gallery_embeddings")
     r_labels = check_labels(gallery_labels, refs.shape[0], "gallery_labels",
                             "gallery_embeddings")
     if refs.shape[1] != queries.shape[1]:
@@ -214,17 +233,19 @@ def retrieval_metrics(embeddings, labels, *, gallery_embeddings=None, gallery_la
   depth = max((int(num_relevant.max()), 1, k or 0) + precision_ks + ndcg_ks + map_ks
               + map_min_r_ks)
   depth = min(depth, available)
-  res = knn_lib.knn(queries, None if same else refs, k=depth, query_block=query_block,
-                    ref_block=ref_block, group=group, mesh=mesh)
+  search = dict(query_block=query_block, ref_block=ref_block, mesh=flat, sizing=sizing,
+                memory_budget=memory_budget)
+  res = knn_lib.knn(queries, None if same else refs, k=depth, group=group,
+                    approx_recall=approx_recall, on_device=dev, **search)
   relevant = r_lab[res.indices] == q_lab[:, None]
   first_rank = None
   if any(kk > depth for kk in recall_ks):
     first_rank = np.zeros(queries.shape[0], np.int64)
     todo = np.flatnonzero((num_relevant > 0) & ~relevant.any(axis=1))
     if todo.size:
+      picked = jnp.take(queries, jnp.asarray(todo), axis=0) if dev else queries[todo]
       first_rank[todo] = knn_lib.first_relevant_rank(
-          queries[todo], q_lab[todo], todo, refs, r_lab, same_set=same,
-          query_block=query_block, ref_block=ref_block, mesh=mesh)
+          picked, q_lab[todo], todo, refs, r_lab, same_set=same, **search)
   return metrics_from_relevance(relevant, num_relevant, recall_ks=recall_ks,
                                 precision_ks=precision_ks, ndcg_ks=ndcg_ks, map_ks=map_ks,
                                 map_min_r_ks=map_min_r_ks, first_rank=first_rank)

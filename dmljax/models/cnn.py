@@ -50,7 +50,8 @@ class SmallCNN(nn.Module):
     for i, width in enumerate(self.widths):
       for _ in range(self.convs_per_block):
         x = nn.Conv(width, (3, 3), padding="SAME", use_bias=False, dtype=dt,
-                    param_dtype=jnp.float32)(x)
+                    param_dtype=jnp.float32,
+                    kernel_init=layers.variance_scaling(1.0, "fan_in", "truncated_normal"))(x)
         if self.freeze_bn == "none":
           x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dt)(x)
         else:

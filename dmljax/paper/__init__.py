@@ -41,7 +41,7 @@ PAPERS = {
 }
 
 PROTOCOLS = ("4fold", "conventional")
-DATA_COPIES = ("full", "resized")
+DATA_COPIES = ("full", "short_side_256")  # dataset.image_copy values (docs/data.md)
 CONFIG_FILE = "configs/paper.py"
 
 #: Settings that change how a run is executed or logged, not what it computes.
@@ -124,7 +124,7 @@ class Row:
   quoted_from: str = ""      # the published numbers are another paper's (not this paper's run)
   aliases: tuple = ()        # other tables showing the same runs (CCP V, VI)
   dtype: str = "float32"     # compute precision the row is defined for (the papers': float32)
-  data_copy: str = "full"    # prepared copy the row expects: full images or the 256-side copy
+  data_copy: str = "full"    # prepared copy the row expects (dataset.image_copy): full or short_side_256
   notes: tuple = ()
 
   @property
@@ -214,6 +214,10 @@ def build(row: Row, variant: str = "") -> tuple[ml_collections.ConfigDict, dict[
   for key, text in _COMMON_SOURCES.items():
     spec.sources.setdefault(key, text)
   spec.sources.setdefault("model.dtype", f"the row's dtype ({row.dtype}: the papers' precision)")
+  with c.unlocked():
+    c.dataset.image_copy = row.data_copy
+  spec.sources.setdefault("dataset.image_copy", f"the row's data copy ({row.data_copy}: the papers "
+                          "resize the full images; prepare --short_side=256 makes the other copy)")
   for key in ("dataset.train_split", "dataset.val_split", "dataset.test_split"):
     spec.sources.setdefault(key, "the protocol: 4-fold, the fold's training and validation "
                             "classes, the test half reported; conventional, the whole train "
