@@ -12,7 +12,7 @@ by k-center from the pool, but a single projection: no re-initialisation and no 
 
 Measured from scratch (seeds 0-2, 2-5 min a run on a shared 2-core CPU): test MAP@R 0.642 ± 0.003, P@1
 0.959 ± 0.003 (val MAP@R 0.759); untrained network 0.021, raw pixels 0.073. Same schedule as
-glyphs_ccp.py.
+glyphs_ccp.py (in the papers' regime: validation every 20 steps, as CCP's).
 """
 from dmljax.configs import glyphs_base, glyphs_regime, variant_parts
 

@@ -3,7 +3,7 @@ r"""Markdown tables of a claims measurement (launch/claims_glyphs.sh): methods, 
   python launch/claims_table.py ROOT
 
 Reads ``ROOT/<method>/seed*/final_metrics.json`` (and, for CCP runs, the projection ends logged
-in ``metrics.jsonl``) and ``ROOT/sweep_*/sweep.json``. Every figure is mean ± sample std over the
+in ``metrics.jsonl``: per seed, how many ended and at which steps) and ``ROOT/sweep_*/sweep.json``. Every figure is mean ± sample std over the
 seeds that finished, test split unless named. A claim "A beats B" **holds here** when A's mean
 test MAP@R exceeds B's by more than the larger of their seed standard deviations, is **reversed**
 when B's exceeds A's by that much, and is a **tie** otherwise. Where either side has a single seed
@@ -59,10 +59,11 @@ def _fmt(s):
 
 
 def _projection_ends(workdir):
+  """The steps at which CCP projections ended in one run (from ``metrics.jsonl``), or None."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return None
-  ends = 0
+  steps = {}
   with open(path) as f:
     for line in f:
       try:
@@ -70,8 +71,14 @@ def _projection_ends(workdir):
       except json.JSONDecodeError:
         continue
       if "ccp/projection" in rec:
-        ends = max(ends, int(rec["ccp/projection"]))
-  return ends
+        steps[int(rec["ccp/projection"])] = rec.get("step", "?")
+  return [steps[k] for k in sorted(steps)]
+
+
+def _fmt_ends(ends):
+  """``[[100, 200], []]`` -> ``"2 (100, 200); 0"``: per seed, the count and the steps."""
+  return "; ".join("?" if e is None else f"{len(e)} ({', '.join(map(str, e))})" if e else "0"
+                   for e in ends)
 
 
 def load(root):
@@ -126,7 +133,7 @@ def main(root):
         f"{_fmt(key(name, 'untrained/test/map_at_r'))} | "
         f"{_fmt(key(name, 'random_init/test/map_at_r'))} | "
         f"{_fmt(key(name, 'pixels/test/map_at_r'))} | "
-        f"{', '.join(str(e) for e in ends) if ends else ''} |")
+        f"{_fmt_ends(ends) if ends else ''} |")
   print("\n".join(lines))
   sweeps = sorted(glob.glob(os.path.join(root, "sweep_*", "sweep.json")))
   if sweeps:

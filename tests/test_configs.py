@@ -59,6 +59,20 @@ def test_config_builds_and_runs_two_steps(name, tmp_path, tiny_data):
   assert 0.0 <= out["test/map_at_r"] <= 1.0
 
 
+def test_glyphs_ccp_projections_end_by_the_stated_rule():
+  """The CCP framework's glyphs configs share one projection rule (configs.GLYPHS_CCP_*); the
+  README's ``:quick`` run and the from-scratch variants keep the authors' (3 evaluations, 1e-5)."""
+  from dmljax import configs  # pylint: disable=g-import-not-at-top
+  rule = (configs.GLYPHS_CCP_EVAL_EVERY, configs.GLYPHS_CCP_PATIENCE,
+          configs.GLYPHS_CCP_MIN_IMPROVEMENT)
+  for name, variant, want in (("glyphs_ccp", "", rule), ("glyphs_proxy", "", rule),
+                              ("glyphs_ccp_c1", "", rule), ("glyphs_ccp", "quick", (40, 3, 1e-5)),
+                              ("glyphs_ccp", "scratch", (50, 3, 1e-5))):
+    c = load(name, variant)
+    assert (c.eval_every_steps, c.ccp.patience, c.ccp.min_improvement) == want, (name, variant)
+  assert load("glyphs_contrastive", "").eval_every_steps == configs.GLYPHS_PAPERS_EVAL_EVERY
+
+
 def test_unknown_variant_is_refused():
   with pytest.raises(ValueError, match="Unknown variant 'large'"):
     load("glyphs_ccp", "large")

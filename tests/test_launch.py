@@ -462,7 +462,9 @@ def test_claims_table_verdicts_and_sweep_choice(tmp_path):
           "test/map_at_r": m, "test/precision_at_1": 0.9, "val/map_at_r": m,
           "untrained/test/map_at_r": 0.30, "random_init/test/map_at_r": 0.02,
           "pixels/test/map_at_r": 0.07}))
-      (d / "metrics.jsonl").write_text(json.dumps({"ccp/projection": 2}) + "\n")
+      (d / "metrics.jsonl").write_text("".join(
+          json.dumps({"step": step, "ccp/projection": k, "val/map_at_r": m}) + "\n"
+          for k, step in ((1, 100), (2, 160))))
   write("ccp", [0.60, 0.62, 0.64])           # 0.62 ± 0.02
   write("contrastive", [0.50, 0.52, 0.54])   # 0.52 ± 0.02: CCP holds
   write("proxy", [0.61, 0.63, 0.65])         # 0.63: tie
@@ -479,7 +481,7 @@ def test_claims_table_verdicts_and_sweep_choice(tmp_path):
                       str(tmp_path)], capture_output=True, text=True, timeout=60)
   assert r.returncode == 0, r.stderr
   out = r.stdout
-  assert "| C2-CCP | 3 | 0.620 ± 0.020 |" in out and "| 2, 2, 2 |" in out
+  assert "| C2-CCP | 3 | 0.620 ± 0.020 |" in out and "| 2 (100, 160); 2 (100, 160); 2 (100, 160) |" in out
   assert "(C2-CCP > C2) | 0.620 ± 0.020 | 0.520 ± 0.020 | **holds here** |" in out
   assert "(C2-CCP > Loss-Proxy) | 0.620 ± 0.020 | 0.630 ± 0.020 | does not (tie" in out
   assert "C2-CCP beats C2-XBM | 0.620 ± 0.020 | 0.810 ± 0.010 | does not (reversed) |" in out
