@@ -155,33 +155,12 @@ def cars_like(root, tiny=False, per_class=None, test_classes=None):
   """Cars-shaped JPEGs (~770 x 530; ~40 x 28 with ``tiny``) in the Cars196 layout
   (``car_ims/`` + ``cars_annos.mat``), prepared with the project's own ``prepare``; returns the
   ``data_dir``."""
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  import tinydata  # pylint: disable=g-import-not-at-top
-  small_photo = tinydata.photo
-  scale = 1 if tiny else 19  # ~40 x 28 -> ~770 x 530
-
-  def photo(class_id, index, salt=0):
-    data, (w, h), (x, y, bw, bh) = small_photo(class_id, index, salt)
-    if scale == 1:
-      return data, (w, h), (x, y, bw, bh)
-    img = Image.open(io.BytesIO(data)).convert("RGB").resize((w * scale, h * scale),
-                                                             Image.BILINEAR)
-    px = np.asarray(img, np.float32) + np.random.default_rng([class_id, index]).normal(
-        0, 6, (h * scale, w * scale, 3))
-    out = io.BytesIO()
-    Image.fromarray(np.clip(px, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
-    return out.getvalue(), (w * scale, h * scale), (x * scale, y * scale, bw * scale,
-                                                    bh * scale)
-
-  tinydata.photo = photo
-  try:
-    per_class = per_class or (3 if tiny else 12)
-    classes = 10 if tiny else 98
-    return tinydata.prepare_tiny("cars", root, train_classes=classes,
-                                 test_classes=test_classes or classes, per_class=per_class)
-  finally:
-    tinydata.photo = small_photo
+  from dmljax.data import tiny as tiny_lib  # pylint: disable=g-import-not-at-top
+  per_class = per_class or (3 if tiny else 12)
+  classes = 10 if tiny else 98
+  return tiny_lib.prepare_tiny("cars", root, train_classes=classes,
+                               test_classes=test_classes or classes, per_class=per_class,
+                               photo_scale=1 if tiny else 19)  # ~40 x 28 -> ~770 x 530
 
 
 def _end_to_end_part(tiny, root, steps, step_ms, eval_ms):

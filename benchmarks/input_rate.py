@@ -32,7 +32,6 @@ The figures of one run are comparable with one another (same machine, same load)
 load average beside them.
 """
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -51,29 +50,12 @@ def cars_shaped(root, train_classes, test_classes, per_class):
   """Cars-shaped JPEGs (~770 x 530, quality 90, sensor-like noise) in the Cars196 layout, prepared
   as distributed into ``root/data`` and as the short-side-256 copy into
   ``root/data_short_side_256``; returns ``(full_dir, short_dir, {seconds})``."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   from dmljax.data import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
   from dmljax.data import tiny  # pylint: disable=g-import-not-at-top
-  small_photo, scale = tiny.photo, 19  # ~40 x 28 -> ~770 x 530
-
-  def photo(class_id, index, salt=0):
-    data, (w, h), (x, y, bw, bh) = small_photo(class_id, index, salt)
-    img = Image.open(io.BytesIO(data)).convert("RGB").resize((w * scale, h * scale),
-                                                             Image.BILINEAR)
-    px = np.asarray(img, np.float32) + np.random.default_rng([class_id, index]).normal(
-        0, 6, (h * scale, w * scale, 3))
-    out = io.BytesIO()
-    Image.fromarray(np.clip(px, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
-    return out.getvalue(), (w * scale, h * scale), (x * scale, y * scale, bw * scale, bh * scale)
-
-  tiny.photo = photo
-  try:
-    t = time.perf_counter()
-    full = tiny.prepare_tiny("cars", root, train_classes=train_classes,
-                             test_classes=test_classes, per_class=per_class)
-    t_full = time.perf_counter() - t
-  finally:
-    tiny.photo = small_photo
+  t = time.perf_counter()
+  full = tiny.prepare_tiny("cars", root, train_classes=train_classes, test_classes=test_classes,
+                           per_class=per_class, photo_scale=19)  # ~40 x 28 -> ~770 x 530
+  t_full = time.perf_counter() - t
   t = time.perf_counter()
   short = os.path.join(root, "data_short_side_256")
   prepare_lib.prepare("cars", os.path.join(root, "manual"), short, short_side=256)

@@ -77,6 +77,21 @@ def test_photo_is_deterministic_varied_and_boxed():
   assert tinydata.photo(1, 0, salt=5)[0] != tinydata.photo(1, 1, salt=5)[0]
 
 
+def test_scaled_photo_is_the_small_one_enlarged_with_its_box():
+  """``scale`` (the benchmarks' Cars-sized photos) enlarges the image and its box alike."""
+  small, (w, h), box = tinydata.photo(3, 2, salt=2)
+  data, size, big_box = tinydata.photo(3, 2, salt=2, scale=5)
+  assert size == (5 * w, 5 * h) and big_box == tuple(5 * v for v in box)
+  with Image.open(io.BytesIO(data)) as im, Image.open(io.BytesIO(small)) as sm:
+    assert im.size == size
+    shrunk = np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR), np.float32)
+    # The same picture: far closer to its own small image than to another class's.
+    other = np.asarray(Image.open(io.BytesIO(tinydata.photo(4, 2, salt=2)[0])).convert("RGB")
+                       .resize((w, h)), np.float32)
+    own = np.abs(shrunk - np.asarray(sm.convert("RGB"), np.float32)).mean()
+    assert own < 12 and own < 0.5 * np.abs(shrunk - other).mean()
+
+
 def test_cub_counts_labels_boxes_and_learnable(tmp_path):
   manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "data")
   written = tinydata.write_cub(manual, train_classes=5, test_classes=3, per_class=3, archive=True)

@@ -47,13 +47,16 @@ _INSHOP_VIEWS = ("1_front", "2_side", "3_back", "4_full", "7_additional")
 _GOLDEN = 0.6180339887498949
 
 
-def photo(class_id: int, index: int, salt: int = 0):
+def photo(class_id: int, index: int, salt: int = 0, scale: int = 1):
   """A small photo-like JPEG of class ``class_id``.
 
   Args:
     class_id: the class; it sets the object's colour, shape and stripe pattern.
     index: which image of the class (sets the size, box, jitter and noise).
     salt: varies the whole data set (each writer uses its own).
+    scale: 1 gives the ~40 x 30 image; N > 1 that image enlarged N times (bilinear) with fresh
+      pixel noise, box scaled alike (19: ~770 x 530, the size of Cars196's photos, for the
+      benchmarks' host-side measurements).
 
   Returns:
     ``(data, (width, height), (x, y, w, h))``: the JPEG bytes, the image size and the object's box
@@ -93,7 +96,16 @@ def photo(class_id: int, index: int, salt: int = 0):
   pixels += rng.normal(0.0, 8.0, pixels.shape)
   out = io.BytesIO()
   Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
-  return out.getvalue(), (width, height), (x0, y0, bw, bh)
+  if scale == 1:
+    return out.getvalue(), (width, height), (x0, y0, bw, bh)
+  big = Image.open(io.BytesIO(out.getvalue())).convert("RGB").resize(
+      (width * scale, height * scale), Image.BILINEAR)
+  pixels = np.asarray(big, np.float32) + np.random.default_rng([class_id, index]).normal(
+      0, 6, (height * scale, width * scale, 3))
+  out = io.BytesIO()
+  Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+  return (out.getvalue(), (width * scale, height * scale),
+          (x0 * scale, y0 * scale, bw * scale, bh * scale))
 
 
 def _write(path: str, data):
@@ -171,7 +183,7 @@ def _mat_structs(rows: Sequence[dict], fields: Sequence[str]):
 
 
 def write_cars(manual: str, train_classes: int = 8, test_classes: int = 4,
-               per_class: int = 4) -> dict:
+               per_class: int = 4, photo_scale: int = 1) -> dict:
   """Writes the all-images release of Cars196 (``car_ims/`` and ``cars_annos.mat``) into ``manual``.
 
   Args:
@@ -179,6 +191,7 @@ def write_cars(manual: str, train_classes: int = 8, test_classes: int = 4,
     train_classes: classes 1..train_classes (the train split; at most 98).
     test_classes: classes 99..98+test_classes (the test split; at most 98).
     per_class: images per class.
+    photo_scale: :func:`photo`'s ``scale`` (19: photos of Cars196's real size).
 
   Returns:
     ``{"train": [...], "test": [...]}``: the class id of each image, in annotation order (the
@@ -192,7 +205,7 @@ def write_cars(manual: str, train_classes: int = 8, test_classes: int = 4,
   rows, written = [], {"train": [], "test": []}
   for c in list(range(1, train_classes + 1)) + list(range(99, 99 + test_classes)):
     for k in range(per_class):
-      data, _, (x, y, w, h) = photo(c, k, salt=2)
+      data, _, (x, y, w, h) = photo(c, k, salt=2, scale=photo_scale)
       path = f"car_ims/{len(rows) + 1:06d}.jpg"
       _write(os.path.join(manual, path), data)
       # 1-based pixel coordinates, both corners inside the image, as in the real annotations.
