@@ -272,11 +272,36 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+# Keys added after runs were recorded, with the value that is the behaviour from before they
+# existed: a run recorded without the key resumes when the key has that value (any other value
+# is a change). A key whose default changed behaviour when it was added must not be listed.
+ADDED_KEYS_NEUTRAL = {"eval_knn.approx_recall": 0.0}
+_ABSENT = "<absent>"
+
+
+def _comparable(key: str, value: Any) -> Any:
+  """The value as compared for resumption: the weights shipped in the dmljax package
+  (``.../dmljax/weights/NAME``) by name, wherever the package was installed when the run was
+  recorded (another virtual environment, a moved checkout)."""
+  if key == "model.pretrained" and isinstance(value, str) and value:
+    parts = os.path.normpath(value).replace("\\", "/").split("/")
+    if len(parts) >= 3 and parts[-3:-1] == ["dmljax", "weights"]:
+      return "dmljax/weights/" + parts[-1]
+  return value
+
+
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
   """``{key: (saved, current)}`` for every key whose change breaks exact resumption."""
   a, b = _flatten(saved), _flatten(current)
-  return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
-          if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in RESUME_SAFE_KEYS}
+  changes = {}
+  for k in sorted(set(a) | set(b)):
+    old, new = a.get(k, _ABSENT), b.get(k, _ABSENT)
+    if k in RESUME_SAFE_KEYS or _comparable(k, old) == _comparable(k, new):
+      continue
+    if old == _ABSENT and k in ADDED_KEYS_NEUTRAL and new == ADDED_KEYS_NEUTRAL[k]:
+      continue
+    changes[k] = (old, new)
+  return changes
 
 
 def config_fingerprint(cfg: dict) -> str:

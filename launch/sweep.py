@@ -14,7 +14,10 @@ goes to stdout and ``ROOT/sweep.json``; the last line printed is the winning ove
   bash launch/seeds.sh CONFIG ROOT/seeds "0 1 2" "$best"
 
 Only validation decides (ties: the first value); test MAP@R is printed for the record. A run that
-fails or times out is listed with its status and cannot win. Exit status 1 when no run finished.
+fails or times out is listed with its status, and then no value is chosen (exit status 1): the
+winner of an incomplete grid is not the grid's choice, so fix the failed runs (their output is
+above the table) and run the same command again, which reuses every finished workdir. With
+``--allow_failed`` the best finished value is chosen anyway (exit status 1 still when none finished).
 """
 import argparse
 import json
@@ -54,6 +57,8 @@ def main(argv):
   parser.add_argument("values", help="comma-separated values")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--timeout", type=float, default=0, help="seconds per run (0: none)")
+  parser.add_argument("--allow_failed", action="store_true",
+                      help="choose among the finished values when some failed")
   args = parser.parse_args(argv)
   values = [v for v in args.values.split(",") if v]
   if not values:
@@ -69,12 +74,20 @@ def main(argv):
     else:
       print(f"  {r['value']:>10} {'failed (' + str(r['status']) + ')':>21}")
   os.makedirs(args.root, exist_ok=True)
+  failed = [r["value"] for r in results if r["status"] != 0]
   best = max(done, key=lambda r: r["val/map_at_r"]) if done else None
+  if failed and not args.allow_failed:
+    best = None  # an incomplete grid chooses nothing
   with open(os.path.join(args.root, "sweep.json"), "w") as f:
     json.dump({"config": args.config, "key": args.key, "seed": args.seed, "extra": extra,
                "results": results, "best": best and best["value"]}, f, indent=1)
-  if best is None:
+  if not done:
     print("no run finished", file=sys.stderr)
+    return 1
+  if best is None:
+    print(f"no value chosen: the runs of {', '.join(failed)} failed (their output is above); "
+          "fix them and run the same command again (finished workdirs are reused), or pass "
+          "--allow_failed to choose among the finished values", file=sys.stderr)
     return 1
   print(f"best on validation: {args.key}={best['value']}")
   print(f"--config.{args.key}={best['value']}")

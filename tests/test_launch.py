@@ -490,3 +490,32 @@ def test_claims_table_verdicts_and_sweep_choice(tmp_path):
   assert "MPA beats ProxyAnchor | 0.260 ± 0.010 | 0.245 | **holds here** (1 seed) |" in out
   assert ("Methods not above their best trivial baseline: ProxyAnchor (0.245 <= 0.300), MPA "
           "(0.260 <= 0.300)") in out
+
+
+def test_sweep_chooses_only_from_a_complete_grid(tmp_path, monkeypatch, capsys):
+  """launch/sweep.py: validation decides; a failed value means no choice (exit 1, sweep.json's
+  best null) unless --allow_failed."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("sweep", os.path.join(ROOT, "launch", "sweep.py"))
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  val = {"80": 0.56, "100": 0.55, "140": 0.57}
+  failing = set()
+
+  def run_value(config, root, key, value, seed, timeout, extra):
+    if value in failing:
+      return {"value": value, "status": 2}
+    return {"value": value, "status": 0, "val/map_at_r": val[value],
+            "test/map_at_r": 0.4, "workdir": f"{root}/{key}={value}"}
+  monkeypatch.setattr(sweep, "run_value", run_value)
+  args = ["c.py", str(tmp_path), "dro.kwargs.k", "80,100,140"]
+  assert sweep.main(args) == 0
+  assert capsys.readouterr().out.splitlines()[-1] == "--config.dro.kwargs.k=140"
+  failing.add("140")  # the value that would win
+  assert sweep.main(args) == 1
+  out, err = capsys.readouterr()
+  assert "--config." not in out.splitlines()[-1] and "runs of 140 failed" in err
+  assert json.loads((tmp_path / "sweep.json").read_text())["best"] is None
+  assert sweep.main(args + ["--allow_failed"]) == 0
+  assert capsys.readouterr().out.splitlines()[-1] == "--config.dro.kwargs.k=80"

@@ -50,3 +50,29 @@ def test_compilation_cache_default_is_per_user(monkeypatch, tmp_path):
     assert rundir.enable_compilation_cache(cfg) == str(tmp_path / "c" / "jax")
   finally:
     jax.config.update("jax_compilation_cache_dir", old)
+
+
+def test_config_changes_shipped_weights_by_name_and_added_keys():
+  """A run recorded by another installation of dmljax (its shipped weights at another path) or
+  before a key was added (the key at its neutral value) resumes; real changes are still named."""
+  from dmljax import pretrain, rundir
+  here = pretrain.shipped_weights()
+  saved = {"seed": 0, "model": {"pretrained": "/elsewhere/venv/site-packages/dmljax/weights/"
+                                               "small_cnn_glyphs.pth"},
+           "eval_knn": {"k": 5}}
+  current = {"seed": 0, "model": {"pretrained": here},
+             "eval_knn": {"k": 5, "approx_recall": 0.0}}
+  assert rundir.config_changes(saved, current) == {}
+  # Another file, a file outside the package's weights folder, a non-neutral new value, and a
+  # real change are named.
+  current["model"]["pretrained"] = here.replace("small_cnn_glyphs", "other")
+  current["eval_knn"]["approx_recall"] = 0.95
+  current["seed"] = 1
+  assert set(rundir.config_changes(saved, current)) == {
+      "model.pretrained", "eval_knn.approx_recall", "seed"}
+  saved["model"]["pretrained"] = "/data/weights/small_cnn_glyphs.pth"
+  current["model"]["pretrained"] = here
+  assert "model.pretrained" in rundir.config_changes(saved, current)
+  # A key that disappeared is a change too.
+  assert rundir.config_changes({"eval_knn": {"approx_recall": 0.0}}, {"eval_knn": {}}) == {
+      "eval_knn.approx_recall": (0.0, "<absent>")}
