@@ -31,9 +31,12 @@ def _config():
   from dmljax.configs import base_config, shrink  # pylint: disable=g-import-not-at-top
   c = shrink(base_config())       # CCP on digits: proxies, anchor, Adam, best copy, sampler
   c.batch_size = 20               # 5 classes x 4, 10 rows per process
-  c.total_steps = 300
-  c.eval_every_steps = 100
-  c.log_every_steps = 50
+  c.total_steps = 120
+  c.eval_every_steps = 40
+  c.log_every_steps = 20
+  # Projections end at the evaluations of steps 40, 80 and 120 (k-center over both processes' pool
+  # embeddings), so the kills below resume before and across a projection end.
+  c.ccp.max_projection_steps = 40
   c.checkpoint.every_steps = 20
   c.checkpoint.max_to_keep = 30
   c.eval_batch_size = 64
@@ -177,9 +180,13 @@ def test_two_processes_equal_one_process(two_process_reference, tmp_path):
   c = _config()
   c.num_devices = 2  # the same device count as the 2-process run
   one = train.train_and_evaluate(c, str(tmp_path / "one"))
-  assert ref["step"] == one["step"] == 300
+  assert ref["step"] == one["step"] == 120
   for k, v in _final(one).items():
     assert ref[k] == pytest.approx(v, abs=2e-3), k
+  # The projections ended (the 2-process run embedded its pool across processes).
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    ends = [r["ccp/projection"] for r in map(json.loads, f) if "ccp/projection" in r]
+  assert ends == [1, 2, 3], ends
   # Only process 0 writes logs, TensorBoard and the config.
   names = sorted(os.listdir(workdir))
   assert {"metrics.jsonl", "config.json", "tensorboard", "checkpoints"} <= set(names), names
@@ -226,7 +233,7 @@ def test_sigterm_on_one_process_saves_the_same_step_everywhere(two_process_refer
   procs[1].send_signal(signal.SIGTERM)  # only process 1 sees the signal
   outs = _wait(procs)
   steps = [json.loads(o.strip().splitlines()[-1])["preempted_at"] for o in outs]
-  assert steps[0] == steps[1] and 40 <= steps[0] < 300, outs
+  assert steps[0] == steps[1] and 40 <= steps[0] < 120, outs
   assert os.path.isdir(_ckpt(workdir, steps[0]))
   _wait(_start("train", 2, workdir, out))
   assert _final(json.loads(open(out).read())) == _final(ref)
