@@ -5,6 +5,7 @@ import importlib.util
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from dmljax import train
@@ -56,7 +57,10 @@ def test_config_builds_and_runs_two_steps(name, tmp_path, tiny_data):
   c.checkpoint.enabled, c.plot_projections = False, False
   out = train.train_and_evaluate(c, str(tmp_path))
   assert out["step"] == 2 and out["nonfinite_steps"] == 0
+  assert out["train_step_traces"] == 1  # no recompilation after the first step
   assert 0.0 <= out["test/map_at_r"] <= 1.0
+  if c.get("clustering"):  # the PROFS configs report NMI beside the retrieval metrics
+    assert np.isfinite(out["val/nmi"])
 
 
 def test_glyphs_ccp_projections_end_by_the_stated_rule():
