@@ -248,9 +248,14 @@ def test_two_process_checkpoint_restores_on_one_process_with_other_devices(
   ref, workdir = two_process_reference
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
+  # Without its final metrics the finished run is not "already finished": it restores its last
+  # checkpoint (step 120, nothing left to train) and the best parameters, and evaluates again.
+  os.remove(os.path.join(copy, "final_metrics.json"))
   c = _config()
   c.num_devices = 4
-  again = train.train_and_evaluate(c, copy)  # done: restores and re-runs the final evaluation
+  again = train.train_and_evaluate(c, copy)
+  assert os.path.isfile(os.path.join(copy, "final_metrics.json"))
+  assert again["step"] == 120 and again["best_step"] == ref["best_step"]
   for k, v in _final(ref).items():
     assert again[k] == pytest.approx(v, abs=2e-3), k
 
