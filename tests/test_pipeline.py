@@ -3,6 +3,8 @@ import functools
 import io
 import json
 import multiprocessing
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -448,3 +450,27 @@ def test_worker_processes_match_in_process(source):
       assert va == vb
       np.testing.assert_array_equal(a, b)
   assert id(batches._holder) not in pipeline._OPEN and not children()
+
+
+def test_stale_hold_boards_are_removed(tmp_path):
+  """A run killed with SIGKILL leaves its HoldBoard folder behind; the next board removes the
+  folders of processes that have ended and leaves live ones and other files alone."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from dmljax.data import pipeline  # pylint: disable=g-import-not-at-top
+  ended = subprocess.Popen([sys.executable, "-c", "pass"])
+  ended.wait()
+  dead = tmp_path / f"dmljax-holds-{ended.pid}-abc"
+  live = tmp_path / f"dmljax-holds-{os.getppid()}-def"
+  mine = tmp_path / f"dmljax-holds-{os.getpid()}-ghi"
+  other = tmp_path / "dmljax-holds-notapid"
+  for d in (dead, live, mine, other):
+    d.mkdir()
+  (dead / "hold-3.npy").write_bytes(b"x")
+  assert pipeline.remove_stale_boards(str(tmp_path)) == [str(dead)]
+  assert not dead.exists() and live.is_dir() and mine.is_dir() and other.is_dir()
+  board = pipeline.HoldBoard()
+  try:
+    assert os.path.basename(board.directory).startswith(f"dmljax-holds-{os.getpid()}-")
+  finally:
+    board.close()
+  assert not os.path.exists(board.directory)

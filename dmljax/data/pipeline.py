@@ -198,12 +198,45 @@ class HoldClosed(RuntimeError):
   """The loader stopped while a worker waited for a hold's value (the worker ends there)."""
 
 
+_BOARD_PREFIX = "dmljax-holds-"
+
+
 def _board_dir():
-  """A folder for :class:`HoldBoard` files: shared memory (``/dev/shm``) where there is one."""
+  """A folder for :class:`HoldBoard` files: shared memory (``/dev/shm``) where there is one.
+
+  Its name carries the creating process's pid (``dmljax-holds-<pid>-<random>``). A run killed
+  with SIGKILL cannot remove its folder, so the folders of processes that no longer exist are
+  removed here, when the next board is made (a folder whose pid is alive, or of another user, is
+  left alone)."""
   import tempfile  # pylint: disable=g-import-not-at-top
   shm = "/dev/shm"
-  return tempfile.mkdtemp(prefix="dmljax-holds-",
-                          dir=shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None)
+  base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+  remove_stale_boards(base)
+  return tempfile.mkdtemp(prefix=f"{_BOARD_PREFIX}{os.getpid()}-", dir=base)
+
+
+def remove_stale_boards(base: str) -> list[str]:
+  """Removes the :class:`HoldBoard` folders in ``base`` whose creating process has ended;
+  returns their paths."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  removed = []
+  try:
+    names = os.listdir(base)
+  except OSError:
+    return removed
+  for name in names:
+    pid = name[len(_BOARD_PREFIX):].split("-", 1)[0]
+    if not name.startswith(_BOARD_PREFIX) or not pid.isdigit() or int(pid) == os.getpid():
+      continue
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:  # the process is gone: its board is stale
+      path = os.path.join(base, name)
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+    except (PermissionError, OverflowError):  # alive under another user / not a pid
+      pass
+  return removed
 
 
 class HoldBoard:
