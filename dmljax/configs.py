@@ -173,6 +173,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def set_keys(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """Sets dotted keys (``{"checkpoint.every_steps": 10, ...}``) on ``c``, as ``--config.KEY=V``
+  would; returns ``c``."""
+  for key, value in values.items():
+    *path, leaf = key.split(".")
+    node = c
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
 def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The ``small`` variant: a tiny, fast configuration for tests and smoke runs."""
   c.model.widths = (8, 16)

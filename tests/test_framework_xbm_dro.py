@@ -22,6 +22,7 @@ import pytest
 
 from configs import digits_ccp
 from dmljax import frameworks, losses, models, optim, parallel, train
+from dmljax.configs import set_keys
 from dmljax import state as state_lib
 from dmljax.configs import base_config, shrink
 
@@ -174,12 +175,7 @@ def _tiny_step_setup(framework, batch=16, **overrides):
   c.framework = framework
   c.batch_size = batch
   c.model.widths, c.model.embedding_dim = (4, 8), 8
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  set_keys(c, overrides)
   model = models.get_model(c.model)
   fw = frameworks.get_framework(c, num_classes=4, embedding_dim=8)
   tx = optim.make_optimizer(c.optim, 100)
@@ -240,12 +236,7 @@ def _digits(framework, **overrides):
   c.framework = framework
   settings = {"total_steps": 100, "eval_every_steps": 50, "checkpoint.every_steps": 50,
               "progress": False, "num_devices": 1, "baselines": ("untrained",), **overrides}
-  for k, v in settings.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  set_keys(c, settings)
   return c
 
 

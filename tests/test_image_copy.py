@@ -76,7 +76,7 @@ def test_short_side_copy_records_and_refusals(copies):
 
 
 def _config(data_dir, **extra):
-  from dmljax.configs import ccp_paper_config  # pylint: disable=g-import-not-at-top
+  from dmljax.configs import ccp_paper_config, set_keys  # pylint: disable=g-import-not-at-top
   c = ccp_paper_config("cars", "small")
   c.dataset.data_dir = data_dir
   c.input.size, c.input.resize = 16, SHORT
@@ -85,12 +85,7 @@ def _config(data_dir, **extra):
   c.checkpoint.every_steps, c.checkpoint.save_best = 0, False
   c.baselines, c.progress, c.num_devices = (), False, 1
   c.framework = "standard"  # the cheapest run that writes a checkpoint
-  for k, v in extra.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  set_keys(c, extra)
   return c
 
 

@@ -27,14 +27,9 @@ OVERRIDES = {"framework": "standard", "total_steps": 8, "eval_every_steps": 4,
 
 def _config(**extra):
   from configs import digits_ccp  # pylint: disable=g-import-not-at-top
+  from dmljax.configs import set_keys  # pylint: disable=g-import-not-at-top
   c = digits_ccp.get_config("small")
-  for k, v in {**OVERRIDES, **extra}.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = () if v == "()" else v
-  return c
+  return set_keys(c, {k: () if v == "()" else v for k, v in {**OVERRIDES, **extra}.items()})
 
 
 def _read(path):

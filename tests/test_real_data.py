@@ -21,7 +21,7 @@ import preempt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-p
 import tinydata  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from dmljax import train  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from dmljax.configs import ccp_paper_config  # noqa: E402  pylint: disable=wrong-import-position
+from dmljax.configs import ccp_paper_config, set_keys  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +37,7 @@ def _cub_config(data_dir, **extra):
   c.checkpoint.every_steps = 0
   c.progress, c.num_devices = False, 1
   c.input.num_workers, c.input.prefetch = 2, 3
-  for k, v in extra.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  set_keys(c, extra)
   return c
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from configs import digits_ccp
 from dmljax import cli, config_check, config_reference, console, extend, lock, train
+from dmljax.configs import set_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,12 +80,8 @@ def test_free_form_blocks_take_new_keys(cfg_dir):
 def test_values_checked_up_front(changes, match, tmp_path):
   c = digits_ccp.get_config("small")
   with c.unlocked():
-    for key, value in changes.items():
-      node = c
-      *path, last = key.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = value.format(tmp=tmp_path) if isinstance(value, str) else value
+    set_keys(c, {k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+                 for k, v in changes.items()})
   # DatasetNotPrepared is a FileNotFoundError: also one message, exit status 2.
   with pytest.raises(config_check.ConfigError if "Data set" not in match else OSError,
                      match=match):
@@ -193,12 +190,7 @@ def _config(**extra):
   base = {"total_steps": 4, "eval_every_steps": 2, "checkpoint.every_steps": 2,
           "log_every_steps": 2,
           "progress": False, "num_devices": 1, "baselines": ()}
-  for k, v in {**base, **extra}.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  set_keys(c, {**base, **extra})
   return c
 
 

@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from configs import digits_ccp
 from dmljax import train
+from dmljax.configs import set_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The same run in-process and as a subprocess: tiny digits CCP with a projection forced at 20 steps.
@@ -25,12 +26,7 @@ OVERRIDES = {"total_steps": 30, "eval_every_steps": 10, "checkpoint.every_steps"
 
 def _config(**extra):
   c = digits_ccp.get_config("small")
-  for k, v in {**OVERRIDES, **extra}.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  set_keys(c, {**OVERRIDES, **extra})
   return c
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from dmljax import checkpoint as ckpt_lib
 from dmljax import cli, frameworks, optim, train
+from dmljax.configs import set_keys
 from dmljax import state as state_lib
 from dmljax.configs import base_config, shrink
 from dmljax.frameworks.standard import StandardFramework
@@ -31,12 +32,7 @@ def _digits(**over):
   c.checkpoint.every_steps = 10
   c.progress, c.num_devices = False, 1
   c.baselines = ("untrained",)
-  for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  set_keys(c, over)
   return c
 
 

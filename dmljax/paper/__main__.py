@@ -132,7 +132,7 @@ def smoke(ids: Sequence[str], workdir: Optional[str] = None, say=print,
   """Two training steps of each row's ``small`` variant on a tiny data set in the row's file
   layout, through the protocol command's code path; returns each run's final metrics.
   ``overrides``: dotted config keys set on every run (tests turn checkpoints off)."""
-  from dmljax import protocol  # pylint: disable=g-import-not-at-top
+  from dmljax import configs, protocol  # pylint: disable=g-import-not-at-top
   from dmljax.data import tiny  # pylint: disable=g-import-not-at-top
   rows = [paper_lib.get_row(i) for i in ids]
   root = workdir or tempfile.mkdtemp(prefix="dmljax_smoke_")
@@ -149,12 +149,7 @@ def smoke(ids: Sequence[str], workdir: Optional[str] = None, say=print,
       cfg.dataset.options.data_dir = data[row.dataset]
       cfg.total_steps, cfg.eval_every_steps, cfg.log_every_steps = 2, 2, 1
       cfg.progress, cfg.num_devices = False, 1
-      for key, value in (overrides or {}).items():
-        *path, leaf = key.split(".")
-        node = cfg
-        for part in path:
-          node = node[part]
-        node[leaf] = value
+      configs.set_keys(cfg, overrides or {})
     wd = os.path.join(root, "runs", row.id)
     t0 = time.time()
     if row.protocol == "4fold":
